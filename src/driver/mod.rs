@@ -1,0 +1,1 @@
+//! Driving machines: the backdoor shell, machine operations, the control socket.

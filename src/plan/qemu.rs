@@ -1,0 +1,1 @@
+//! QEMU arguments for one machine, from small pure functions.

@@ -1,0 +1,1 @@
+//! POSIX shell quoting: the only place that makes shell words.

@@ -1,0 +1,4 @@
+//! Integration tests: the vmlab binary end to end. Tests that boot VMs use TCG
+//! unless VMLAB_ACCEL says otherwise.
+
+mod common;
