@@ -1,0 +1,200 @@
+//! `vmlab up DIR`: run a built network until a signal (docs/running.md).
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use super::signals::{self, TerminationSignals};
+use super::{accel, check_forwarded_ports, load_plan, spawn_thread, Exit, Machine, Network, Session};
+use crate::cli::UpArgs;
+use crate::plan::Plan;
+use crate::{EXIT_HARNESS, EXIT_OK};
+
+enum Event {
+    Signal(libc::c_int),
+    Ready(usize, Duration),
+    NotReady(usize, anyhow::Error),
+    Exited(usize, Exit),
+}
+
+pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = TerminationSignals::block()?;
+    let plan = load_plan(&args.dir)?;
+    let choice = accel::decide(args.accel, &accel::probe())?;
+    check_forwarded_ports(&plan)?;
+    let session = Session::create(&plan, args.keep_state)?;
+    say(&format!("network {:?}: {}", plan.name, summary(&plan)));
+    say(&format!("accelerator: {}", choice.accel));
+    if let (accel::Resolved::Tcg, Some(why)) = (choice.accel, &choice.kvm_unusable_because) {
+        eprintln!(
+            "warning: KVM is not usable ({why}): machines run under TCG software emulation, several times slower"
+        );
+    }
+    say(&format!(
+        "session directory: {} (serial consoles in <machine>.serial.log, QEMU messages in <machine>.qemu.log)",
+        session.path().display()
+    ));
+    for m in &plan.machines {
+        for f in &m.forward_ports {
+            say(&forward_line(f.host, &m.name, f.guest));
+        }
+    }
+    let network = Network::start(&args.dir, plan, session, choice.accel)?;
+
+    let (events, received) = mpsc::channel();
+    let to_events = events.clone();
+    spawn_thread("signals".into(), move || while to_events.send(Event::Signal(signals.wait())).is_ok() {})?;
+    for m in network.machines() {
+        print_console(m)?;
+    }
+    for m in network.machines() {
+        m.start()?;
+        say(&format!("{}: started (pid {})", m.name(), m.pid().map_or_else(|| "gone".into(), |p| p.to_string())));
+    }
+    for (i, m) in network.machines().iter().enumerate() {
+        watch(i, m.clone(), events.clone())?;
+    }
+    drop(events);
+
+    let failed = run_until_stopped(&network, received)?;
+    network.stop();
+    let (dir, kept) = (network.session().path().to_owned(), network.session().kept());
+    drop(network);
+    say(&format!("stopped; {} {}", if kept { "kept" } else { "removed" }, dir.display()));
+    Ok(ExitCode::from(if failed { EXIT_HARNESS } else { EXIT_OK }))
+}
+
+/// Reports events until a signal or until no machine runs. Returns whether
+/// a machine failed; a machine that exits before its backdoor is up is an error.
+fn run_until_stopped(network: &Network, events: mpsc::Receiver<Event>) -> Result<bool> {
+    let machines = network.machines();
+    let mut ready = vec![false; machines.len()];
+    let mut running = machines.len();
+    let mut failed = false;
+    for event in events {
+        match event {
+            Event::Signal(signal) => {
+                say(&format!("{}: stopping the network", signals::name(signal).unwrap_or("signal")));
+                break;
+            }
+            Event::Ready(i, after) => {
+                ready[i] = true;
+                say(&format!("{}: up after {:.1} s (backdoor shell ready)", machines[i].name(), after.as_secs_f64()));
+                if ready.iter().all(|&r| r) {
+                    say(&format!("all {} machines are up; Ctrl-C stops the network", machines.len()));
+                }
+            }
+            Event::NotReady(i, e) => eprintln!("warning: machine {:?}: {e:#}", machines[i].name()),
+            Event::Exited(i, exit) => {
+                let name = machines[i].name();
+                if !ready[i] {
+                    let hint = if network.session().kept() { "" } else { " (--keep-state keeps its logs)" };
+                    bail!("machine {name:?} failed to start: it {exit}{hint}");
+                }
+                running -= 1;
+                if exit.status.success() {
+                    say(&format!("{name}: {}", super::process::describe_exit(exit.status)));
+                } else {
+                    failed = true;
+                    eprintln!("error: machine {name:?} {exit}");
+                }
+                if running == 0 {
+                    say("no machine is running: stopping the network");
+                    break;
+                }
+            }
+        }
+    }
+    Ok(failed)
+}
+
+/// Waits for the machine's backdoor, then for its exit, reporting both.
+fn watch(i: usize, machine: Arc<Machine>, events: mpsc::Sender<Event>) -> Result<()> {
+    spawn_thread(format!("watch-{}", machine.name()), move || {
+        match machine.wait_ready(Duration::MAX) {
+            Ok(after) => _ = events.send(Event::Ready(i, after)),
+            // Without a deadline, an exit is the usual cause: the exit event says it better.
+            Err(e) if machine.is_running() => _ = events.send(Event::NotReady(i, e)),
+            Err(_) => {}
+        }
+        if let Some(exit) = machine.wait_exit(Duration::MAX) {
+            let _ = events.send(Event::Exited(i, exit));
+        }
+    })
+}
+
+/// Prints the machine's serial console on standard output, `name # line`.
+fn print_console(machine: &Machine) -> Result<()> {
+    let lines = machine.console().subscribe();
+    let name = machine.name().to_owned();
+    spawn_thread(format!("print-{name}"), move || {
+        for line in lines {
+            // A closed terminal must not take the network down with a panic.
+            let _ = writeln!(std::io::stdout().lock(), "{name} # {line}");
+        }
+    })
+}
+
+fn say(message: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "vmlab: {message}");
+}
+
+/// Pure: "2 machines (client, server), vlans 1, 2".
+fn summary(plan: &Plan) -> String {
+    let names: Vec<&str> = plan.machines.iter().map(|m| m.name.as_str()).collect();
+    let vlans: Vec<String> = plan.vlans.iter().map(u8::to_string).collect();
+    let machines = match names.len() {
+        1 => format!("1 machine ({})", names[0]),
+        n => format!("{n} machines ({})", names.join(", ")),
+    };
+    match vlans.len() {
+        0 => format!("{machines}, no vlan"),
+        1 => format!("{machines}, vlan {}", vlans[0]),
+        _ => format!("{machines}, vlans {}", vlans.join(", ")),
+    }
+}
+
+/// Pure: how a person reaches a forwarded port; a URL for web ports.
+fn forward_line(host: u16, machine: &str, guest: u16) -> String {
+    let scheme = match guest {
+        80 | 8000 | 8080 => "http://",
+        443 | 8443 => "https://",
+        _ => "",
+    };
+    format!("{scheme}127.0.0.1:{host} -> {machine}:{guest}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::tests::plan_with;
+
+    #[test]
+    fn summaries() {
+        let cases = [
+            (plan_with(&[("server", &[1])]), "1 machine (server), vlan 1"),
+            (plan_with(&[("server", &[1]), ("client", &[2, 1])]), "2 machines (client, server), vlans 1, 2"),
+            (plan_with(&[("alone", &[])]), "1 machine (alone), no vlan"),
+        ];
+        for (plan, expected) in cases {
+            assert_eq!(summary(&plan), expected);
+        }
+    }
+
+    #[test]
+    fn forward_lines() {
+        let cases = [
+            ((8081, "server", 80), "http://127.0.0.1:8081 -> server:80"),
+            ((8443, "web", 443), "https://127.0.0.1:8443 -> web:443"),
+            ((2222, "server", 22), "127.0.0.1:2222 -> server:22"),
+        ];
+        for ((host, machine, guest), expected) in cases {
+            assert_eq!(forward_line(host, machine, guest), expected);
+        }
+    }
+}
