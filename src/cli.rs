@@ -35,6 +35,12 @@ pub enum Command {
     Up(UpArgs),
     /// Build the default minimal guest (kernel + initrd) from the host's kernel and a static busybox.
     Guest(GuestArgs),
+    /// Build the combined coverage report from the .gcda files a test collected.
+    ///
+    /// Reads DIR/coverage-data/<machine>/ (written by `vmlab test --coverage`)
+    /// and writes DIR/coverage-data/<machine>.info, DIR/coverage.info and
+    /// DIR/coverage/index.html. Needs lcov.
+    Coverage(CoverageArgs),
 }
 
 /// How QEMU executes guest code.
@@ -103,11 +109,22 @@ pub struct GuestArgs {
     pub rc: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct CoverageArgs {
+    /// A test's output directory.
+    pub dir: PathBuf,
+    /// A directory holding the .gcno files (and sources) of programs built with
+    /// --coverage (repeatable).
+    #[arg(long = "build-dir", value_name = "DIR", required = true)]
+    pub build_dirs: Vec<PathBuf>,
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Plan(args) => crate::emit::plan_command(&args),
         Command::Build(args) => crate::emit::build_command(&args),
         Command::Up(args) => crate::runtime::up_command(&args),
         Command::Guest(args) => crate::guest::guest_command(&args),
+        Command::Coverage(args) => crate::coverage::coverage_command(&args),
     }
 }

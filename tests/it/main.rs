@@ -2,3 +2,5 @@
 //! unless VMLAB_ACCEL says otherwise.
 
 mod common;
+mod build;
+mod coverage;
