@@ -49,7 +49,7 @@ pub struct Choice {
 pub fn decide(requested: Accel, host: &Host) -> Result<Choice> {
     let problem = match (&host.kvm_device_problem, host.cpu_has_virtualisation) {
         (Some(p), _) => Some(p.clone()),
-        (None, false) => Some("the CPU offers neither vmx nor svm (see /proc/cpuinfo flags)".to_owned()),
+        (None, false) => Some("the CPU offers neither vmx nor svm in /proc/cpuinfo".to_owned()),
         (None, true) => None,
     };
     let accel = match (requested, &problem) {
@@ -89,7 +89,7 @@ mod tests {
             kvm_device_problem: (!device_ok).then(|| "cannot open /dev/kvm: Permission denied".to_owned()),
             cpu_has_virtualisation: virt,
         };
-        let no_virt = "the CPU offers neither vmx nor svm (see /proc/cpuinfo flags)";
+        let no_virt = "the CPU offers neither vmx nor svm in /proc/cpuinfo";
         let no_dev = "cannot open /dev/kvm: Permission denied";
         // (requested, /dev/kvm opens, vmx/svm) → Ok((accel, reason)) or Err(message)
         let cases: [(Accel, bool, bool, Result<(Resolved, Option<&str>), &str>); 12] = [
@@ -102,7 +102,7 @@ mod tests {
                 Accel::Kvm,
                 true,
                 false,
-                Err("--accel kvm: KVM is not usable: the CPU offers neither vmx nor svm (see /proc/cpuinfo flags)"),
+                Err("--accel kvm: KVM is not usable: the CPU offers neither vmx nor svm in /proc/cpuinfo"),
             ),
             (Accel::Kvm, false, true, Err("--accel kvm: KVM is not usable: cannot open /dev/kvm: Permission denied")),
             (Accel::Kvm, false, false, Err("--accel kvm: KVM is not usable: cannot open /dev/kvm: Permission denied")),

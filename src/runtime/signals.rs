@@ -16,7 +16,8 @@ pub struct TerminationSignals {
 impl TerminationSignals {
     /// Blocks [`TERMINATION`] in the calling thread and so in every thread it
     /// starts afterwards: call it before any thread exists (first thing in a
-    /// command). Children do not inherit the mask: std resets it before exec.
+    /// command). Children do not inherit the mask: [`super::process::ChildGuard`]
+    /// clears it before exec.
     pub fn block() -> Result<TerminationSignals> {
         // SAFETY: sigset_t is plain data, initialised by sigemptyset.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };

@@ -4,3 +4,4 @@
 mod common;
 mod build;
 mod coverage;
+mod runtime;
