@@ -75,8 +75,12 @@ impl GuestOptions {
         let modules = match &args.modules {
             Some(modules) => existing(modules, "module tree")?,
             None => {
-                let version = kernel_version(&read_head(&kernel)?)
-                    .with_context(|| format!("{}: pass --modules", kernel.display()))?;
+                let version = kernel_version(&read_head(&kernel)?).with_context(|| {
+                    format!(
+                        "cannot tell the release of kernel {} (pass --modules)",
+                        kernel.display()
+                    )
+                })?;
                 let modules = Path::new("/lib/modules").join(&version);
                 if !modules.join("modules.dep").is_file() {
                     bail!(
@@ -405,7 +409,7 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 /// the `HdrS` magic at 0x202 and the `kernel_version` pointer at 0x20e.
 fn kernel_version(image: &[u8]) -> anyhow::Result<String> {
     if image.get(0x202..0x206) != Some(b"HdrS") {
-        bail!("not a bzImage (no HdrS setup header), cannot tell the kernel version");
+        bail!("not a bzImage (no HdrS setup header)");
     }
     let pointer = u16::from_le_bytes([image[0x20e], image[0x20f]]) as usize;
     let text = image
@@ -565,10 +569,7 @@ mod tests {
         );
         assert_eq!(kernel_version(&image).unwrap(), "6.1.0-56-cloud-amd64");
         let cases = [
-            (
-                vec![0u8; 0x1000],
-                "not a bzImage (no HdrS setup header), cannot tell the kernel version",
-            ),
+            (vec![0u8; 0x1000], "not a bzImage (no HdrS setup header)"),
             (bzimage(None, b""), "bzImage has no kernel version string"),
             (
                 bzimage(Some(0x400), b"\0"),

@@ -2,3 +2,4 @@
 //! unless VMLAB_ACCEL says otherwise.
 
 mod common;
+mod guest;
