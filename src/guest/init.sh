@@ -55,27 +55,19 @@ nic_with_mac() {
     return 1
 }
 
-rename_interfaces() {
-    # Two passes, because a NIC may have to take a name another NIC still
-    # holds (eth1 <-> eth2): first every configured NIC gets a temporary
-    # name, then its final one.
+configure_interfaces() {
     n=0
     while read -r keyword name mac addresses; do
         [ "$keyword" = interface ] || continue
-        if dev=$(nic_with_mac "$mac"); then
-            ip link set dev "$dev" name "vmlabtmp$n"
-            n=$((n + 1))
-        else
+        if ! dev=$(nic_with_mac "$mac"); then
             say "no network interface has MAC $mac (wanted as $name)"
+            continue
         fi
-    done < /run/vmlab/config
-    n=0
-    while read -r keyword name mac addresses; do
-        [ "$keyword" = interface ] || continue
-        dev=$(nic_with_mac "$mac") || continue
         if [ "$dev" != "$name" ] && [ -e "/sys/class/net/$name" ]; then
-            # Held by a NIC the configuration does not mention.
-            ip link set dev "$name" name "vmlabother$n"
+            # Another NIC holds the name (the kernel's eth1 may have to become
+            # eth2 and the other way round): move it aside; if it is
+            # configured, a later line finds it by MAC and names it.
+            ip link set dev "$name" name "vmlabaside$n"
             n=$((n + 1))
         fi
         ip link set dev "$dev" name "$name"
@@ -97,7 +89,7 @@ configure() {
     fi
     mkdir -p /run/vmlab
     cat "$CONFIG" > /run/vmlab/config
-    rename_interfaces
+    configure_interfaces
     printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
     while read -r keyword first second rest; do
         case $keyword in

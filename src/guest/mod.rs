@@ -180,10 +180,13 @@ pub fn build(opts: &GuestOptions) -> anyhow::Result<()> {
                 opts.out.display()
             )
         })?;
-    for (name, bytes) in [("kernel", kernel), ("initrd", archive.to_bytes())] {
+    let outputs = [("kernel", kernel), ("initrd", archive.to_bytes())];
+    for (name, bytes) in &outputs {
         let staged = staging.path().join(name);
         fs::write(&staged, bytes).with_context(|| format!("cannot write {}", staged.display()))?;
-        let target = opts.out.join(name);
+    }
+    for (name, _) in &outputs {
+        let (staged, target) = (staging.path().join(name), opts.out.join(name));
         fs::rename(&staged, &target).with_context(|| {
             format!("cannot rename {} to {}", staged.display(), target.display())
         })?;
@@ -286,17 +289,10 @@ fn add_host_path(
             .with_context(|| format!("{}: link target is not UTF-8", host.display()))?;
         archive.insert(guest, Entry::symlink(target))
     } else if file_type.is_file() {
-        archive.insert(
-            guest,
-            Entry::File {
-                perm,
-                data: read(host)?,
-            },
-        )
+        archive.insert(guest, Entry::file(perm, read(host)?))
     } else if file_type.is_dir() {
-        if guest.trim_matches('/').is_empty() {
-            // Merging into the root: keep the root as it is.
-        } else {
+        // A directory added as `/` is merged into the root, which has no member of its own.
+        if !guest.trim_matches('/').is_empty() {
             archive.insert(guest, Entry::Dir { perm })?;
         }
         let mut names = fs::read_dir(host)

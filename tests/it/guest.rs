@@ -289,6 +289,12 @@ fn assert_configured(qemu: &mut Qemu, backdoor: &mut Backdoor) {
         );
         assert!(addresses.contains(",UP"), "{nic} is up: {addresses}");
     }
+    // The kernel named the NICs in PCI order, the reverse of the configuration's.
+    let serial = fs::read_to_string(&qemu.serial_log).unwrap();
+    assert!(
+        serial.contains("vmlabaside0: renamed from eth1"),
+        "eth1 and eth2 traded names:\n{serial}"
+    );
     assert_eq!(
         backdoor.succeed(qemu, "cat /etc/hosts"),
         "127.0.0.1 localhost\n::1 localhost\n192.168.1.1 client\n2001:db8:1::1 client\n\
