@@ -483,30 +483,81 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
     fake_kernel[0x400..0x40b].copy_from_slice(b"0.0-nowhere");
     fs::write(w.join("fake-kernel"), fake_kernel).unwrap();
     fs::create_dir(w.join("empty")).unwrap();
-    let (fake, empty) = (w.join("fake-kernel"), w.join("empty"));
-    let (fake, empty) = (fake.to_str().unwrap(), empty.to_str().unwrap());
-    let cases: &[(&[&str], &str)] = &[
-        (&["--busybox", "/bin/ls"], "error: /bin/ls is dynamically linked, but the guest has no shared libraries: install busybox-static"),
-        (&["--bash", "/bin/ls"], "error: /bin/ls is dynamically linked, but the guest has no shared libraries: install bash-static"),
-        (&["--busybox", "/etc/hostname"], "error: /etc/hostname: not an ELF executable"),
-        (&["--kernel", "/nonexistent/vmlinuz"], "error: kernel /nonexistent/vmlinuz does not exist"),
-        (&["--kernel", "/etc/hostname"], "error: cannot tell the release of kernel /etc/hostname (pass --modules): not a bzImage"),
-        (&["--kernel", fake], "error: no kernel modules for 0.0-nowhere (no /lib/modules/0.0-nowhere/modules.dep): install linux-image-cloud-amd64, or pass --modules"),
-        (&["--modules", "/nonexistent"], "error: module tree /nonexistent does not exist"),
-        (&["--modules", empty], "/modules.dep"),
-        (&["--rc", "/nonexistent/rc"], "error: rc script /nonexistent/rc does not exist"),
-        (&["--add", "/nonexistent:/x"], "error: --add /nonexistent:/x: /nonexistent does not exist"),
-        (&["--add", "/etc/hostname:etc/x"], "error: --add /etc/hostname:etc/x: the guest path \"etc/x\" must be absolute"),
-        (&["--add", "/etc/hostname"], "error: --add /etc/hostname: expected HOST_PATH:GUEST_PATH"),
+    fs::write(w.join("text"), "not a program\n").unwrap();
+    let (fake, empty, text) = (w.join("fake-kernel"), w.join("empty"), w.join("text"));
+    let (fake, empty, text) = (
+        fake.to_str().unwrap(),
+        empty.to_str().unwrap(),
+        text.to_str().unwrap(),
+    );
+    let add_relative = format!("{text}:etc/x");
+    // vmlab itself is dynamically linked.
+    let dynamic = env!("CARGO_BIN_EXE_vmlab");
+    let dynamic_error = format!(
+        "error: {dynamic} is dynamically linked, but the guest has no shared libraries: install"
+    );
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["--busybox", dynamic],
+            format!("{dynamic_error} busybox-static"),
+        ),
+        (
+            vec!["--bash", dynamic],
+            format!("{dynamic_error} bash-static"),
+        ),
+        (
+            vec!["--busybox", text],
+            format!("error: {text}: not an ELF executable"),
+        ),
+        (
+            vec!["--kernel", "/nonexistent/vmlinuz"],
+            "error: kernel /nonexistent/vmlinuz does not exist".into(),
+        ),
+        (
+            vec!["--kernel", text],
+            format!(
+                "error: cannot tell the release of kernel {text} (pass --modules): not a bzImage"
+            ),
+        ),
+        (
+            vec!["--kernel", fake],
+            "error: no kernel modules for 0.0-nowhere (no /lib/modules/0.0-nowhere/modules.dep): \
+             install linux-image-cloud-amd64, or pass --modules"
+                .into(),
+        ),
+        (
+            vec!["--modules", "/nonexistent"],
+            "error: module tree /nonexistent does not exist".into(),
+        ),
+        (
+            vec!["--modules", empty],
+            format!("error: cannot read {empty}/modules.dep"),
+        ),
+        (
+            vec!["--rc", "/nonexistent/rc"],
+            "error: rc script /nonexistent/rc does not exist".into(),
+        ),
+        (
+            vec!["--add", "/nonexistent:/x"],
+            "error: --add /nonexistent:/x: /nonexistent does not exist".into(),
+        ),
+        (
+            vec!["--add", &add_relative],
+            format!("error: --add {add_relative}: the guest path \"etc/x\" must be absolute"),
+        ),
+        (
+            vec!["--add", text],
+            format!("error: --add {text}: expected HOST_PATH:GUEST_PATH"),
+        ),
     ];
     for (args, expected) in cases {
         let out_dir = w.join("out");
-        let out = run(vmlab().arg("guest").arg("--out").arg(&out_dir).args(*args));
+        let out = run(vmlab().arg("guest").arg("--out").arg(&out_dir).args(&args));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
         assert!(
-            stderr.contains(expected),
+            stderr.contains(expected.as_str()),
             "{args:?}: expected {expected:?} in {stderr:?}"
         );
         let written = fs::read_dir(&out_dir).map(|d| d.count()).unwrap_or(0);
