@@ -3,4 +3,6 @@
 
 mod common;
 mod build;
+mod common;
 mod coverage;
+mod guest;
