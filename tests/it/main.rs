@@ -2,7 +2,7 @@
 //! unless VMLAB_ACCEL says otherwise.
 
 mod common;
+
 mod build;
-mod common;
 mod coverage;
 mod guest;
