@@ -83,13 +83,13 @@ pub struct UpArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct GuestArgs {
-    /// Output directory; `kernel` and `initrd` are written into it.
+    /// Output directory (created if missing); `kernel` and `initrd` are written into it. See docs/guest.md.
     #[arg(long, short)]
     pub out: PathBuf,
     /// Kernel image [default: the newest /boot/vmlinuz-*].
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Module tree matching the kernel [default: /lib/modules/<version of --kernel>].
+    /// Module tree matching the kernel [default: /lib/modules/<release of --kernel>].
     #[arg(long)]
     pub modules: Option<PathBuf>,
     /// Statically linked busybox [default: `busybox` on PATH].
@@ -101,7 +101,7 @@ pub struct GuestArgs {
     /// Do not include bash even when a static one is found.
     #[arg(long)]
     pub no_bash: bool,
-    /// Add a host file or directory to the guest, as HOST_PATH:GUEST_PATH (repeatable).
+    /// Add a host file or directory (recursively) to the guest at an absolute GUEST_PATH (repeatable).
     #[arg(long = "add", value_name = "HOST_PATH:GUEST_PATH")]
     pub add: Vec<String>,
     /// Shell script run at boot, after networking and before the backdoor shell (start services here).

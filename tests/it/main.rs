@@ -2,6 +2,8 @@
 //! unless VMLAB_ACCEL says otherwise.
 
 mod common;
+
 mod build;
 mod coverage;
+mod guest;
 mod runtime;
