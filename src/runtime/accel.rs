@@ -91,8 +91,10 @@ mod tests {
         };
         let no_virt = "the CPU offers neither vmx nor svm in /proc/cpuinfo";
         let no_dev = "cannot open /dev/kvm: Permission denied";
-        // (requested, /dev/kvm opens, vmx/svm) → Ok((accel, reason)) or Err(message)
-        let cases: [(Accel, bool, bool, Result<(Resolved, Option<&str>), &str>); 12] = [
+        // (requested, /dev/kvm opens, vmx/svm, expected)
+        // Ok((accel, why KVM is unusable)) or Err(message).
+        type Expected = Result<(Resolved, Option<&'static str>), &'static str>;
+        let cases: [(Accel, bool, bool, Expected); 12] = [
             (Accel::Auto, true, true, Ok((Resolved::Kvm, None))),
             (Accel::Auto, true, false, Ok((Resolved::Tcg, Some(no_virt)))),
             (Accel::Auto, false, true, Ok((Resolved::Tcg, Some(no_dev)))),

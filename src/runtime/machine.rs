@@ -188,6 +188,13 @@ impl Machine {
         let current = self.current().with_context(|| format!("machine {:?} is not started", self.name))?;
         let mut backdoor = current.backdoor.lock().unwrap();
         loop {
+            if let Some(status) = current.guard.exit_status() {
+                let exit = self.exit(&current, status);
+                bail!(match backdoor.ready_after {
+                    Some(_) => format!("machine {:?} is not running: it {exit}", self.name),
+                    None => self.not_up(&exit),
+                });
+            }
             if let Some(after) = backdoor.ready_after {
                 return Ok(after);
             }
@@ -242,9 +249,7 @@ impl Machine {
         deadline: Option<Instant>,
         timeout: Duration,
     ) -> Result<UnixStream, (Option<UnixStream>, anyhow::Error)> {
-        let not_up = |status| {
-            anyhow::anyhow!("machine {:?} {} before its backdoor shell was up", self.name, self.exit(current, status))
-        };
+        let not_up = |status| anyhow::anyhow!(self.not_up(&self.exit(current, status)));
         let socket = self.shell_socket();
         let stream = match stream {
             Some(s) => s,
@@ -266,6 +271,11 @@ impl Machine {
             Err(Stopped::Exited(status)) => Err((None, not_up(status))),
             Err(Stopped::Failed(e)) => Err((Some(stream), e)),
         }
+    }
+
+    fn not_up(&self, exit: &Exit) -> String {
+        let Exit { status, stderr_tail } = exit;
+        format!("machine {:?} {} before its backdoor shell was up{stderr_tail}", self.name, describe_exit(*status))
     }
 
     fn read_banner(

@@ -14,9 +14,10 @@ use crate::plan::Plan;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 
-/// The longest name a vde client (QEMU) gives its own socket in a switch
-/// directory: `.<pid>-<port>`, pids up to 7 digits, ports 5.
-const VDE_CLIENT_SOCKET: &str = ".4194304-00000";
+/// The longest name vde_switch gives a port's data socket in its directory:
+/// `<port>.<n>` (seen as `001.5`), with room for three-digit ports and a
+/// five-digit `n`.
+const VDE_PORT_SOCKET: &str = "000.00000";
 
 /// Random characters in the directory name (`XXXXXX` in docs/design.md).
 const RANDOM_CHARS: usize = 6;
@@ -32,6 +33,8 @@ impl Session {
     /// checking that every socket the network will create fits in `sun_path`.
     pub fn create(plan: &Plan, keep: bool) -> Result<Session> {
         let base = base_dir(std::env::var_os("XDG_RUNTIME_DIR"), std::env::var_os("TMPDIR"));
+        // Absolute, because run scripts and QEMU get paths inside it.
+        let base = std::env::current_dir().context("cannot find the current directory")?.join(base);
         let prefix = format!("vmlab-{}-", plan.name);
         // The real name has the same length, so a check on a placeholder holds for it.
         let placeholder = Layout { root: base.join(format!("{prefix}{}", "X".repeat(RANDOM_CHARS))) };
@@ -121,7 +124,7 @@ pub fn base_dir(xdg_runtime_dir: Option<OsString>, tmpdir: Option<OsString>) -> 
 /// Pure: fails, naming the longest offending path, when a socket of the
 /// network would not fit in `sun_path`.
 pub fn check_socket_paths(layout: &Layout, plan: &Plan) -> Result<()> {
-    let vlan_sockets = plan.vlans.iter().map(|&v| layout.vlan_dir(v).join(VDE_CLIENT_SOCKET));
+    let vlan_sockets = plan.vlans.iter().map(|&v| layout.vlan_dir(v).join(VDE_PORT_SOCKET));
     let machine_sockets = plan.machines.iter().flat_map(|m| [layout.shell_socket(&m.name), layout.qmp_socket(&m.name)]);
     let all = std::iter::once(layout.control_socket()).chain(vlan_sockets).chain(machine_sockets);
     if let Some(longest) = all.max_by_key(|p| p.as_os_str().len()) {
@@ -202,9 +205,9 @@ mod tests {
         );
         // Switch directories count too, with room for QEMU's own socket in them.
         let switch_only = plan_with(&[("a", &[255])]);
-        let deep = Layout { root: format!("/{}", "r".repeat(84)).into() };
+        let deep = Layout { root: format!("/{}", "r".repeat(89)).into() };
         let err = check_socket_paths(&deep, &switch_only).unwrap_err().to_string();
-        assert!(err.contains("/vlan255/.4194304-00000 would be 108 bytes"), "{err}");
+        assert!(err.contains("/vlan255/000.00000 would be 108 bytes"), "{err}");
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn run_until_stopped(network: &Network, events: mpsc::Receiver<Event>) -> Result
                 let name = machines[i].name();
                 if !ready[i] {
                     let hint = if network.session().kept() { "" } else { " (--keep-state keeps its logs)" };
-                    bail!("machine {name:?} failed to start: it {exit}{hint}");
+                    bail!("machine {name:?} failed to start{hint}: it {exit}");
                 }
                 running -= 1;
                 if exit.status.success() {

@@ -1,6 +1,7 @@
-//! `vmlab up` on networks of stand-in machines (tests/fixtures/runtime/fake-qemu
-//! behind real run scripts and real vde_switches): signals, SIGKILL, a taken
-//! port, a machine that fails to start.
+//! `vmlab up`: on networks of stand-in machines (tests/fixtures/runtime/fake-qemu
+//! behind real run scripts and real vde_switches) for signals, SIGKILL, a
+//! taken port, a machine that fails to start; and on real VMs (the webserver
+//! example on the default guest) for a forwarded port, SIGTERM and SIGKILL.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpListener};
@@ -11,34 +12,51 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{fixtures, processes_mentioning, run, vmlab};
+use crate::common::{fixtures, processes_mentioning, repo_root, run, vmlab};
 
 /// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(120);
 
-/// Builds network "fake": `a` on vlan 1 forwarding host `port` to 80, `b` on vlans 1 and 2.
-fn build_fake(tmp: &Path, port: u16) -> PathBuf {
-    for file in ["kernel", "initrd"] {
-        std::fs::write(tmp.join(file), "").unwrap();
-    }
-    let guest = json!({"kernel": tmp.join("kernel"), "initrd": tmp.join("initrd")});
-    let node = |vlans: serde_json::Value, ports: serde_json::Value| {
-        let mut node = guest.clone();
-        node["vlans"] = vlans;
-        node["forwardPorts"] = ports;
-        node
-    };
-    let spec = json!({
-        "name": "fake",
-        "nodes": {"a": node(json!([1]), json!([{"host": port, "guest": 80}])), "b": node(json!([1, 2]), json!([]))},
-        "qemu": fixtures().join("runtime/fake-qemu"),
-    });
+/// Writes `spec` to `tmp/spec.json` and builds it into `tmp/out`.
+fn build(tmp: &Path, spec: serde_json::Value) -> PathBuf {
     let spec_path = tmp.join("spec.json");
     std::fs::write(&spec_path, spec.to_string()).unwrap();
     let out = tmp.join("out");
     let built = run(vmlab().arg("build").arg(&spec_path).arg("--out").arg(&out));
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
     out
+}
+
+/// Network "fake" of stand-in machines: `a` on vlan 1 forwarding host `port`
+/// to 80, `b` on vlans 1 and 2.
+fn build_fake(tmp: &Path, port: u16) -> PathBuf {
+    for file in ["kernel", "initrd"] {
+        std::fs::write(tmp.join(file), "").unwrap();
+    }
+    let node = |vlans: serde_json::Value, ports: serde_json::Value| {
+        json!({"kernel": tmp.join("kernel"), "initrd": tmp.join("initrd"), "vlans": vlans, "forwardPorts": ports})
+    };
+    build(
+        tmp,
+        json!({
+            "name": "fake",
+            "nodes": {"a": node(json!([1]), json!([{"host": port, "guest": 80}])), "b": node(json!([1, 2]), json!([]))},
+            "qemu": fixtures().join("runtime/fake-qemu"),
+        }),
+    )
+}
+
+/// The webserver example on the default guest, `server` forwarding host `port` to 80.
+fn build_webserver(tmp: &Path, port: u16) -> PathBuf {
+    let example = repo_root().join("examples/webserver");
+    let guest = tmp.join("guest");
+    let www = format!("{}:/var/www", example.join("www").display());
+    let built = run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let machine = json!({"kernel": guest.join("kernel"), "initrd": guest.join("initrd"), "memory": 128});
+    let mut server = machine.clone();
+    server["forwardPorts"] = json!([{"host": port, "guest": 80}]);
+    build(tmp, json!({"name": "webserver", "nodes": {"server": server, "client": machine}}))
 }
 
 fn free_port() -> u16 {
@@ -58,7 +76,7 @@ impl Up {
     fn start(dir: &Path, tmpdir: &Path, env: &[(&str, &str)]) -> Up {
         std::fs::create_dir_all(tmpdir).unwrap();
         let mut cmd = vmlab();
-        cmd.arg("up").arg(dir).env_remove("XDG_RUNTIME_DIR").env_remove("VMLAB_ACCEL").env("TMPDIR", tmpdir);
+        cmd.arg("up").arg(dir).env_remove("XDG_RUNTIME_DIR").env("TMPDIR", tmpdir);
         cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -121,6 +139,11 @@ fn forward_lines(stream: impl Read + Send + 'static, prefix: &'static str, tx: m
     });
 }
 
+/// How many of `processes` have `what` in their command line.
+fn count(processes: &[(u32, String)], what: &str) -> usize {
+    processes.iter().filter(|(_, cmdline)| cmdline.contains(what)).count()
+}
+
 /// Polls until no process mentions `session`; returns the ones left at the deadline.
 fn leftovers(session: &Path) -> Vec<(u32, String)> {
     let deadline = Instant::now() + PATIENCE;
@@ -145,8 +168,7 @@ fn up_runs_the_network_and_each_termination_signal_stops_it() {
         up.wait_for("out: a # a booted");
         up.wait_for("out: b # b booted");
         let running = processes_mentioning(&session);
-        let count = |what: &str| running.iter().filter(|(_, cmdline)| cmdline.contains(what)).count();
-        assert_eq!((count("fake-qemu"), count("vde_switch")), (2, 2), "{running:#?}");
+        assert_eq!((count(&running, "fake-qemu"), count(&running, "vde_switch")), (2, 2), "{running:#?}");
         for (pid, cmdline) in &running {
             // vmlab blocks termination signals for itself only.
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -174,18 +196,24 @@ fn up_runs_the_network_and_each_termination_signal_stops_it() {
     }
 }
 
-#[test]
-fn sigkill_of_up_takes_its_machines_and_switches_along() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = build_fake(tmp.path(), free_port());
-    let mut up = Up::start(&dir, &tmp.path().join("run"), &[]);
+/// SIGKILL of `vmlab up` once its machines are up: every process it started
+/// (`processes` of them) dies with it.
+fn sigkill_leaves_nothing(dir: &Path, tmp: &Path, processes: usize) {
+    let mut up = Up::start(dir, &tmp.join("run"), &[]);
     let session = up.session();
     up.wait_for("vmlab: all 2 machines are up");
-    assert_eq!(processes_mentioning(&session).len(), 4, "{:#?}", processes_mentioning(&session));
+    assert_eq!(processes_mentioning(&session).len(), processes, "{:#?}", processes_mentioning(&session));
     up.signal(libc::SIGKILL);
     let (status, _) = up.finish();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
     assert_eq!(leftovers(&session), []);
+}
+
+#[test]
+fn sigkill_of_up_takes_its_machines_and_switches_along() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two machines, a switch for each of vlans 1 and 2.
+    sigkill_leaves_nothing(&build_fake(tmp.path(), free_port()), tmp.path(), 4);
 }
 
 #[test]
@@ -213,11 +241,128 @@ fn a_machine_failing_at_start_fails_up_with_its_status_and_messages() {
     let (status, output) = up.finish();
     assert_eq!(status.code(), Some(2), "{output}");
     let expected = format!(
-        "err: error: machine \"b\" failed to start: it exited with status 3; its standard error ended with:\n\
-         err:   qemu-system-x86_64: -kernel {}: fake failure of b (--keep-state keeps its logs)",
+        "err: error: machine \"b\" failed to start (--keep-state keeps its logs): it exited with status 3; \
+         its standard error ended with:\nerr:   qemu-system-x86_64: -kernel {}: fake failure of b",
         tmp.path().join("kernel").display()
     );
     assert!(output.contains(&expected), "{output}");
     assert!(!session.exists());
     assert_eq!(leftovers(&session), []);
+}
+
+/// `GET /` on 127.0.0.1:`port`; the response body.
+fn http_get(port: u16) -> String {
+    let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+    std::io::Write::write_all(&mut stream, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {response}"));
+    assert_eq!(head.split(' ').nth(1), Some("200"), "{head}");
+    body.to_owned()
+}
+
+#[test]
+fn real_vms_serve_a_forwarded_port_and_sigterm_removes_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let dir = build_webserver(tmp.path(), port);
+    let mut up = Up::start(&dir, &tmp.path().join("run"), &[]);
+    let session = up.session();
+    up.wait_for(&format!("vmlab: http://127.0.0.1:{port} -> server:80"));
+    up.wait_for("vmlab: all 2 machines are up");
+    let running = processes_mentioning(&session);
+    assert_eq!((count(&running, "qemu-system-"), count(&running, "vde_switch")), (2, 1), "{running:#?}");
+    let page = std::fs::read_to_string(repo_root().join("examples/webserver/www/index.html")).unwrap();
+    assert_eq!(http_get(port), page);
+    // The console reaches the terminal prefixed and the log as is.
+    let prefixed = up.wait_for("out: server # ");
+    let serial = std::fs::read_to_string(session.join("server.serial.log")).unwrap();
+    assert!(serial.contains(prefixed.strip_prefix("out: server # ").unwrap()), "{prefixed:?} not in {serial}");
+
+    up.signal(libc::SIGTERM);
+    let (status, output) = up.finish();
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(!session.exists());
+    assert_eq!(leftovers(&session), []);
+}
+
+#[test]
+fn real_vms_die_with_a_sigkilled_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two QEMUs, one switch.
+    sigkill_leaves_nothing(&build_webserver(tmp.path(), free_port()), tmp.path(), 3);
+}
+
+/// Reads a console subscription until a line contains `needle`.
+fn console_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let line = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap();
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+/// The library API the driver uses, on stand-in machines.
+#[test]
+fn machines_start_restart_fail_and_hand_over_their_backdoor() {
+    use std::os::unix::process::ExitStatusExt;
+    use vmlab::runtime::{accel::Resolved, load_plan, Network, Session};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = build_fake(tmp.path(), free_port());
+    let plan = load_plan(&dir).unwrap();
+    let network = Network::start(&dir, plan.clone(), Session::create(&plan, false).unwrap(), Resolved::Tcg).unwrap();
+    let session = network.session().path().to_owned();
+    let (a, b) = (network.machine("a").unwrap().clone(), network.machine("b").unwrap());
+    let lines = a.console().subscribe();
+    assert_eq!(a.wait_ready(PATIENCE).unwrap_err().to_string(), "machine \"a\" is not started");
+
+    a.start().unwrap();
+    // The stand-in accepts one backdoor connection: concurrent waits must share it.
+    let waits: Vec<_> = (0..3)
+        .map(|_| {
+            let a = a.clone();
+            std::thread::spawn(move || a.wait_ready(PATIENCE).unwrap())
+        })
+        .collect();
+    let boot_times: Vec<Duration> = waits.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(boot_times.windows(2).all(|w| w[0] == w[1]), "{boot_times:?}");
+    console_line(&lines, "a booted");
+    let backdoor = a.take_backdoor().expect("the backdoor once ready");
+    assert!(a.take_backdoor().is_none(), "handed out twice");
+    assert_eq!(a.start().unwrap_err().to_string(), "machine \"a\" is already running");
+
+    let first = a.pid().unwrap();
+    assert_eq!(a.stop().unwrap().status.signal(), Some(libc::SIGTERM));
+    assert!(!a.is_running());
+    assert_eq!((&backdoor).read(&mut [0u8; 16]).unwrap(), 0, "the backdoor outlived its QEMU");
+    let err = a.wait_ready(PATIENCE).unwrap_err().to_string();
+    assert!(err.starts_with("machine \"a\" is not running: it was killed by signal 15 (SIGTERM)"), "{err}");
+    a.start().unwrap();
+    assert_ne!(a.pid(), Some(first));
+    a.wait_ready(PATIENCE).unwrap();
+    console_line(&lines, "a booted");
+    assert!(a.take_backdoor().is_some());
+
+    std::fs::create_dir_all(b.state_dir()).unwrap();
+    std::fs::write(b.state_dir().join("fail"), "").unwrap();
+    b.start().unwrap();
+    let err = format!("{:#}", b.wait_ready(PATIENCE).unwrap_err());
+    let kernel = tmp.path().join("kernel");
+    assert_eq!(
+        err,
+        format!(
+            "machine \"b\" exited with status 3 before its backdoor shell was up; its standard error ended with:\n  \
+             qemu-system-x86_64: -kernel {}: fake failure of b",
+            kernel.display()
+        )
+    );
+    assert_eq!(b.wait_exit(PATIENCE).unwrap().status.code(), Some(3));
+
+    network.stop();
+    assert_eq!(leftovers(&session), []);
+    drop(network);
+    assert!(!session.exists());
 }
