@@ -27,23 +27,24 @@ fn build(tmp: &Path, spec: serde_json::Value) -> PathBuf {
     out
 }
 
-/// Network "fake" of stand-in machines: `a` on vlan 1 forwarding host `port`
-/// to 80, `b` on vlans 1 and 2.
-fn build_fake(tmp: &Path, port: u16) -> PathBuf {
+/// Spec of network "fake", stand-in machines: `a` on vlan 1 forwarding host
+/// `port` to 80, `b` on vlans 1 and 2.
+fn fake_spec(tmp: &Path, port: u16) -> serde_json::Value {
     for file in ["kernel", "initrd"] {
         std::fs::write(tmp.join(file), "").unwrap();
     }
     let node = |vlans: serde_json::Value, ports: serde_json::Value| {
         json!({"kernel": tmp.join("kernel"), "initrd": tmp.join("initrd"), "vlans": vlans, "forwardPorts": ports})
     };
-    build(
-        tmp,
-        json!({
-            "name": "fake",
-            "nodes": {"a": node(json!([1]), json!([{"host": port, "guest": 80}])), "b": node(json!([1, 2]), json!([]))},
-            "qemu": fixtures().join("runtime/fake-qemu"),
-        }),
-    )
+    json!({
+        "name": "fake",
+        "nodes": {"a": node(json!([1]), json!([{"host": port, "guest": 80}])), "b": node(json!([1, 2]), json!([]))},
+        "qemu": fixtures().join("runtime/fake-qemu"),
+    })
+}
+
+fn build_fake(tmp: &Path, port: u16) -> PathBuf {
+    build(tmp, fake_spec(tmp, port))
 }
 
 /// The webserver example on the default guest, `server` forwarding host `port` to 80.
@@ -248,6 +249,58 @@ fn a_machine_failing_at_start_fails_up_with_its_status_and_messages() {
     assert!(output.contains(&expected), "{output}");
     assert!(!session.exists());
     assert_eq!(leftovers(&session), []);
+}
+
+#[test]
+fn a_machine_exiting_after_it_was_up_is_reported_and_the_others_keep_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = build_fake(tmp.path(), free_port());
+    let mut up = Up::start(&dir, &tmp.path().join("run"), &[("FAKE_QEMU_CRASH", "b")]);
+    let session = up.session();
+    up.wait_for("vmlab: b: up after ");
+    let reported = up.wait_for("err: error: machine \"b\" exited with status 5; its standard error ended with:");
+    up.wait_for("err:   qemu-system-x86_64: fake crash of b");
+    up.wait_for("vmlab: a: up after ");
+    let running = processes_mentioning(&session);
+    assert_eq!((count(&running, "-name a "), count(&running, "-name b ")), (1, 0), "{running:#?}");
+    up.signal(libc::SIGTERM);
+    let (status, output) = up.finish();
+    assert_eq!(status.code(), Some(2), "a machine failed: {reported}\n{output}");
+    assert!(!session.exists());
+    assert_eq!(leftovers(&session), []);
+}
+
+#[test]
+fn up_ends_by_itself_when_no_machine_is_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = build_fake(tmp.path(), free_port());
+    let mut up = Up::start(&dir, &tmp.path().join("run"), &[("FAKE_QEMU_CRASH", "a,b")]);
+    let session = up.session();
+    let (status, output) = up.finish();
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(output.contains("vmlab: no machine is running: stopping the network"), "{output}");
+    assert!(!session.exists());
+    assert_eq!(leftovers(&session), []);
+}
+
+#[test]
+fn a_switch_that_cannot_start_fails_up_with_its_messages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = fake_spec(tmp.path(), free_port());
+    spec["vdeSwitch"] = json!(fixtures().join("runtime/broken-vde_switch"));
+    let dir = build(tmp.path(), spec);
+    let mut up = Up::start(&dir, &tmp.path().join("run"), &[]);
+    let session = up.session();
+    let (status, output) = up.finish();
+    assert_eq!(status.code(), Some(2), "{output}");
+    let expected = format!(
+        "err: error: vde_switch for vlan 1 exited with status 1 before it was ready; its standard error ended with:\n\
+         err:   vde_switch: cannot create {}: fake failure",
+        session.join("vlan1").display()
+    );
+    assert!(output.contains(&expected), "{output}");
+    assert!(!output.contains("started (pid"), "a machine started: {output}");
+    assert!(!session.exists());
 }
 
 /// `GET /` on 127.0.0.1:`port`; the response body.
