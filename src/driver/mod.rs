@@ -2,6 +2,9 @@
 
 pub mod backdoor;
 pub mod base64;
+pub mod junit;
+pub mod log;
+pub mod qmp;
 
 use std::fmt;
 
