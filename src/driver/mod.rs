@@ -4,7 +4,10 @@ pub mod backdoor;
 pub mod base64;
 pub mod junit;
 pub mod log;
+pub mod machine;
 pub mod qmp;
+#[cfg(test)]
+pub mod testing;
 
 use std::fmt;
 
