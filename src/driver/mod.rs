@@ -6,6 +6,7 @@ pub mod control;
 pub mod junit;
 pub mod log;
 pub mod machine;
+pub mod python;
 pub mod qmp;
 #[cfg(test)]
 pub mod testing;
