@@ -2,6 +2,7 @@
 
 pub mod backdoor;
 pub mod base64;
+pub mod client;
 pub mod control;
 pub mod junit;
 pub mod log;
