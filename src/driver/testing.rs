@@ -78,8 +78,10 @@ impl Vm for LocalVm {
                 let Ok(line) = line else { return };
                 let request: serde_json::Value = serde_json::from_str(&line).unwrap();
                 let answer = if request["execute"] == "human-monitor-command" { serde_json::json!("") } else { serde_json::json!({}) };
-                let _ = writeln!(s, "{}", serde_json::json!({ "return": answer, "id": request["id"] }));
+                let id = request["id"].clone();
+                // Logged before the answer, so a caller that got it sees it logged.
                 log.lock().unwrap().push(request);
+                let _ = writeln!(s, "{}", serde_json::json!({ "return": answer, "id": id }));
             }
         });
         Ok(())
