@@ -44,6 +44,8 @@ fn relay(mut from: UnixStream, mut to: UnixStream) {
 
 impl Vm for LocalVm {
     fn spawn(&mut self) -> anyhow::Result<()> {
+        // What a dead "guest" left behind in its process group goes with it.
+        self.kill();
         std::fs::create_dir_all(&self.dir)?;
         for s in ["shell.sock", "qmp.sock"] {
             let _ = std::fs::remove_file(self.dir.join(s));
