@@ -35,6 +35,12 @@ pub enum Command {
     Up(UpArgs),
     /// Build the default minimal guest (kernel + initrd) from the host's kernel and a static busybox.
     Guest(GuestArgs),
+    /// Build the combined coverage report from the .gcda files a test collected.
+    ///
+    /// Reads DIR/coverage-data/<machine>/ (written by `vmlab test --coverage`)
+    /// and writes DIR/coverage-data/<machine>.info, DIR/coverage.info and
+    /// DIR/coverage/index.html. Needs lcov.
+    Coverage(CoverageArgs),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -270,13 +276,13 @@ pub struct UpArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct GuestArgs {
-    /// Output directory; `kernel` and `initrd` are written into it.
+    /// Output directory (created if missing); `kernel` and `initrd` are written into it. See docs/guest.md.
     #[arg(long, short)]
     pub out: PathBuf,
     /// Kernel image [default: the newest /boot/vmlinuz-*].
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Module tree matching the kernel [default: /lib/modules/<version of --kernel>].
+    /// Module tree matching the kernel [default: /lib/modules/<release of --kernel>].
     #[arg(long)]
     pub modules: Option<PathBuf>,
     /// Statically linked busybox [default: `busybox` on PATH].
@@ -288,12 +294,22 @@ pub struct GuestArgs {
     /// Do not include bash even when a static one is found.
     #[arg(long)]
     pub no_bash: bool,
-    /// Add a host file or directory to the guest, as HOST_PATH:GUEST_PATH (repeatable).
+    /// Add a host file or directory (recursively) to the guest at an absolute GUEST_PATH (repeatable).
     #[arg(long = "add", value_name = "HOST_PATH:GUEST_PATH")]
     pub add: Vec<String>,
     /// Shell script run at boot, after networking and before the backdoor shell (start services here).
     #[arg(long)]
     pub rc: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CoverageArgs {
+    /// A test's output directory.
+    pub dir: PathBuf,
+    /// A directory holding the .gcno files (and sources) of programs built with
+    /// --coverage (repeatable).
+    #[arg(long = "build-dir", value_name = "DIR", required = true)]
+    pub build_dirs: Vec<PathBuf>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -303,5 +319,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => crate::runtime::up_command(&args),
         Command::Guest(args) => crate::guest::guest_command(&args),
         Command::Client(cmd) => crate::driver::client::client_command(cmd),
+        Command::Coverage(args) => crate::coverage::coverage_command(&args),
     }
 }

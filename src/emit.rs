@@ -1,12 +1,270 @@
-//! `vmlab plan` and `vmlab build`: the plan as JSON and the run scripts.
+//! `vmlab plan` and `vmlab build`: the plan as JSON, the guest configurations
+//! and the run scripts. Rendering is pure; the `*_command` functions and
+//! [`load`] are the I/O edge.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::cli::{BuildArgs, PlanArgs};
+use anyhow::{bail, Context, Result};
 
-pub fn plan_command(_args: &PlanArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet")
+use crate::cli::{BuildArgs, PlanArgs};
+use crate::plan::qemu::{self, Opt};
+use crate::plan::{self, Machine, Plan};
+use crate::shell::{quote, Word};
+use crate::spec::{self, Boot, Node, Spec};
+
+/// A spec read and validated, its files checked, its tools resolved.
+pub struct Loaded {
+    pub spec: Spec,
+    pub plan: Plan,
 }
 
-pub fn build_command(_args: &BuildArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet")
+/// Reads the spec (`-` is standard input), validates it, checks the files it
+/// names exist, and plans it.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let (text, base) = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("cannot read the spec from standard input")?;
+        (text, std::env::current_dir().context("cannot find the current directory")?)
+    } else {
+        let text = fs::read_to_string(path).with_context(|| format!("cannot read spec {}", path.display()))?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+        (text, base)
+    };
+    let spec = spec::parse(&text, &base)?;
+    for (name, node) in &spec.nodes {
+        check_files(name, node)?;
+    }
+    let qemu = resolve_tool(spec.qemu.as_deref(), "qemu", "qemu-system-x86_64", "qemu-system-x86")?;
+    let vde_switch = resolve_tool(spec.vde_switch.as_deref(), "vdeSwitch", "vde_switch", "vde2")?;
+    let plan = plan::plan(&spec, qemu, vde_switch);
+    Ok(Loaded { spec, plan })
+}
+
+fn check_files(name: &str, node: &Node) -> Result<()> {
+    let files: Vec<(&str, &Path)> = match &node.boot {
+        Boot::Kernel { kernel, initrd, .. } => {
+            std::iter::once(("kernel", kernel.as_path())).chain(initrd.as_deref().map(|i| ("initrd", i))).collect()
+        }
+        Boot::StartScript(script) => vec![("startScript", script.as_path())],
+    };
+    for (field, path) in files {
+        if !path.is_file() {
+            bail!("node {name:?}: {field}: {} is not a file", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn resolve_tool(given: Option<&Path>, field: &str, program: &str, package: &str) -> Result<PathBuf> {
+    match given {
+        Some(path) if path.is_file() => Ok(path.to_path_buf()),
+        Some(path) => bail!("{field}: {} is not a file", path.display()),
+        None => which::which(program).map_err(|_| {
+            anyhow::anyhow!("{program} not found on PATH: install the Debian package {package}, or set \"{field}\" in the spec")
+        }),
+    }
+}
+
+pub fn plan_json(plan: &Plan) -> String {
+    serde_json::to_string_pretty(plan).expect("a plan always serialises") + "\n"
+}
+
+pub fn plan_command(args: &PlanArgs) -> Result<ExitCode> {
+    print!("{}", plan_json(&load(&args.spec)?.plan));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn build_command(args: &BuildArgs) -> Result<ExitCode> {
+    let loaded = load(&args.spec)?;
+    let vmlab = std::env::current_exe().context("cannot find the vmlab executable")?;
+    write_tree(&args.out, &files(&loaded, &vmlab))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One file of the output directory.
+pub struct File {
+    pub path: String,
+    pub contents: String,
+    pub executable: bool,
+}
+
+/// Everything `vmlab build` writes, in a fixed order.
+pub fn files(loaded: &Loaded, vmlab: &Path) -> Vec<File> {
+    let Loaded { spec, plan } = loaded;
+    let data = |path: String, contents: String| File { path, contents, executable: false };
+    let script = |path: String, contents: String| File { path, contents, executable: true };
+    let mut out = vec![data("plan.json".into(), plan_json(plan)), data("hosts".into(), plan.hosts.clone())];
+    for m in &plan.machines {
+        out.push(data(qemu::config_path(&m.name), guest_config(plan, m)));
+        out.push(script(format!("bin/run-{}-vm", m.name), run_script(plan, m, &spec.nodes[&m.name])));
+    }
+    out.push(script("bin/run-vms".into(), run_vms_script(plan, vmlab)));
+    out
+}
+
+/// Writes `files` into `out` all at once: they go into a fresh sibling
+/// directory first, renamed into place at the end, so a failure leaves nothing half-written.
+fn write_tree(out: &Path, files: &[File]) -> Result<()> {
+    if out.exists() {
+        let empty = fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?.next().is_none();
+        if !empty {
+            bail!("output directory {} is not empty", out.display());
+        }
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".vmlab-build-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
+    for file in files {
+        let path = staging.path().join(&file.path);
+        fs::create_dir_all(path.parent().expect("files are inside the tree"))
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        fs::write(&path, &file.contents).with_context(|| format!("cannot write {}", path.display()))?;
+        let mode = if file.executable { 0o755 } else { 0o644 };
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    }
+    fs::set_permissions(staging.path(), fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot set the mode of {}", staging.path().display()))?;
+    if out.exists() {
+        fs::remove_dir(out).with_context(|| format!("cannot replace {}", out.display()))?;
+    }
+    let staged = staging.keep();
+    fs::rename(&staged, out).or_else(|err| {
+        let _ = fs::remove_dir_all(&staged);
+        Err(err).with_context(|| format!("cannot move {} to {}", staged.display(), out.display()))
+    })
+}
+
+/// The fw_cfg guest configuration (format: docs/design.md).
+pub fn guest_config(plan: &Plan, m: &Machine) -> String {
+    let mut s = String::from("# vmlab guest configuration\n");
+    s += &format!("hostname {}\n", m.name);
+    s += &format!(
+        "interface eth0 {} {}/24\n",
+        crate::plan::addr::USER_NIC_MAC,
+        crate::plan::addr::USER_NET_GUEST_IPV4
+    );
+    for i in &m.interfaces {
+        s += &format!(
+            "interface {} {} {}/{} {}/{}\n",
+            i.name, i.mac, i.ipv4, i.ipv4_prefix_length, i.ipv6, i.ipv6_prefix_length
+        );
+    }
+    for line in plan.hosts.lines() {
+        s += &format!("host {line}\n");
+    }
+    s
+}
+
+fn render_opts(opts: &[Opt]) -> String {
+    opts.iter()
+        .map(|o| format!("  {}", o.iter().map(Word::to_string).collect::<Vec<_>>().join(" ")))
+        .collect::<Vec<_>>()
+        .join(" \\\n")
+}
+
+/// `bin/run-<name>-vm`: a readable POSIX sh script that starts one machine.
+pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
+    let script_name = format!("run-{}-vm", m.name);
+    let default_state = format!("vmlab-{}-{}", plan.name, m.name);
+    let mut s = format!(
+        "#!/bin/sh\n\
+         # Generated by vmlab: starts machine {name:?} (number {number}) of network {network:?}.\n\
+         # Environment (docs/design.md): VMLAB_STATE_DIR, QEMU_VDE_SOCKET_<vlan>,\n\
+         # VMLAB_ACCEL (kvm, tcg, auto), QEMU_OPTS, QEMU_KERNEL_PARAMS.\n\
+         set -eu\n\
+         {out}=$(cd \"$(dirname \"$0\")/..\" && pwd)\n\
+         {state}=${{VMLAB_STATE_DIR:-${{XDG_RUNTIME_DIR:-${{TMPDIR:-/tmp}}}}/{default_state}}}\n",
+        name = m.name,
+        number = m.number,
+        network = plan.name,
+        out = qemu::OUT_VAR,
+        state = qemu::STATE_VAR,
+        default_state = quote(&default_state),
+    );
+    let mut comma_checked = format!("${}${}", qemu::OUT_VAR, qemu::STATE_VAR);
+    for i in &m.interfaces {
+        let env = format!("QEMU_VDE_SOCKET_{}", i.vlan);
+        s += &format!(
+            "if [ -n \"${{{env}-}}\" ]; then\n  \
+               {var}={vde}${env}\n\
+             else\n  \
+               echo \"{script_name}: {env} is unset: {iface} (vlan {vlan}) is on a private hub\" >&2\n  \
+               {var}={hub}\n\
+             fi\n",
+            var = qemu::netdev_var(i.vlan),
+            vde = qemu::vde_netdev(i.vlan),
+            hub = qemu::hub_netdev(i.vlan),
+            iface = i.name,
+            vlan = i.vlan,
+        );
+        comma_checked += &format!("${{{env}-}}");
+    }
+    s += &format!(
+        "case \"{comma_checked}\" in\n  \
+           *,*) echo \"{script_name}: QEMU cannot take paths with ',': $out, $state\" >&2; exit 2 ;;\n\
+         esac\n\
+         mkdir -p \"${state}\"\n",
+        state = qemu::STATE_VAR,
+    );
+    match &node.boot {
+        Boot::Kernel { kernel, initrd, cmdline } => {
+            s += &format!(
+                "{accel}=${{VMLAB_ACCEL:-auto}}\n\
+                 if [ \"${accel}\" = auto ]; then\n  \
+                   if [ -r /dev/kvm ] && [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then {accel}=kvm; else {accel}=tcg; fi\n\
+                 fi\n\
+                 {params}=${{{params}-}}\n\
+                 # QEMU_OPTS is split into words (as nixpkgs does), not globbed.\n\
+                 set -f\n\
+                 exec {qemu} \\\n{opts} \\\n  ${{QEMU_OPTS-}}\n",
+                accel = qemu::ACCEL_VAR,
+                params = qemu::KERNEL_PARAMS_VAR,
+                qemu = quote(&plan.qemu.to_string_lossy()),
+                opts = render_opts(&qemu::direct_boot_opts(m, kernel, initrd.as_deref(), cmdline, &node.qemu_options)),
+            );
+        }
+        Boot::StartScript(script) => {
+            s += &format!(
+                "# The start script keeps its disk image in the current directory.\n\
+                 cd \"${state}\"\n\
+                 set -- \\\n{opts}\n\
+                 QEMU_OPTS=\"$* ${{QEMU_OPTS-}}\"\n\
+                 QEMU_NET_OPTS={net}${{QEMU_NET_OPTS:+,$QEMU_NET_OPTS}}\n\
+                 TMPDIR=${state}\n\
+                 export QEMU_OPTS QEMU_NET_OPTS TMPDIR\n\
+                 exec {script}\n",
+                state = qemu::STATE_VAR,
+                opts = render_opts(&qemu::start_script_opts(m, &node.qemu_options)),
+                net = quote(&qemu::user_net_options(&m.forward_ports)),
+                script = quote(&script.to_string_lossy()),
+            );
+        }
+    }
+    s
+}
+
+/// `bin/run-vms`: the whole network, by `vmlab up` on this directory.
+pub fn run_vms_script(plan: &Plan, vmlab: &Path) -> String {
+    format!(
+        "#!/bin/sh\n\
+         # Generated by vmlab: starts every machine of network {name:?}; Ctrl-C stops them all.\n\
+         # Options are `vmlab up`'s (--accel, --keep-state); VMLAB overrides the vmlab executable.\n\
+         out=$(cd \"$(dirname \"$0\")/..\" && pwd)\n\
+         vmlab=${{VMLAB:-{vmlab}}}\n\
+         exec \"$vmlab\" up \"$out\" \"$@\"\n",
+        name = plan.name,
+        vmlab = quote(&vmlab.to_string_lossy()),
+    )
 }

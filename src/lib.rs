@@ -5,6 +5,7 @@
 //! Data flows one way: spec → plan (pure) → emitted files → runtime → driver.
 
 pub mod cli;
+pub mod coverage;
 pub mod driver;
 pub mod emit;
 pub mod guest;

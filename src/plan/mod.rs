@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Boot, ForwardPort, Spec};
+use crate::spec::{ForwardPort, Spec};
 use addr::MacAddr;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,12 +121,6 @@ impl Plan {
     pub fn machine(&self, name: &str) -> Option<&Machine> {
         self.machines.iter().find(|m| m.name == name)
     }
-}
-
-/// How a machine boots, as the emitted script needs it (kept out of plan.json,
-/// which describes the network, not one host's file paths).
-pub fn boot_of<'a>(spec: &'a Spec, machine: &Machine) -> &'a Boot {
-    &spec.nodes[&machine.name].boot
 }
 
 #[cfg(test)]

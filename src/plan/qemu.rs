@@ -1,1 +1,275 @@
-//! QEMU arguments for one machine, from small pure functions.
+//! QEMU options for one machine, from small pure functions.
+//!
+//! Values known only when the script runs (the state directory, the switch
+//! sockets, the accelerator) are shell variables that the run script's
+//! preamble sets (`crate::emit`); their names are the constants here.
+
+use std::path::Path;
+
+use super::addr::{self, MacAddr};
+use super::Machine;
+use crate::shell::Word;
+use crate::spec::ForwardPort;
+
+/// The build output directory, found by the script from its own path.
+pub const OUT_VAR: &str = "out";
+/// The machine's state directory (`VMLAB_STATE_DIR`).
+pub const STATE_VAR: &str = "state";
+/// `kvm` or `tcg`, resolved by the script.
+pub const ACCEL_VAR: &str = "accel";
+/// Extra kernel parameters (nixpkgs' name), empty when unset.
+pub const KERNEL_PARAMS_VAR: &str = "QEMU_KERNEL_PARAMS";
+/// The guest configuration's fw_cfg name: the guest reads
+/// /sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config/raw.
+pub const FW_CFG_NAME: &str = "opt/vmlab/config";
+/// Kernel parameters every direct-boot machine gets: the console on the
+/// serial port (logged), and a panic exits QEMU at once (with -no-reboot)
+/// rather than leaving a dead guest behind.
+pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1";
+
+/// The netdev option of vlan `vlan`, chosen by the script: the switch when
+/// `QEMU_VDE_SOCKET_<vlan>` is set, else a private hub.
+pub fn netdev_var(vlan: u8) -> String {
+    format!("netdev{vlan}")
+}
+
+/// One option and its arguments: one line of the emitted script.
+pub type Opt = Vec<Word>;
+
+fn opt(words: &[&str]) -> Opt {
+    words.iter().map(|w| Word::lit(*w)).collect()
+}
+
+pub fn identity(m: &Machine) -> Vec<Opt> {
+    vec![
+        opt(&["-name", &m.name]),
+        vec![Word::lit("-accel"), Word::var(ACCEL_VAR)],
+        opt(&["-m", &m.memory.to_string()]),
+        opt(&["-smp", &m.cpus.to_string()]),
+    ]
+}
+
+/// No default devices (each one costs boot time under TCG), no display
+/// window, a VGA adapter kept for screenshots, the serial console on stdout.
+pub fn headless() -> Vec<Opt> {
+    vec![
+        opt(&["-nodefaults", "-no-user-config", "-no-reboot"]),
+        opt(&["-display", "none", "-vga", "std"]),
+        opt(&["-serial", "stdio"]),
+    ]
+}
+
+pub fn direct_boot(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Vec<Opt> {
+    let mut opts = vec![opt(&["-kernel", &kernel.to_string_lossy()])];
+    if let Some(initrd) = initrd {
+        opts.push(opt(&["-initrd", &initrd.to_string_lossy()]));
+    }
+    let params = match cmdline.trim() {
+        "" => format!("{BASE_KERNEL_PARAMS} "),
+        extra => format!("{BASE_KERNEL_PARAMS} {extra} "),
+    };
+    opts.push(vec![Word::lit("-append"), Word::lit(params).then_var(KERNEL_PARAMS_VAR)]);
+    opts
+}
+
+/// The machine's network configuration, so one guest image serves every topology.
+pub fn guest_config(m: &Machine) -> Vec<Opt> {
+    let value = Word::lit(format!("name={FW_CFG_NAME},file="))
+        .then_var(OUT_VAR)
+        .then(format!("/{}", config_path(&m.name)));
+    vec![vec![Word::lit("-fw_cfg"), value]]
+}
+
+/// Where `vmlab build` writes a machine's guest configuration, relative to the output directory.
+pub fn config_path(machine: &str) -> String {
+    format!("config/{machine}.conf")
+}
+
+/// The root-shell backdoor on a virtio console (the guest's hvc0) and QMP,
+/// both listening in the state directory so a driver can connect at any time.
+pub fn control_sockets() -> Vec<Opt> {
+    let listening = |prefix: &str, file: &str| {
+        Word::lit(prefix).then_var(STATE_VAR).then(format!("/{file},server=on,wait=off"))
+    };
+    vec![
+        opt(&["-device", "virtio-serial"]),
+        vec![Word::lit("-chardev"), listening("socket,id=shell,path=", "shell.sock")],
+        opt(&["-device", "virtconsole,chardev=shell"]),
+        vec![Word::lit("-qmp"), listening("unix:", "qmp.sock")],
+    ]
+}
+
+/// eth0: QEMU user networking, isolated from the host's networks (`restrict=on`).
+pub fn user_nic(ports: &[ForwardPort]) -> Vec<Opt> {
+    vec![
+        opt(&["-netdev", &format!("user,id=user,{}", user_net_options(ports))]),
+        opt(&["-device", &format!("virtio-net-pci,netdev=user,mac={}", addr::USER_NIC_MAC)]),
+    ]
+}
+
+/// `restrict=on` plus one `hostfwd` per forwarded port, on 127.0.0.1 only.
+pub fn user_net_options(ports: &[ForwardPort]) -> String {
+    let mut s = String::from("restrict=on");
+    for p in ports {
+        s += &format!(",hostfwd=tcp:127.0.0.1:{}-:{}", p.host, p.guest);
+    }
+    s
+}
+
+/// eth1…: one virtio NIC per vlan, with the plan's MAC, on the vlan's switch.
+pub fn vlan_nics(m: &Machine) -> Vec<Opt> {
+    m.interfaces
+        .iter()
+        .flat_map(|i| {
+            [
+                vec![Word::lit("-netdev"), Word::var(netdev_var(i.vlan))],
+                opt(&["-device", &nic_device(i.vlan, i.mac)]),
+            ]
+        })
+        .collect()
+}
+
+fn nic_device(vlan: u8, mac: MacAddr) -> String {
+    format!("virtio-net-pci,netdev=vlan{vlan},mac={mac}")
+}
+
+/// The netdev a vlan NIC uses when its switch socket is set, and the
+/// private hub it falls back to when the machine runs alone.
+pub fn vde_netdev(vlan: u8) -> String {
+    format!("vde,id=vlan{vlan},sock=")
+}
+
+pub fn hub_netdev(vlan: u8) -> String {
+    format!("hubport,id=vlan{vlan},hubid={vlan}")
+}
+
+/// The spec's `qemuOptions`, verbatim; each option on a line with its arguments.
+pub fn extra(options: &[String]) -> Vec<Opt> {
+    let mut opts: Vec<Opt> = Vec::new();
+    for o in options {
+        match opts.last_mut() {
+            Some(last) if !o.starts_with('-') => last.push(Word::lit(o.as_str())),
+            _ => opts.push(vec![Word::lit(o.as_str())]),
+        }
+    }
+    opts
+}
+
+/// Everything a direct-boot machine's QEMU gets.
+pub fn direct_boot_opts(m: &Machine, kernel: &Path, initrd: Option<&Path>, cmdline: &str, options: &[String]) -> Vec<Opt> {
+    [
+        identity(m),
+        headless(),
+        direct_boot(kernel, initrd, cmdline),
+        guest_config(m),
+        control_sockets(),
+        user_nic(&m.forward_ports),
+        vlan_nics(m),
+        extra(options),
+    ]
+    .concat()
+}
+
+/// What a nixpkgs start script gets through `QEMU_OPTS`. It brings its own
+/// memory, CPUs, display, console and user NIC (configured through
+/// `QEMU_NET_OPTS`, see [`user_net_options`]), so those are left out.
+pub fn start_script_opts(m: &Machine, options: &[String]) -> Vec<Opt> {
+    [guest_config(m), control_sockets(), vlan_nics(m), extra(options)].concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Interface;
+
+    fn render(opts: &[Opt]) -> Vec<String> {
+        opts.iter().map(|o| o.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")).collect()
+    }
+
+    fn machine(vlans: &[u8]) -> Machine {
+        Machine {
+            name: "server".into(),
+            number: 2,
+            interfaces: vlans
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| Interface {
+                    name: format!("eth{}", i + 1),
+                    vlan: v,
+                    mac: MacAddr::for_vlan_nic(v, 2),
+                    ipv4: addr::ipv4(v, 2),
+                    ipv4_prefix_length: 24,
+                    ipv6: addr::ipv6(v, 2),
+                    ipv6_prefix_length: 64,
+                })
+                .collect(),
+            primary_ipv4: None,
+            primary_ipv6: None,
+            memory: 128,
+            cpus: 2,
+            forward_ports: vec![ForwardPort { host: 8081, guest: 80 }, ForwardPort { host: 2222, guest: 22 }],
+        }
+    }
+
+    #[test]
+    fn identity_and_accel() {
+        assert_eq!(render(&identity(&machine(&[]))), ["-name server", "-accel \"$accel\"", "-m 128", "-smp 2"]);
+    }
+
+    #[test]
+    fn kernel_params_append_cmdline_then_env() {
+        let opts = render(&direct_boot(Path::new("/k"), Some(Path::new("/i")), "  quiet  "));
+        assert_eq!(
+            opts,
+            ["-kernel /k", "-initrd /i", "-append 'console=ttyS0 panic=-1 quiet '\"$QEMU_KERNEL_PARAMS\""]
+        );
+        let opts = render(&direct_boot(Path::new("/my kernel"), None, ""));
+        assert_eq!(opts, ["-kernel '/my kernel'", "-append 'console=ttyS0 panic=-1 '\"$QEMU_KERNEL_PARAMS\""]);
+    }
+
+    #[test]
+    fn forwarded_ports_bind_loopback_only() {
+        assert_eq!(
+            user_net_options(&machine(&[]).forward_ports),
+            "restrict=on,hostfwd=tcp:127.0.0.1:8081-:80,hostfwd=tcp:127.0.0.1:2222-:22"
+        );
+        assert_eq!(user_net_options(&[]), "restrict=on");
+        assert_eq!(render(&user_nic(&[]))[1], "-device virtio-net-pci,netdev=user,mac=52:54:00:12:00:00");
+    }
+
+    #[test]
+    fn one_nic_per_vlan_with_plan_mac() {
+        assert_eq!(
+            render(&vlan_nics(&machine(&[1, 10]))),
+            [
+                "-netdev \"$netdev1\"",
+                "-device virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:02",
+                "-netdev \"$netdev10\"",
+                "-device virtio-net-pci,netdev=vlan10,mac=52:54:00:12:0a:02",
+            ]
+        );
+        assert!(vlan_nics(&machine(&[])).is_empty());
+    }
+
+    #[test]
+    fn sockets_live_in_the_state_dir() {
+        let r = render(&control_sockets());
+        assert_eq!(r[1], "-chardev socket,id=shell,path=\"$state\"/shell.sock,server=on,wait=off");
+        assert_eq!(r[3], "-qmp unix:\"$state\"/qmp.sock,server=on,wait=off");
+        assert_eq!(render(&guest_config(&machine(&[]))), ["-fw_cfg name=opt/vmlab/config,file=\"$out\"/config/server.conf"]);
+    }
+
+    #[test]
+    fn extra_options_keep_their_order_one_flag_a_line() {
+        let opts: Vec<String> = ["value-first", "-device", "virtio-rng-pci", "-snapshot", "-smbios", "type=1"].map(String::from).into();
+        assert_eq!(render(&extra(&opts)), ["value-first", "-device virtio-rng-pci", "-snapshot", "-smbios type=1"]);
+    }
+
+    #[test]
+    fn start_script_leaves_out_what_nixos_brings() {
+        let r = render(&start_script_opts(&machine(&[1]), &["-snapshot".into()]));
+        assert!(r.iter().all(|o| !o.starts_with("-m ") && !o.starts_with("-netdev user") && !o.starts_with("-serial")), "{r:?}");
+        assert_eq!(r.last().unwrap(), "-snapshot");
+        assert!(r.iter().any(|o| o.starts_with("-chardev socket,id=shell")));
+    }
+}

@@ -2,3 +2,7 @@
 //! unless VMLAB_ACCEL says otherwise.
 
 mod common;
+
+mod build;
+mod coverage;
+mod guest;

@@ -1,0 +1,323 @@
+//! Distributed code coverage: the `.gcda` files collected from every machine
+//! of a test become one lcov tracefile per machine, one merged tracefile and
+//! an HTML report.
+//!
+//! Guests write `.gcda` files under [`GUEST_DIR`] (their `GCOV_PREFIX`), so a
+//! machine's data arrives as `<out>/coverage-data/<machine>/<object dir>/<name>.gcda`,
+//! `<object dir>` being the absolute directory the program was compiled in.
+//! They are matched to the `.gcno` files of the build directories the user
+//! names by the longest common path suffix, so a build moved after compiling
+//! (a Nix output, a copied tree) still matches.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Every guest's `GCOV_PREFIX`: where programs built with `--coverage` write their data.
+pub const GUEST_DIR: &str = "/var/lib/vmlab/coverage";
+/// Below the test's output directory: one directory of `.gcda` files and one tracefile per machine.
+pub const DATA_DIR: &str = "coverage-data";
+
+/// Lines and functions covered, from a tracefile's LF/LH/FNF/FNH records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub lines_found: u64,
+    pub lines_hit: u64,
+    pub functions_found: u64,
+    pub functions_hit: u64,
+}
+
+impl Counts {
+    /// Totals of an lcov tracefile (pure: the file's text in).
+    pub fn of_tracefile(text: &str) -> Counts {
+        let mut c = Counts::default();
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once(':') else { continue };
+            let Ok(n) = value.trim().parse::<u64>() else { continue };
+            match key {
+                "LF" => c.lines_found += n,
+                "LH" => c.lines_hit += n,
+                "FNF" => c.functions_found += n,
+                "FNH" => c.functions_hit += n,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+impl fmt::Display for Counts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = |hit: u64, found: u64| if found == 0 { 0.0 } else { 100.0 * hit as f64 / found as f64 };
+        write!(
+            f,
+            "lines {:.1}% ({}/{}), functions {:.1}% ({}/{})",
+            pct(self.lines_hit, self.lines_found),
+            self.lines_hit,
+            self.lines_found,
+            pct(self.functions_hit, self.functions_found),
+            self.functions_hit,
+            self.functions_found
+        )
+    }
+}
+
+/// What a coverage run produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// No machine wrote any `.gcda` file.
+    NoData,
+    Written { combined: Counts, machines: BTreeMap<String, Counts> },
+}
+
+impl Report {
+    /// The one-line summary printed at the end of a test and written to its log.
+    pub fn summary(&self) -> String {
+        match self {
+            Report::NoData => format!(
+                "warning: coverage: no .gcda files on any machine (were the programs built with --coverage, \
+                 and did they exit normally? data is written under {GUEST_DIR})"
+            ),
+            Report::Written { combined, machines } => {
+                let per: Vec<String> = machines.iter().map(|(m, c)| format!("{m}: {c}")).collect();
+                format!("coverage: {combined}; {}", per.join("; "))
+            }
+        }
+    }
+}
+
+/// For a `.gcda` file's path relative to a machine's data directory, the
+/// `.gcno` (relative to its build directory) sharing the longest path suffix
+/// without the extension. Pure: the candidates are given.
+pub fn match_gcno<'a>(gcda: &Path, gcnos: &'a [(usize, PathBuf)]) -> Option<&'a (usize, PathBuf)> {
+    let stem = |p: &Path| -> Vec<String> {
+        let mut parts: Vec<String> = p.with_extension("").iter().map(|c| c.to_string_lossy().into_owned()).collect();
+        parts.reverse();
+        parts
+    };
+    let want = stem(gcda);
+    gcnos
+        .iter()
+        .map(|candidate| {
+            let have = stem(&candidate.1);
+            let common = want.iter().zip(&have).take_while(|(a, b)| a == b).count();
+            (common, candidate)
+        })
+        .filter(|(common, candidate)| *common > 0 && *common == stem(&candidate.1).len())
+        .max_by_key(|(common, _)| *common)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Rewrites `SF:` lines whose source no longer exists at its compile-time
+/// path to the file of the build directories sharing the longest path suffix.
+/// Pure: `exists` and the candidate sources are given.
+pub fn relocate_sources(tracefile: &str, exists: impl Fn(&Path) -> bool, sources: &[PathBuf]) -> String {
+    let mut out = String::with_capacity(tracefile.len());
+    for line in tracefile.lines() {
+        match line.strip_prefix("SF:") {
+            Some(path) if !exists(Path::new(path)) => {
+                let want: Vec<_> = Path::new(path).iter().rev().collect();
+                let best = sources
+                    .iter()
+                    .map(|s| (s.iter().rev().zip(&want).take_while(|(a, b)| a == *b).count(), s))
+                    .filter(|(n, _)| *n > 0)
+                    .max_by_key(|(n, _)| *n);
+                match best {
+                    Some((_, s)) => out += &format!("SF:{}", s.display()),
+                    None => out += line,
+                }
+            }
+            _ => out += line,
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn files_with_extension(root: &Path, ext: &str) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+            let path = entry.with_context(|| format!("cannot read {}", dir.display()))?.path();
+            if path.is_dir() && !path.is_symlink() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == ext) {
+                found.push(path.strip_prefix(root).expect("found below root").to_path_buf());
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn tool(name: &str) -> Result<PathBuf> {
+    which::which(name).map_err(|_| anyhow::anyhow!("{name} not found on PATH: install the Debian package lcov"))
+}
+
+fn run_tool(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // lcov's Perl prints redefinition noise first; the real error is last.
+        let last = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("no output");
+        bail!("{:?} failed ({}): {last}", cmd.get_program(), out.status);
+    }
+    Ok(())
+}
+
+/// Builds the per-machine tracefiles, `<out>/coverage.info` and
+/// `<out>/coverage/index.html` from `<out>/coverage-data/<machine>/`.
+pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
+    let data = out.join(DATA_DIR);
+    let mut gcnos: Vec<(usize, PathBuf)> = Vec::new();
+    let mut sources: Vec<PathBuf> = Vec::new();
+    for (i, dir) in build_dirs.iter().enumerate() {
+        if !dir.is_dir() {
+            bail!("coverage build directory {} is not a directory", dir.display());
+        }
+        gcnos.extend(files_with_extension(dir, "gcno")?.into_iter().map(|p| (i, p)));
+        for ext in ["c", "h", "cc", "cpp", "cxx", "hpp", "rs"] {
+            sources.extend(files_with_extension(dir, ext)?.into_iter().map(|p| dir.join(p)));
+        }
+    }
+    let mut machines: Vec<String> = Vec::new();
+    if data.is_dir() {
+        for entry in fs::read_dir(&data).with_context(|| format!("cannot read {}", data.display()))? {
+            let path = entry?.path();
+            if path.is_dir() && !files_with_extension(&path, "gcda")?.is_empty() {
+                machines.push(path.file_name().expect("a directory entry has a name").to_string_lossy().into_owned());
+            }
+        }
+    }
+    machines.sort();
+    if machines.is_empty() {
+        return Ok(Report::NoData);
+    }
+    let (lcov, genhtml) = (tool("lcov")?, tool("genhtml")?);
+
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let mut counts = BTreeMap::new();
+    let mut tracefiles = Vec::new();
+    for machine in &machines {
+        let dir = scratch.path().join(machine);
+        for (i, build) in build_dirs.iter().enumerate() {
+            for (_, gcno) in gcnos.iter().filter(|(j, _)| *j == i) {
+                let dest = dir.join(i.to_string()).join(gcno);
+                fs::create_dir_all(dest.parent().expect("has a parent"))?;
+                fs::copy(build.join(gcno), &dest).with_context(|| format!("cannot copy {}", build.join(gcno).display()))?;
+            }
+        }
+        let machine_data = data.join(machine);
+        for gcda in files_with_extension(&machine_data, "gcda")? {
+            match match_gcno(&gcda, &gcnos) {
+                Some((i, gcno)) => {
+                    let dest = dir.join(i.to_string()).join(gcno.with_extension("gcda"));
+                    fs::copy(machine_data.join(&gcda), &dest)
+                        .with_context(|| format!("cannot copy {}", machine_data.join(&gcda).display()))?;
+                }
+                None => eprintln!(
+                    "warning: coverage: {machine}: no .gcno file for /{} in the build directories",
+                    gcda.display()
+                ),
+            }
+        }
+        let raw = scratch.path().join(format!("{machine}.raw.info"));
+        run_tool(
+            Command::new(&lcov)
+                .args(["--quiet", "--capture", "--test-name"])
+                .arg(machine.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+                .arg("--directory")
+                .arg(&dir)
+                .arg("--output-file")
+                .arg(&raw),
+        )?;
+        let text = fs::read_to_string(&raw).with_context(|| format!("cannot read {}", raw.display()))?;
+        let text = relocate_sources(&text, Path::exists, &sources);
+        let tracefile = data.join(format!("{machine}.info"));
+        fs::write(&tracefile, &text).with_context(|| format!("cannot write {}", tracefile.display()))?;
+        counts.insert(machine.clone(), Counts::of_tracefile(&text));
+        tracefiles.push(tracefile);
+    }
+
+    let combined_path = out.join("coverage.info");
+    let mut merge = Command::new(&lcov);
+    merge.arg("--quiet");
+    for t in &tracefiles {
+        merge.arg("--add-tracefile").arg(t);
+    }
+    run_tool(merge.arg("--output-file").arg(&combined_path))?;
+    let html = out.join("coverage");
+    run_tool(Command::new(&genhtml).args(["--quiet", "--output-directory"]).arg(&html).arg(&combined_path))?;
+    let combined = Counts::of_tracefile(
+        &fs::read_to_string(&combined_path).with_context(|| format!("cannot read {}", combined_path.display()))?,
+    );
+    Ok(Report::Written { combined, machines: counts })
+}
+
+pub fn coverage_command(args: &crate::cli::CoverageArgs) -> Result<std::process::ExitCode> {
+    match report(&args.dir, &args.build_dirs)? {
+        r @ Report::NoData => eprintln!("{}", r.summary()),
+        r => println!("{}", r.summary()),
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_add_up_every_record() {
+        let text = "TN:a\nSF:/x.c\nFNF:3\nFNH:2\nLF:10\nLH:7\nend_of_record\nSF:/y.c\nFNF:1\nFNH:0\nLF:4\nLH:1\nend_of_record\n";
+        let c = Counts::of_tracefile(text);
+        assert_eq!(c, Counts { lines_found: 14, lines_hit: 8, functions_found: 4, functions_hit: 2 });
+        assert_eq!(c.to_string(), "lines 57.1% (8/14), functions 50.0% (2/4)");
+        assert_eq!(Counts::default().to_string(), "lines 0.0% (0/0), functions 0.0% (0/0)");
+    }
+
+    #[test]
+    fn gcda_matches_the_gcno_with_the_longest_suffix() {
+        let gcnos: Vec<(usize, PathBuf)> =
+            [(0, "prog.gcno"), (0, "lib/util.gcno"), (1, "src/lib/util.gcno"), (1, "other/prog.gcno")]
+                .iter()
+                .map(|(i, p)| (*i, PathBuf::from(p)))
+                .collect();
+        for (gcda, want) in [
+            ("build/tmp/src/lib/util.gcda", Some((1, "src/lib/util.gcno"))),
+            ("nix/build/lib/util.gcda", Some((0, "lib/util.gcno"))),
+            ("home/me/other/prog.gcda", Some((1, "other/prog.gcno"))),
+            ("home/me/prog.gcda", Some((0, "prog.gcno"))),
+            ("home/me/missing.gcda", None),
+        ] {
+            let got = match_gcno(Path::new(gcda), &gcnos).map(|(i, p)| (*i, p.to_str().unwrap()));
+            assert_eq!(got, want, "{gcda}");
+        }
+    }
+
+    #[test]
+    fn moved_sources_are_found_by_suffix() {
+        let sources = vec![PathBuf::from("/store/x-src/src/main.c"), PathBuf::from("/store/x-src/main.c")];
+        let text = "SF:/build/src/main.c\nDA:1,1\nSF:/here/kept.c\nSF:/build/unknown.h\n";
+        let exists = |p: &Path| p == Path::new("/here/kept.c");
+        assert_eq!(
+            relocate_sources(text, exists, &sources),
+            "SF:/store/x-src/src/main.c\nDA:1,1\nSF:/here/kept.c\nSF:/build/unknown.h\n"
+        );
+    }
+
+    #[test]
+    fn summary_lines() {
+        assert!(Report::NoData.summary().starts_with("warning: coverage: no .gcda files"));
+        let c = Counts { lines_found: 4, lines_hit: 2, functions_found: 2, functions_hit: 1 };
+        let r = Report::Written { combined: c, machines: [("a".to_string(), c)].into() };
+        assert_eq!(
+            r.summary(),
+            "coverage: lines 50.0% (2/4), functions 50.0% (1/2); a: lines 50.0% (2/4), functions 50.0% (1/2)"
+        );
+    }
+}

@@ -1,0 +1,154 @@
+#!/bin/sh
+# The vmlab default guest's setup and backdoor, run by busybox init (PID 1)
+# as listed in /etc/inittab:
+#   init.sh boot       once at boot (sysinit): file systems, modules, network, rc
+#   init.sh backdoor   respawned: the root shell on the virtio console (hvc0)
+# See docs/guest.md.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+# Programs built with --coverage write their .gcda files here, in the rc
+# script and in the backdoor alike; `vmlab test --coverage` collects them
+# (keep in step with coverage::GUEST_DIR).
+export GCOV_PREFIX=/var/lib/vmlab/coverage
+CONFIG=/sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config/raw
+
+say() {
+    echo "vmlab-guest: $*"
+}
+
+mount_filesystems() {
+    # Applet links do not exist yet: `busybox --install` needs /proc/self/exe.
+    busybox mount -t proc proc /proc
+    busybox --install -s
+    mount -t sysfs sysfs /sys
+    mount -t devtmpfs devtmpfs /dev
+    mkdir -p /dev/pts /dev/shm
+    mount -t devpts devpts /dev/pts
+    ln -s /proc/self/fd /dev/fd
+    ln -s fd/0 /dev/stdin
+    ln -s fd/1 /dev/stdout
+    ln -s fd/2 /dev/stderr
+    mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+    mount -t tmpfs -o mode=1777 tmpfs /tmp
+    mount -t tmpfs -o mode=0755 tmpfs /run
+}
+
+load_modules() {
+    # The list is in dependency order (resolved from modules.dep when the
+    # initrd was built), so plain insmod suffices.
+    while read -r module; do
+        file=/lib/modules/$module
+        case $module in
+            *.ko.xz) unxz -c "$file" > /tmp/module.ko && file=/tmp/module.ko ;;
+            *.ko.gz) zcat "$file" > /tmp/module.ko && file=/tmp/module.ko ;;
+        esac
+        insmod "$file" || say "cannot load kernel module $module"
+    done < /etc/vmlab/modules
+    rm -f /tmp/module.ko
+}
+
+# Prints the name of the interface with MAC address $1.
+nic_with_mac() {
+    for address in /sys/class/net/*/address; do
+        if [ "$(cat "$address")" = "$1" ]; then
+            dir=${address%/address}
+            echo "${dir##*/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+configure_interfaces() {
+    n=0
+    while read -r keyword name mac addresses; do
+        [ "$keyword" = interface ] || continue
+        if ! dev=$(nic_with_mac "$mac"); then
+            say "no network interface has MAC $mac (wanted as $name)"
+            continue
+        fi
+        if [ "$dev" != "$name" ] && [ -e "/sys/class/net/$name" ]; then
+            # Another NIC holds the name (the kernel's eth1 may have to become
+            # eth2 and the other way round): move it aside; if it is
+            # configured, a later line finds it by MAC and names it.
+            ip link set dev "$name" name "vmlabaside$n"
+            n=$((n + 1))
+        fi
+        ip link set dev "$dev" name "$name"
+        ip link set dev "$name" up
+        for address in $addresses; do
+            case $address in
+                *:*) ip -6 address add "$address" dev "$name" ;;
+                *) ip address add "$address" dev "$name" ;;
+            esac || say "cannot add address $address to $name"
+        done
+    done < /run/vmlab/config
+}
+
+configure() {
+    ip link set dev lo up
+    if [ ! -r "$CONFIG" ]; then
+        say "no configuration at $CONFIG (QEMU -fw_cfg name=opt/vmlab/config,...): network left unconfigured"
+        return
+    fi
+    mkdir -p /run/vmlab
+    cat "$CONFIG" > /run/vmlab/config
+    configure_interfaces
+    printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
+    while read -r keyword first second rest; do
+        case $keyword in
+            hostname)
+                hostname "$first"
+                echo "$first" > /etc/hostname
+                ;;
+            host) echo "$first $second" >> /etc/hosts ;;
+        esac
+    done < /run/vmlab/config
+}
+
+boot() {
+    mount_filesystems
+    # Interfaces inherit the default when they appear: without duplicate
+    # address detection, IPv6 addresses are usable as soon as they are added.
+    sysctl -q -w net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0
+    load_modules
+    mkdir -p "$GCOV_PREFIX"
+    configure
+    if [ -e /etc/vmlab/rc ]; then
+        say "running /etc/vmlab/rc"
+        /etc/vmlab/rc || say "/etc/vmlab/rc failed with status $?"
+    fi
+    say "boot done"
+}
+
+# The test-instrumentation contract shared with NixOS test VMs: on hvc0, raw
+# mode without echo, the banner line, then a root shell reading commands from
+# hvc0, its stdout on hvc0 and its stderr on the serial console.
+backdoor() {
+    if [ ! -c /dev/hvc0 ]; then
+        say "no /dev/hvc0 (no virtconsole device): no backdoor shell"
+        # Stay alive: init would respawn an exiting entry at once, forever.
+        while :; do sleep 3600; done
+    fi
+    cd /root || cd /
+    export HOME=/root USER=root
+    exec < /dev/hvc0 > /dev/hvc0 2> /dev/ttyS0
+    stty raw -echo
+    echo "Spawning backdoor root shell..."
+    # Both shells read the terminal as a script, as NixOS's backdoor does:
+    # never interactive, so no prompts, no line editing (a tab in a command
+    # would complete), no job control messages.
+    if [ -x /bin/bash ]; then
+        exec /bin/bash --norc --noprofile /dev/hvc0
+    fi
+    exec /bin/sh /dev/hvc0
+}
+
+case ${1:-} in
+    boot) boot ;;
+    backdoor) backdoor ;;
+    *)
+        echo "usage: $0 boot|backdoor" >&2
+        exit 2
+        ;;
+esac

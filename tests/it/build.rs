@@ -1,0 +1,159 @@
+//! `vmlab plan` and `vmlab build`: golden files, determinism, error handling.
+//! Regenerate the golden files with `UPDATE_GOLDEN=1 cargo test --test it build::`
+//! and review the diff.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::common::{fixtures, repo_root, run, vmlab};
+
+const GOLDEN_SPECS: [&str; 3] = ["webserver", "vlans", "nixos"];
+
+fn spec(name: &str) -> PathBuf {
+    fixtures().join("specs").join(format!("{name}.json"))
+}
+
+/// Every file below `dir`, relative, sorted, with its bytes.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.push((rel, fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Machine-specific paths made stable for golden comparison.
+fn normalise(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec())
+        .unwrap()
+        .replace(&fixtures().join("specs").to_string_lossy().into_owned(), "@SPECS@")
+        .replace(env!("CARGO_BIN_EXE_vmlab"), "@VMLAB@")
+}
+
+fn build(spec: &Path, out: &Path) -> std::process::Output {
+    run(vmlab().arg("build").arg(spec).arg("--out").arg(out))
+}
+
+#[test]
+fn build_matches_golden_files() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    for name in GOLDEN_SPECS {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let result = build(&spec(name), &out);
+        assert!(result.status.success(), "{name}: {}", String::from_utf8_lossy(&result.stderr));
+        let golden = repo_root().join("tests/golden").join(name);
+        let got: Vec<(String, String)> = tree(&out).iter().map(|(p, b)| (p.clone(), normalise(b))).collect();
+        if update {
+            let _ = fs::remove_dir_all(&golden);
+            for (path, text) in &got {
+                let dest = golden.join(path);
+                fs::create_dir_all(dest.parent().unwrap()).unwrap();
+                fs::write(dest, text).unwrap();
+            }
+            continue;
+        }
+        let want: Vec<(String, String)> =
+            tree(&golden).into_iter().map(|(p, b)| (p, String::from_utf8(b).unwrap())).collect();
+        let names = |v: &[(String, String)]| v.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&got), names(&want), "{name}: files differ from tests/golden/{name}");
+        for ((path, got), (_, want)) in got.iter().zip(&want) {
+            assert!(got == want, "{name}/{path} differs from its golden file (UPDATE_GOLDEN=1 to regenerate)\n--- got:\n{got}");
+        }
+    }
+}
+
+#[test]
+fn build_is_deterministic_and_matches_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("nested/b"));
+    assert!(build(&spec("vlans"), &a).status.success());
+    assert!(build(&spec("vlans"), &b).status.success());
+    assert_eq!(tree(&a), tree(&b));
+    let plan = run(vmlab().arg("plan").arg(spec("vlans")));
+    assert!(plan.status.success());
+    assert_eq!(plan.stdout, fs::read(a.join("plan.json")).unwrap());
+    let modes: Vec<u32> = ["bin/run-vms", "bin/run-a-vm", "plan.json"]
+        .iter()
+        .map(|f| std::os::unix::fs::PermissionsExt::mode(&fs::metadata(a.join(f)).unwrap().permissions()) & 0o777)
+        .collect();
+    assert_eq!(modes, [0o755, 0o755, 0o644]);
+}
+
+#[test]
+fn spec_from_stdin_resolves_paths_from_the_current_directory() {
+    let text = fs::read(spec("webserver")).unwrap();
+    let mut child = vmlab()
+        .args(["plan", "-"])
+        .current_dir(fixtures().join("specs"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &text).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, run(vmlab().arg("plan").arg(spec("webserver"))).stdout);
+}
+
+#[test]
+fn emitted_scripts_are_valid_sh() {
+    for name in GOLDEN_SPECS {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(build(&spec(name), tmp.path()).status.success(), "{name}");
+        for script in fs::read_dir(tmp.path().join("bin")).unwrap() {
+            let path = script.unwrap().path();
+            let check = run(std::process::Command::new("sh").arg("-n").arg(&path));
+            assert!(check.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&check.stderr));
+        }
+    }
+}
+
+/// An invalid spec: exit 2, one line naming the node and field, nothing written.
+#[test]
+fn invalid_spec_is_one_line_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (text, want) in [
+        (r#"{"nodes": {"server": {"kernel": "/k", "vlans": [300]}}}"#, "error: node \"server\": vlans: 300 is out of range 0..=255"),
+        (r#"{"nodes": {"server": {"kernel": "/nonexistent/kernel"}}}"#, "error: node \"server\": kernel: /nonexistent/kernel is not a file"),
+        (r#"{"nodes": {"server": {"kernel": "/k"}}, "extra": 1}"#, "error: unknown field \"extra\""),
+        ("{", "error: spec is not valid JSON"),
+    ] {
+        let spec = tmp.path().join("spec.json");
+        fs::write(&spec, text).unwrap();
+        let out_dir = tmp.path().join("out");
+        let result = build(&spec, &out_dir);
+        let stderr = String::from_utf8(result.stderr).unwrap();
+        assert_eq!(result.status.code(), Some(2), "{text}: {stderr}");
+        assert!(stderr.starts_with(want), "{text}\n  got:  {stderr}\n  want: {want}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!out_dir.exists(), "{text}: output directory was created");
+        let leftovers: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, ["spec.json"], "{text}: something was left behind");
+    }
+}
+
+#[test]
+fn non_empty_output_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("precious"), "x").unwrap();
+    let result = build(&spec("webserver"), tmp.path());
+    assert_eq!(result.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&result.stderr).contains("is not empty"));
+    assert_eq!(fs::read_to_string(tmp.path().join("precious")).unwrap(), "x");
+    // An existing empty directory is fine (a fresh `$out`, say).
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    assert!(build(&spec("webserver"), &empty).status.success());
+    assert!(empty.join("bin/run-vms").is_file());
+}
