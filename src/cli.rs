@@ -41,6 +41,199 @@ pub enum Command {
     /// and writes DIR/coverage-data/<machine>.info, DIR/coverage.info and
     /// DIR/coverage/index.html. Needs lcov.
     Coverage(CoverageArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+/// How a client reaches the driver.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Conn {
+    /// The control socket [default: $VMLAB_SOCKET].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MachineArgs {
+    pub machine: String,
+    /// Seconds to wait [default: 900].
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CommandArgs {
+    pub machine: String,
+    /// The shell command (words are joined with spaces).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+    /// Seconds before the command is stopped [default: none for succeed and
+    /// fail, 900 for execute and the waits].
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PortArgs {
+    pub machine: String,
+    pub port: u16,
+    /// Address to connect to, in the guest.
+    #[arg(long, default_value = "localhost")]
+    pub addr: String,
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ValueArgs {
+    pub machine: String,
+    /// The path, unit, regular expression, screenshot name or monitor command.
+    pub value: String,
+    /// For wait-for-unit: a user's systemd instance.
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CopyArgs {
+    pub machine: String,
+    /// copy-to-vm: the host file or directory; copy-from-vm: the guest's.
+    pub source: String,
+    /// copy-to-vm: the guest path the copy gets; copy-from-vm: a directory
+    /// under the output directory [default: the output directory].
+    pub dest: Option<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LinkArgs {
+    pub machine: String,
+    /// Only this interface (eth1, …) [default: every vlan interface].
+    #[arg(long)]
+    pub interface: Option<String>,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ForwardArgs {
+    pub machine: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SleepArgs {
+    pub machine: String,
+    pub seconds: f64,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TextArgs {
+    pub text: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SubtestArgs {
+    #[command(subcommand)]
+    pub action: SubtestAction,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubtestAction {
+    /// Open a (nested) subtest: a JUnit testcase.
+    Begin { name: String },
+    /// Close the innermost subtest.
+    End {
+        /// It failed, with this message.
+        #[arg(long)]
+        failure: Option<String>,
+    },
+}
+
+/// Clients of a running network's control socket (`vmlab test` scripts,
+/// `vmlab up`). Exit status: 0 done, 1 the check failed or timed out or the
+/// machine died, 2 bad request or harness error; `execute` exits with the
+/// command's status.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Run a command in a machine; print its output; exit 1 if it fails.
+    Succeed(CommandArgs),
+    /// Run a command in a machine; exit 1 if it succeeds.
+    Fail(CommandArgs),
+    /// Run a command in a machine; print stdout and stderr; exit with its status.
+    Execute(CommandArgs),
+    /// Repeat a command until it succeeds.
+    WaitUntilSucceeds(CommandArgs),
+    /// Repeat a command until it fails.
+    WaitUntilFails(CommandArgs),
+    /// Wait until something listens on a TCP port in the guest.
+    WaitForOpenPort(PortArgs),
+    /// Wait until nothing listens on a TCP port in the guest.
+    WaitForClosedPort(PortArgs),
+    /// Wait until a path exists in the guest.
+    WaitForFile(ValueArgs),
+    /// Wait until a systemd unit is active (systemd guests).
+    WaitForUnit(ValueArgs),
+    /// Wait until a regular expression matches the serial console output.
+    WaitForConsoleText(ValueArgs),
+    /// Copy a host file or directory into a machine.
+    CopyToVm(CopyArgs),
+    /// Copy a guest file or directory into the output directory.
+    CopyFromVm(CopyArgs),
+    /// Start a machine (does not wait for it to boot).
+    Start(MachineArgs),
+    /// Power a machine off cleanly and wait for it.
+    Shutdown(MachineArgs),
+    /// Stop a machine's QEMU at once.
+    Crash(MachineArgs),
+    /// Wait until a machine has powered off.
+    WaitForShutdown(MachineArgs),
+    /// Reboot a machine.
+    Reboot(MachineArgs),
+    /// Take a machine's vlan links down.
+    Block(LinkArgs),
+    /// Bring a machine's vlan links back up.
+    Unblock(LinkArgs),
+    /// Forward 127.0.0.1:HOST_PORT on the host to GUEST_PORT in a machine.
+    ForwardPort(ForwardArgs),
+    /// Save a machine's display as PNG in the output directory.
+    Screenshot(ValueArgs),
+    /// Run a QEMU monitor (HMP) command and print its output.
+    SendMonitorCommand(ValueArgs),
+    /// Sleep in a machine.
+    Sleep(SleepArgs),
+    /// Start every machine.
+    StartAll(Conn),
+    /// Wait until every machine has powered off.
+    JoinAll(Conn),
+    /// List the machines and whether they run.
+    Machines(Conn),
+    /// Write a line to the test log.
+    Log(TextArgs),
+    /// Open or close a subtest (a JUnit testcase).
+    Subtest(SubtestArgs),
+    /// An interactive shell in a machine: each line runs as a command.
+    Shell(MachineArgs),
 }
 
 /// How QEMU executes guest code.
@@ -125,6 +318,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Build(args) => crate::emit::build_command(&args),
         Command::Up(args) => crate::runtime::up_command(&args),
         Command::Guest(args) => crate::guest::guest_command(&args),
+        Command::Client(cmd) => crate::driver::client::client_command(cmd),
         Command::Coverage(args) => crate::coverage::coverage_command(&args),
     }
 }

@@ -1,1 +1,73 @@
 //! Driving machines: the backdoor shell, machine operations, the control socket.
+
+pub mod backdoor;
+pub mod base64;
+pub mod client;
+pub mod control;
+pub mod junit;
+pub mod log;
+pub mod machine;
+pub mod python;
+pub mod qmp;
+#[cfg(test)]
+pub mod testing;
+
+use std::fmt;
+
+/// Why an operation did not succeed; decides the test's exit status and is
+/// the `kind` of a control-socket error (docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// An expectation did not hold: `succeed` saw a non-zero status, `fail` a zero one.
+    Failed,
+    /// A wait or a command ran out of time.
+    Timeout,
+    /// The machine is gone or unusable: QEMU exited, the guest crashed, no backdoor.
+    Machine,
+    /// The request itself is wrong: unknown operation or machine, bad arguments.
+    Request,
+    /// vmlab could not do its part: a tool or file missing, an I/O error on the host.
+    Harness,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Failed => "failed",
+            Kind::Timeout => "timeout",
+            Kind::Machine => "machine",
+            Kind::Request => "request",
+            Kind::Harness => "harness",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverError {
+    pub kind: Kind,
+    pub message: String,
+}
+
+impl DriverError {
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        DriverError { kind, message: message.into() }
+    }
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self::new(Kind::Failed, message)
+    }
+    pub fn request(message: impl Into<String>) -> Self {
+        Self::new(Kind::Request, message)
+    }
+    pub fn harness(message: impl Into<String>) -> Self {
+        Self::new(Kind::Harness, message)
+    }
+}
+
+impl fmt::Display for DriverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for DriverError {}

@@ -6,6 +6,10 @@
 # See docs/guest.md.
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+# Programs built with --coverage write their .gcda files here, in the rc
+# script and in the backdoor alike; `vmlab test --coverage` collects them
+# (keep in step with coverage::GUEST_DIR).
+export GCOV_PREFIX=/var/lib/vmlab/coverage
 CONFIG=/sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config/raw
 
 say() {
@@ -108,6 +112,7 @@ boot() {
     # address detection, IPv6 addresses are usable as soon as they are added.
     sysctl -q -w net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0
     load_modules
+    mkdir -p "$GCOV_PREFIX"
     configure
     if [ -e /etc/vmlab/rc ]; then
         say "running /etc/vmlab/rc"
@@ -130,15 +135,13 @@ backdoor() {
     exec < /dev/hvc0 > /dev/hvc0 2> /dev/ttyS0
     stty raw -echo
     echo "Spawning backdoor root shell..."
+    # Both shells read the terminal as a script, as NixOS's backdoor does:
+    # never interactive, so no prompts, no line editing (a tab in a command
+    # would complete), no job control messages.
     if [ -x /bin/bash ]; then
-        # Interactive (its input is a terminal), as on NixOS; bash writes
-        # prompts and line editing to stderr, so hvc0 carries only output.
-        PS1='' exec /bin/bash --norc --noprofile
+        exec /bin/bash --norc --noprofile /dev/hvc0
     fi
-    # Interactive ash edits lines on its stdout, so it runs as a script
-    # reading the terminal instead (busybox sh on a terminal is interactive
-    # whatever its options).
-    exec /bin/sh /proc/self/fd/0
+    exec /bin/sh /dev/hvc0
 }
 
 case ${1:-} in

@@ -1,0 +1,613 @@
+//! The guest side of a command, over the backdoor contract: a root shell
+//! (busybox sh, bash, or a stock NixOS test VM's bash) reading commands from
+//! the virtio console and writing to it, announced by [`BANNER`].
+//!
+//! The framing is pure: [`script`] builds the text sent for one command and
+//! [`ReplyParser`] takes the console's bytes back, in pieces of any size.
+//! [`Shell`] is the thin I/O wrapper over a stream (the machine's
+//! `shell.sock`, or a socketpair to a local shell in the tests).
+//!
+//! Why the script looks the way it does:
+//! - The command runs from a file in a private temporary directory with its
+//!   stdout and stderr redirected to files, and the shell *waits for the
+//!   process*, not for end of file: a background process that keeps stdout
+//!   open (`sleep 1000 &`, a daemon) cannot hold the reply back.
+//! - The files are sent back base64-encoded between marker lines carrying a
+//!   random per-command token; base64 never contains a space, so no output can
+//!   forge a marker, and whatever a previous, abandoned command prints late is
+//!   skipped. The markers are printed with `printf '%s out'`, so even a console
+//!   that echoes its input never shows a marker it was not sent.
+//! - Only POSIX sh and tools that busybox and coreutils share are used
+//!   (`mktemp -d`, `base64` and `base64 -d`, `timeout SECS PROG`), so the
+//!   same text drives busybox sh, bash and NixOS guests.
+//! - The command itself runs under bash when the guest has it (as the NixOS
+//!   driver does, so NixOS test scripts work unchanged), else under sh, with
+//!   `set -eu` and `pipefail` where the shell knows it, with stdin from
+//!   /dev/null so it can never eat the commands that follow it.
+
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use super::base64;
+use super::{DriverError, Kind};
+
+/// What the guest's backdoor prints once its shell reads commands.
+pub const BANNER: &str = "Spawning backdoor root shell...";
+
+/// How often a blocked read or write wakes up to check the machine is alive.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Time allowed beyond a command's own timeout for the guest to report back
+/// (slow emulated guests, large outputs) before the host gives up on it; a
+/// tenth of the timeout is added on top.
+const HOST_GRACE: Duration = Duration::from_secs(15);
+
+/// Exit statuses `timeout` gives a command it stopped: coreutils 124,
+/// busybox 128+SIGTERM, and 128+SIGKILL after `-k`.
+const TIMEOUT_STATUSES: [i32; 3] = [124, 143, 137];
+
+/// One finished command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The guest's `timeout` stopped the command.
+    pub timed_out: bool,
+}
+
+/// A fresh random token for one command's markers (hex, 16 digits).
+pub fn new_token() -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    format!("vmlab{:016x}", h.finish())
+}
+
+/// The text sent to the guest shell to run `command`, stopped by the guest
+/// after `timeout_secs` when given.
+pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<String, String> {
+    let eof = format!("{token}_EOF");
+    if command.contains('\0') {
+        return Err("a command cannot contain a NUL byte".into());
+    }
+    if command.lines().any(|l| l == eof) {
+        return Err(format!("the command contains the line {eof}"));
+    }
+    let timeout = timeout_secs.map(|s| format!("timeout {s} ")).unwrap_or_default();
+    let newline = if command.ends_with('\n') { "" } else { "\n" };
+    Ok(format!(
+        "__vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab\n\
+         cat > \"$__vmlab_d/c\" <<'{eof}'\n\
+         set -eu\n\
+         (set -o pipefail) 2>/dev/null && set -o pipefail\n\
+         {command}{newline}\
+         {eof}\n\
+         if [ -f \"$__vmlab_d/c\" ]; then \
+         if command -v bash >/dev/null 2>&1; then __vmlab_sh=bash; else __vmlab_sh=sh; fi; \
+         {timeout}\"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null >\"$__vmlab_d/o\" 2>\"$__vmlab_d/e\"; \
+         __vmlab_s=$?; \
+         printf '%s out\\n' {token}; base64 \"$__vmlab_d/o\"; \
+         printf '%s err\\n' {token}; base64 \"$__vmlab_d/e\"; \
+         printf '%s end %s\\n' {token} \"$__vmlab_s\"; \
+         rm -rf \"$__vmlab_d\"; \
+         else printf '%s fail %s\\n' {token} 'cannot create a temporary directory in /tmp'; fi\n"
+    ))
+}
+
+#[derive(Debug)]
+enum State {
+    /// Before this command's first marker: anything else is skipped.
+    Seeking,
+    Stdout(base64::Decoder),
+    Stderr(base64::Decoder),
+}
+
+/// Parses one command's reply from the console's bytes.
+#[derive(Debug)]
+pub struct ReplyParser {
+    token: String,
+    state: State,
+    line: Vec<u8>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl ReplyParser {
+    pub fn new(token: &str) -> Self {
+        ReplyParser {
+            token: token.to_string(),
+            state: State::Seeking,
+            line: Vec::new(),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        }
+    }
+
+    /// Feeds bytes; returns the reply once its end marker is seen, with the
+    /// number of bytes of `data` consumed (the rest belongs to what follows).
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<(Output, usize)>, String> {
+        let mut start = 0;
+        while let Some(nl) = data[start..].iter().position(|&b| b == b'\n') {
+            let end = start + nl;
+            let done = if self.line.is_empty() {
+                self.take_line(&data[start..end])?
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&data[start..end]);
+                self.take_line(&line)?
+            };
+            start = end + 1;
+            if let Some(status) = done {
+                let output = Output {
+                    status,
+                    stdout: std::mem::take(&mut self.stdout),
+                    stderr: std::mem::take(&mut self.stderr),
+                    timed_out: false,
+                };
+                return Ok(Some((output, start)));
+            }
+        }
+        // A partial line is kept only while it may still become a marker:
+        // base64 is decoded at once (huge unwrapped lines need no buffer) and
+        // noise is dropped. A later piece of the same line cannot look like a
+        // marker, since base64 has no spaces.
+        self.line.extend_from_slice(&data[start..]);
+        let prefix = format!("{} ", self.token);
+        let prefix = prefix.as_bytes();
+        if !(prefix.starts_with(&self.line) || self.line.starts_with(prefix)) {
+            let line = std::mem::take(&mut self.line);
+            match &mut self.state {
+                State::Seeking => {}
+                State::Stdout(d) => d.feed(&line, &mut self.stdout)?,
+                State::Stderr(d) => d.feed(&line, &mut self.stderr)?,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Handles one whole line; `Some(status)` at the end marker.
+    fn take_line(&mut self, line: &[u8]) -> Result<Option<i32>, String> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let marker = line
+            .strip_prefix(self.token.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b" "))
+            .map(|rest| String::from_utf8_lossy(rest).into_owned());
+        match (marker.as_deref(), &mut self.state) {
+            (Some("out"), State::Seeking) => self.state = State::Stdout(base64::Decoder::default()),
+            (Some("err"), State::Stdout(_)) => {
+                let State::Stdout(d) = std::mem::replace(&mut self.state, State::Stderr(Default::default())) else {
+                    unreachable!()
+                };
+                d.finish()?;
+            }
+            (Some(m), State::Stderr(_)) if m.starts_with("end ") => {
+                let State::Stderr(d) = std::mem::replace(&mut self.state, State::Seeking) else { unreachable!() };
+                d.finish()?;
+                let status = m[4..].trim().parse().map_err(|_| format!("bad exit status in {m:?}"))?;
+                return Ok(Some(status));
+            }
+            (Some(m), _) if m.starts_with("fail ") => return Err(format!("the guest shell says: {}", &m[5..])),
+            (Some(m), _) => return Err(format!("unexpected marker {m:?}")),
+            (None, State::Seeking) => {}
+            (None, State::Stdout(d)) => d.feed(line, &mut self.stdout)?,
+            (None, State::Stderr(d)) => d.feed(line, &mut self.stderr)?,
+        }
+        Ok(None)
+    }
+}
+
+/// Finds [`BANNER`] in a stream fed in pieces.
+#[derive(Debug, Default)]
+pub struct BannerScanner {
+    tail: Vec<u8>,
+}
+
+impl BannerScanner {
+    /// Returns the bytes after the banner once it has been seen.
+    pub fn feed(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        self.tail.extend_from_slice(data);
+        let banner = BANNER.as_bytes();
+        if let Some(at) = self.tail.windows(banner.len()).position(|w| w == banner) {
+            return Some(self.tail[at + banner.len()..].to_vec());
+        }
+        let keep = self.tail.len().saturating_sub(banner.len() - 1);
+        self.tail.drain(..keep);
+        None
+    }
+}
+
+/// Checked while waiting: an error means the machine is gone (QEMU exited).
+pub type Alive<'a> = &'a mut dyn FnMut() -> Result<(), DriverError>;
+
+/// The I/O side: a connected backdoor stream.
+pub struct Shell {
+    stream: UnixStream,
+    machine: String,
+    /// Bytes read past the end of the previous reply.
+    pending: Vec<u8>,
+    /// Time allowed beyond a command's own timeout before the host gives up.
+    pub host_grace: Duration,
+}
+
+impl Shell {
+    /// Wraps a connected stream; `wait_for_banner` still has to be called
+    /// when the shell may not be up yet.
+    pub fn new(stream: UnixStream, machine: &str) -> io::Result<Self> {
+        stream.set_read_timeout(Some(POLL))?;
+        stream.set_write_timeout(Some(POLL))?;
+        Ok(Shell { stream, machine: machine.to_string(), pending: Vec::new(), host_grace: HOST_GRACE })
+    }
+
+    fn lost(&self, what: &str) -> DriverError {
+        DriverError::new(
+            Kind::Machine,
+            format!("machine {}: {what} (QEMU exited or the guest crashed)", self.machine),
+        )
+    }
+
+    fn check(&self, alive: Alive, deadline: Option<Instant>, what: &str) -> Result<(), DriverError> {
+        alive()?;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(DriverError::new(Kind::Timeout, format!("machine {}: {what}", self.machine)));
+        }
+        Ok(())
+    }
+
+    /// Reads some bytes, waking up to check liveness and the deadline.
+    fn read_some(&mut self, buf: &mut [u8], alive: Alive, deadline: Option<Instant>, what: &str) -> Result<usize, DriverError> {
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => return Err(self.lost("the backdoor connection closed")),
+                Ok(n) => return Ok(n),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+                    self.check(alive, deadline, what)?
+                }
+                Err(e) if is_disconnect(&e) => return Err(self.lost("the backdoor connection broke")),
+                Err(e) => return Err(DriverError::harness(format!("machine {}: reading the backdoor: {e}", self.machine))),
+            }
+        }
+    }
+
+    fn write_all(&mut self, mut data: &[u8], alive: Alive, deadline: Option<Instant>, what: &str) -> Result<(), DriverError> {
+        while !data.is_empty() {
+            match self.stream.write(data) {
+                Ok(0) => return Err(self.lost("the backdoor connection closed")),
+                Ok(n) => data = &data[n..],
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+                    self.check(alive, deadline, what)?
+                }
+                Err(e) if is_disconnect(&e) => return Err(self.lost("the backdoor connection broke")),
+                Err(e) => return Err(DriverError::harness(format!("machine {}: writing the backdoor: {e}", self.machine))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the guest announces its shell.
+    pub fn wait_for_banner(&mut self, alive: Alive, deadline: Instant) -> Result<(), DriverError> {
+        let mut scanner = BannerScanner::default();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = self.read_some(&mut buf, alive, Some(deadline), "the backdoor shell did not come up in time")?;
+            if let Some(rest) = scanner.feed(&buf[..n]) {
+                self.pending = rest;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends a line to the shell without waiting for anything (`poweroff`).
+    pub fn send_raw(&mut self, text: &str, alive: Alive) -> Result<(), DriverError> {
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        self.write_all(text.as_bytes(), alive, deadline, "the guest shell does not take input")
+    }
+
+    /// Runs a command; `timeout` is enforced in the guest, and by the host a
+    /// little later in case the guest cannot report.
+    pub fn run(&mut self, command: &str, timeout: Option<Duration>, alive: Alive) -> Result<Output, DriverError> {
+        let token = new_token();
+        let secs = timeout.map(|t| t.as_secs().max(1));
+        let text = script(&token, command, secs).map_err(DriverError::request)?;
+        let started = Instant::now();
+        let grace = self.host_grace + timeout.unwrap_or_default() / 10;
+        let deadline = timeout.map(|t| started + t + grace);
+        let what = format!("no reply from the guest {:.1}s after the command's timeout", grace.as_secs_f64());
+        self.write_all(text.as_bytes(), alive, deadline, &what)?;
+        let mut parser = ReplyParser::new(&token);
+        let mut data = std::mem::take(&mut self.pending);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let bad_reply = |e: String| DriverError::harness(format!("machine {}: garbled reply: {e}", self.machine));
+            if let Some((mut output, used)) = parser.feed(&data).map_err(bad_reply)? {
+                self.pending = data[used..].to_vec();
+                output.timed_out = secs.is_some_and(|s| {
+                    TIMEOUT_STATUSES.contains(&output.status) && started.elapsed() >= Duration::from_secs(s)
+                });
+                return Ok(output);
+            }
+            let n = self.read_some(&mut buf, alive, deadline, &what)?;
+            data.clear();
+            data.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::NotConnected
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(token: &str, out: &[u8], err: &[u8], status: i32) -> Vec<u8> {
+        format!(
+            "{token} out\n{}{token} err\n{}{token} end {status}\n",
+            base64::encode_lines(out, 76),
+            base64::encode_lines(err, 76)
+        )
+        .into_bytes()
+    }
+
+    fn parse_in_pieces(data: &[u8], piece: usize) -> (Output, usize) {
+        let mut p = ReplyParser::new("T1");
+        let mut offset = 0;
+        for chunk in data.chunks(piece) {
+            if let Some((out, used)) = p.feed(chunk).unwrap() {
+                return (out, offset + used);
+            }
+            offset += chunk.len();
+        }
+        panic!("no reply in {:?}", String::from_utf8_lossy(data));
+    }
+
+    #[test]
+    fn script_runs_the_command_from_a_quoted_heredoc() {
+        let s = script("T1", "echo '$HOME' \"`x`\"\nfalse", Some(5)).unwrap();
+        assert!(s.contains("<<'T1_EOF'\nset -eu\n(set -o pipefail) 2>/dev/null && set -o pipefail\necho '$HOME' \"`x`\"\nfalse\nT1_EOF\n"));
+        assert!(s.contains("timeout 5 \"$__vmlab_sh\""));
+        assert!(!script("T1", "true", None).unwrap().contains("timeout"));
+        // Markers are only ever printed, never sent, so an echoing console cannot fake one.
+        assert!(!s.contains("T1 out") && !s.contains("T1 end"));
+    }
+
+    #[test]
+    fn script_refuses_what_it_cannot_carry() {
+        assert!(script("T1", "a\0b", None).is_err());
+        assert!(script("T1", "cat <<x\nT1_EOF\nx", None).is_err());
+    }
+
+    #[test]
+    fn replies_parse_whatever_the_chunking() {
+        let binary: Vec<u8> = (0..=255u8).rev().cycle().take(5000).collect();
+        let cases: [(&[u8], &[u8], i32); 4] =
+            [(b"", b"", 0), (b"hello\n", b"oops\n", 1), (&binary, b"", 255), (b"no newline", &binary, 7)];
+        for (out, err, status) in cases {
+            let mut data = b"echoed junk\r\nT0 out\nold\n".to_vec();
+            let start = data.len();
+            data.extend(reply("T1", out, err, status));
+            let end = data.len();
+            data.extend(b"next");
+            for piece in [1, 3, 76, 77, 4096, data.len()] {
+                let (o, used) = parse_in_pieces(&data, piece);
+                assert_eq!((o.stdout.as_slice(), o.stderr.as_slice(), o.status), (out, err, status), "piece {piece}");
+                assert_eq!(used, end, "consumed up to the end marker (reply started at {start})");
+            }
+        }
+    }
+
+    #[test]
+    fn unwrapped_and_crlf_base64_is_accepted() {
+        let data = b"T1 out\r\naGVsbG8K\r\nT1 err\r\nT1 end 0\r\n";
+        assert_eq!(parse_in_pieces(data, 2).0.stdout, b"hello\n");
+    }
+
+    #[test]
+    fn guest_side_failures_are_errors() {
+        let mut p = ReplyParser::new("T1");
+        assert!(p.feed(b"T1 fail cannot create a temporary directory in /tmp\n").unwrap_err().contains("temporary"));
+        let mut p = ReplyParser::new("T1");
+        assert!(p.feed(b"T1 out\n!!!!\n").is_err());
+        let mut p = ReplyParser::new("T1");
+        assert!(p.feed(b"T1 out\nT1 err\nT1 end x\n").is_err());
+    }
+
+    #[test]
+    fn banner_is_found_across_pieces() {
+        let data = format!("boot noise\r\n{BANNER}\r\nrest");
+        for piece in [1, 5, data.len()] {
+            let mut s = BannerScanner::default();
+            let found: Vec<Vec<u8>> = data.as_bytes().chunks(piece).filter_map(|c| s.feed(c)).collect();
+            assert!(!found.is_empty(), "piece {piece}");
+            assert!(b"\r\nrest".starts_with(&found[0]));
+        }
+    }
+
+    #[test]
+    fn tokens_differ() {
+        assert_ne!(new_token(), new_token());
+    }
+}
+
+/// The whole command path against real local shells (busybox sh and bash),
+/// wired like the guest's console: stdin and stdout on one stream, no echo.
+#[cfg(test)]
+mod local_shell_tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+
+    const BASH: &str = "/usr/bin/bash-static";
+
+    /// A local shell on a socketpair; its process group dies with it.
+    struct Local {
+        child: Child,
+        shell: Shell,
+        _bin: tempfile::TempDir,
+    }
+
+    impl Drop for Local {
+        fn drop(&mut self) {
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+
+    /// `bash`: whether the guest has bash (then it is the backdoor shell too,
+    /// as on NixOS) or only busybox.
+    fn spawn(bash: bool, prelude: &str) -> Local {
+        let bin = tempfile::tempdir().unwrap();
+        let ok = Command::new("busybox").arg("--install").arg("-s").arg(bin.path()).status().unwrap();
+        assert!(ok.success());
+        let shell_path = if bash {
+            std::os::unix::fs::symlink(BASH, bin.path().join("bash")).unwrap();
+            BASH.to_string()
+        } else {
+            bin.path().join("sh").display().to_string()
+        };
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let child = Command::new(&shell_path)
+            .arg("-c")
+            .arg(format!("{prelude}exec {shell_path}"))
+            .env_clear()
+            .env("PATH", bin.path())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs.try_clone().unwrap())))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let shell = Shell::new(ours, "local").unwrap();
+        Local { child, shell, _bin: bin }
+    }
+
+    fn both() -> [Local; 2] {
+        [spawn(false, ""), spawn(true, "")]
+    }
+
+    fn ok() -> impl FnMut() -> Result<(), DriverError> {
+        || Ok(())
+    }
+
+    fn run(l: &mut Local, cmd: &str) -> Output {
+        l.shell.run(cmd, Some(Duration::from_secs(60)), &mut ok()).unwrap()
+    }
+
+    #[test]
+    fn stdout_stderr_and_status_come_back_separately() {
+        for mut l in both() {
+            let o = run(&mut l, "for i in 1 2 3; do echo out$i; echo err$i >&2; done; exit 3");
+            assert_eq!(o.stdout, b"out1\nout2\nout3\n");
+            assert_eq!(o.stderr, b"err1\nerr2\nerr3\n");
+            assert_eq!((o.status, o.timed_out), (3, false));
+            let o = run(&mut l, "echo '$HOME' \"`echo x`\" \\\n  continued; cat <<EOF\nheredoc $((1+1))\nEOF");
+            assert_eq!(String::from_utf8_lossy(&o.stdout), "$HOME x continued\nheredoc 2\n");
+        }
+    }
+
+    #[test]
+    fn errexit_nounset_and_pipefail_as_in_nixos() {
+        for mut l in both() {
+            assert_eq!(run(&mut l, "false; echo not reached").status, 1);
+            assert_eq!(run(&mut l, "false | true").status, 1);
+            assert_ne!(run(&mut l, "echo $undefined_variable").status, 0);
+            assert_eq!(run(&mut l, "true | true").status, 0);
+            // Every command starts afresh: no state leaks between them.
+            run(&mut l, "cd /; x=1");
+            assert_eq!(run(&mut l, "echo ${x:-unset}").stdout, b"unset\n");
+        }
+    }
+
+    #[test]
+    fn binary_output_of_any_size_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data: Vec<u8> = (0..=255u8).collect();
+        let mut x: u32 = 1;
+        data.extend((0..16 * 1024 * 1024).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        }));
+        let file = dir.path().join("blob");
+        std::fs::write(&file, &data).unwrap();
+        for mut l in both() {
+            let o = run(&mut l, &format!("cat {}; printf 'e\\000r' >&2", file.display()));
+            assert_eq!(o.stdout.len(), data.len());
+            assert!(o.stdout == data, "stdout differs");
+            assert_eq!(o.stderr, b"e\0r");
+            assert_eq!(run(&mut l, "printf ''").stdout, b"");
+        }
+    }
+
+    #[test]
+    fn a_background_process_holding_stdout_does_not_hold_the_command() {
+        for mut l in both() {
+            let o = run(&mut l, "sleep 1000 & echo started");
+            assert_eq!((o.status, o.stdout.as_slice()), (0, &b"started\n"[..]));
+            assert_eq!(run(&mut l, "echo next").stdout, b"next\n");
+        }
+    }
+
+    #[test]
+    fn the_guest_stops_a_command_at_its_timeout() {
+        for mut l in both() {
+            let o = l.shell.run("echo before; sleep 30", Some(Duration::from_secs(1)), &mut ok()).unwrap();
+            assert!(o.timed_out, "{o:?}");
+            assert!(TIMEOUT_STATUSES.contains(&o.status));
+            assert_eq!(o.stdout, b"before\n");
+            assert_eq!(run(&mut l, "echo alive").stdout, b"alive\n");
+        }
+    }
+
+    #[test]
+    fn the_host_deadline_holds_when_the_guest_never_answers() {
+        // A "shell" that swallows everything and never replies.
+        let mut l = spawn(false, "exec cat >/dev/null; ");
+        l.shell.host_grace = Duration::from_millis(300);
+        let e = l.shell.run("true", Some(Duration::from_secs(1)), &mut ok()).unwrap_err();
+        assert_eq!(e.kind, Kind::Timeout);
+        assert!(e.message.contains("machine local"), "{e}");
+    }
+
+    #[test]
+    fn a_shell_dying_mid_command_is_an_error_naming_the_machine() {
+        for mut l in both() {
+            let pid = l.child.id() as i32;
+            let killer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            });
+            let e = l.shell.run("sleep 30", None, &mut ok()).unwrap_err();
+            killer.join().unwrap();
+            assert_eq!(e.kind, Kind::Machine, "{e}");
+            assert!(e.message.contains("machine local"), "{e}");
+            let e = l.shell.run("true", None, &mut ok()).unwrap_err();
+            assert_eq!(e.kind, Kind::Machine, "{e}");
+        }
+    }
+
+    #[test]
+    fn liveness_is_checked_while_waiting() {
+        let mut l = spawn(false, "");
+        let e = l
+            .shell
+            .run("sleep 30", None, &mut || Err(DriverError::new(Kind::Machine, "machine local: QEMU exited with status 1")))
+            .unwrap_err();
+        assert!(e.message.contains("QEMU exited"));
+    }
+
+    #[test]
+    fn the_banner_is_awaited_and_what_follows_is_kept() {
+        let mut l = spawn(true, &format!("sleep 0.2; echo boot noise; printf '%s\\n' '{BANNER}'; "));
+        l.shell.wait_for_banner(&mut ok(), Instant::now() + Duration::from_secs(30)).unwrap();
+        assert_eq!(run(&mut l, "echo up").stdout, b"up\n");
+        assert!(Path::new(BASH).exists());
+    }
+}

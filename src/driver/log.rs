@@ -1,0 +1,216 @@
+//! The test log: machine-prefixed lines on the terminal (colour only on a
+//! TTY, `NO_COLOR` respected), the same lines plain in a log file, and the
+//! subtest records the JUnit report is made from.
+
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::DriverError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    Plain,
+    /// A command's or wait's result that went well.
+    Good,
+    /// A failure.
+    Bad,
+    /// A subtest heading.
+    Heading,
+    /// A line from a machine's serial console.
+    Serial,
+}
+
+/// One line as shown: `[elapsed] indent machine: message`, with ANSI colour when asked.
+pub fn format_line(elapsed: Duration, depth: usize, machine: Option<&str>, msg: &str, style: Style, color: bool) -> String {
+    let indent = "  ".repeat(depth);
+    let time = format!("[{:7.2}s]", elapsed.as_secs_f64());
+    if !color {
+        return match machine {
+            Some(m) => format!("{time} {indent}{m}: {msg}"),
+            None => format!("{time} {indent}{msg}"),
+        };
+    }
+    let (on, off) = match style {
+        Style::Plain => ("", ""),
+        Style::Good => ("\x1b[32m", "\x1b[0m"),
+        Style::Bad => ("\x1b[1;31m", "\x1b[0m"),
+        Style::Heading => ("\x1b[1m", "\x1b[0m"),
+        Style::Serial => ("\x1b[2m", "\x1b[0m"),
+    };
+    let prefix = machine.map(|m| format!("\x1b[36m{m}\x1b[0m: ")).unwrap_or_default();
+    format!("\x1b[2m{time}\x1b[0m {indent}{prefix}{on}{msg}{off}")
+}
+
+/// Whether to colour a stream: a terminal, and `NO_COLOR` unset or empty.
+pub fn want_color(is_tty: bool, no_color: Option<&str>) -> bool {
+    is_tty && no_color.map_or(true, str::is_empty)
+}
+
+/// A finished subtest, for the reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subtest {
+    pub name: String,
+    pub duration: Duration,
+    pub failure: Option<String>,
+    /// The plain log lines written while it was open.
+    pub log: String,
+}
+
+struct Open {
+    name: String,
+    started: Instant,
+    log: String,
+}
+
+struct Inner {
+    term: Box<dyn Write + Send>,
+    file: Option<File>,
+    open: Vec<Open>,
+    done: Vec<Subtest>,
+    /// Everything, plain: the main script's JUnit log.
+    all: String,
+}
+
+pub struct Log {
+    inner: Mutex<Inner>,
+    color: bool,
+    start: Instant,
+}
+
+impl Log {
+    pub fn new(term: Box<dyn Write + Send>, color: bool, file: Option<File>) -> Self {
+        Log {
+            inner: Mutex::new(Inner { term, file, open: Vec::new(), done: Vec::new(), all: String::new() }),
+            color,
+            start: Instant::now(),
+        }
+    }
+
+    /// Logs to standard error, coloured when it is a terminal.
+    pub fn stderr(file: Option<File>) -> Self {
+        let color = want_color(std::io::stderr().is_terminal(), std::env::var("NO_COLOR").ok().as_deref());
+        Self::new(Box::new(std::io::stderr()), color, file)
+    }
+
+    pub fn write(&self, machine: Option<&str>, msg: &str, style: Style) {
+        let elapsed = self.start.elapsed();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let depth = inner.open.len();
+        let shown = format_line(elapsed, depth, machine, msg, style, self.color);
+        let plain = format_line(elapsed, depth, machine, msg, style, false);
+        // A terminal or file that went away must not stop the test.
+        let _ = writeln!(inner.term, "{shown}");
+        if let Some(f) = inner.file.as_mut() {
+            let _ = writeln!(f, "{plain}");
+        }
+        for open in inner.open.iter_mut() {
+            open.log += &plain;
+            open.log.push('\n');
+        }
+        inner.all += &plain;
+        inner.all.push('\n');
+    }
+
+    pub fn info(&self, machine: Option<&str>, msg: &str) {
+        self.write(machine, msg, Style::Plain);
+    }
+
+    pub fn subtest_begin(&self, name: &str) {
+        self.write(None, &format!("subtest: {name}"), Style::Heading);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.open.push(Open { name: name.to_string(), started: Instant::now(), log: String::new() });
+    }
+
+    /// Closes the innermost subtest, failed when `failure` is given.
+    pub fn subtest_end(&self, failure: Option<String>) -> Result<Subtest, DriverError> {
+        let open = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.open.pop().ok_or_else(|| DriverError::request("subtest_end: no subtest is open"))?
+        };
+        let duration = open.started.elapsed();
+        let secs = duration.as_secs_f64();
+        match &failure {
+            None => self.write(None, &format!("subtest {} passed ({secs:.2}s)", open.name), Style::Good),
+            Some(f) => self.write(None, &format!("subtest {} failed ({secs:.2}s): {f}", open.name), Style::Bad),
+        }
+        let done = Subtest { name: open.name, duration, failure, log: open.log };
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).done.push(done.clone());
+        Ok(done)
+    }
+
+    /// Closes subtests left open (a script that died inside one), as failed.
+    pub fn close_open_subtests(&self, why: &str) {
+        while self.subtest_end(Some(why.to_string())).is_ok() {}
+    }
+
+    /// Finished subtests, in the order they ended, and the whole plain log.
+    pub fn records(&self) -> (Vec<Subtest>, String) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (inner.done.clone(), inner.all.clone())
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn lines_are_prefixed_indented_and_coloured_only_when_asked() {
+        let t = Duration::from_millis(1500);
+        assert_eq!(format_line(t, 0, Some("server"), "hi", Style::Good, false), "[   1.50s] server: hi");
+        assert_eq!(format_line(t, 2, None, "hi", Style::Bad, false), "[   1.50s]     hi");
+        let c = format_line(t, 1, Some("server"), "hi", Style::Bad, true);
+        assert!(c.contains("\x1b[36mserver\x1b[0m: \x1b[1;31mhi\x1b[0m") && c.contains("   "), "{c:?}");
+        assert!(format_line(t, 0, Some("s"), "boot", Style::Serial, true).contains("\x1b[2mboot"));
+    }
+
+    #[test]
+    fn colour_needs_a_tty_and_no_no_color() {
+        let table = [(true, None, true), (true, Some(""), true), (true, Some("1"), false), (false, None, false)];
+        for (tty, nc, want) in table {
+            assert_eq!(want_color(tty, nc), want, "{tty} {nc:?}");
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn nested_subtests_collect_their_own_lines() {
+        let sink = Sink::default();
+        let log = Log::new(Box::new(sink.clone()), false, None);
+        log.info(None, "before");
+        log.subtest_begin("outer");
+        log.info(Some("server"), "in outer");
+        log.subtest_begin("inner");
+        log.info(Some("client"), "in inner");
+        let inner = log.subtest_end(Some("boom".into())).unwrap();
+        let outer = log.subtest_end(None).unwrap();
+        assert!(log.subtest_end(None).is_err());
+        assert_eq!(inner.failure.as_deref(), Some("boom"));
+        assert!(inner.log.contains("client: in inner") && !inner.log.contains("in outer"));
+        assert!(outer.log.contains("server: in outer") && outer.log.contains("client: in inner"));
+        assert!(outer.log.contains("subtest inner failed"));
+        let (done, all) = log.records();
+        assert_eq!(done.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["inner", "outer"]);
+        assert!(all.contains("before"));
+        let term = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(term.contains("]     client: in inner"), "{term}");
+    }
+}

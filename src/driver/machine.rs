@@ -1,0 +1,847 @@
+//! Machine operations, with the names and semantics of the NixOS test
+//! driver's `Machine` (start, execute, succeed, wait_until_succeeds, …).
+//! Starting and stopping QEMU is the runtime's job, reached through [`Vm`].
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::backdoor::{Output, Shell};
+use super::log::{Log, Style};
+use super::qmp::Qmp;
+use super::{DriverError, Kind};
+use crate::shell::quote;
+
+/// NixOS's default for every wait and for `execute`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// How long a guest may take from QEMU's start to its backdoor banner.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long QEMU may take to create its sockets after it starts.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Copies go through the backdoor in pieces this big, so neither side holds
+/// a whole large file in one command or one reply.
+const COPY_IN_CHUNK: usize = 1024 * 1024;
+const COPY_OUT_CHUNK: u64 = 4 * 1024 * 1024;
+
+/// What the driver needs from whoever runs a machine's QEMU (the runtime).
+pub trait Vm: Send {
+    /// Starts QEMU; returns once the process runs, long before the guest boots.
+    fn spawn(&mut self) -> anyhow::Result<()>;
+    /// `None` while QEMU runs; once it has ended, how (status, stderr's tail).
+    fn exited(&mut self) -> Option<String>;
+    /// Stops QEMU at once and reaps it.
+    fn kill(&mut self);
+    /// Where QEMU puts `shell.sock` and `qmp.sock`.
+    fn state_dir(&self) -> PathBuf;
+    /// The serial console's log file (appended to while QEMU runs).
+    fn serial_log(&self) -> PathBuf;
+}
+
+/// The next pause of a poll loop: fast at first, then about a second.
+pub fn next_delay(previous: Duration) -> Duration {
+    (previous * 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// The shell command for "something listens on `addr`:`port`". `nc -z`
+/// (OpenBSD netcat, NixOS) first; busybox's nc has no `-z` but runs a
+/// program once connected.
+pub fn port_check(port: u16, addr: &str) -> String {
+    let (a, p) = (quote(addr), port);
+    format!("nc -z {a} {p} 2>/dev/null || nc -w 2 {a} {p} -e true 2>/dev/null")
+}
+
+/// Where `screenshot(name)` writes, as NixOS: `.png` added to a name with no
+/// extension, relative to the output directory unless it has a `/`.
+pub fn screenshot_path(out_dir: &Path, name: &str) -> PathBuf {
+    let mut file = name.to_string();
+    if !file.contains('.') {
+        file += ".png";
+    }
+    if file.contains('/') {
+        PathBuf::from(file)
+    } else {
+        out_dir.join(file)
+    }
+}
+
+/// QEMU's netdev ids for a machine's vlan NICs (`-netdev vde,id=vlan<v>`).
+pub fn link_names(interfaces: &[(String, u8)], only: Option<&str>) -> Result<Vec<String>, String> {
+    let chosen: Vec<String> = interfaces
+        .iter()
+        .filter(|(name, _)| only.map_or(true, |o| o == name))
+        .map(|(_, vlan)| format!("vlan{vlan}"))
+        .collect();
+    match (only, chosen.is_empty()) {
+        (Some(o), true) => {
+            let names: Vec<&str> = interfaces.iter().map(|(n, _)| n.as_str()).collect();
+            Err(format!("no interface {o} (it has: {})", if names.is_empty() { "none".into() } else { names.join(", ") }))
+        }
+        _ => Ok(chosen),
+    }
+}
+
+pub struct Machine {
+    pub name: String,
+    /// (`eth<k>`, vlan), in order.
+    interfaces: Vec<(String, u8)>,
+    vm: Box<dyn Vm>,
+    running: bool,
+    shell: Option<Shell>,
+    qmp: Option<Qmp>,
+    booted: bool,
+    /// Why QEMU ended when nobody asked it to; commands fail until `start`.
+    died: Option<String>,
+    /// Serial console text not yet consumed by `wait_for_console_text`.
+    console: String,
+    console_offset: u64,
+    out_dir: PathBuf,
+    log: Arc<Log>,
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}
+
+impl Machine {
+    pub fn new(name: &str, interfaces: Vec<(String, u8)>, vm: Box<dyn Vm>, out_dir: &Path, log: Arc<Log>) -> Self {
+        Machine {
+            name: name.to_string(),
+            interfaces,
+            vm,
+            running: false,
+            shell: None,
+            qmp: None,
+            booted: false,
+            died: None,
+            console: String::new(),
+            console_offset: 0,
+            out_dir: out_dir.to_path_buf(),
+            log,
+        }
+    }
+
+    fn say(&self, msg: &str) {
+        self.log.write(Some(&self.name), msg, Style::Plain);
+    }
+
+    fn err(&self, kind: Kind, msg: impl std::fmt::Display) -> DriverError {
+        DriverError::new(kind, format!("machine {}: {msg}", self.name))
+    }
+
+    pub fn is_up(&mut self) -> bool {
+        self.running && self.vm.exited().is_none()
+    }
+
+    /// Starts QEMU if it is not running; does not wait for the guest to boot.
+    pub fn start(&mut self) -> Result<(), DriverError> {
+        if self.is_up() {
+            return Ok(());
+        }
+        self.say("starting");
+        self.forget_process();
+        self.died = None;
+        self.console_offset = std::fs::metadata(self.vm.serial_log()).map(|m| m.len()).unwrap_or(0);
+        self.console.clear();
+        self.vm.spawn().map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
+        self.running = true;
+        let dir = self.vm.state_dir();
+        let shell = self.wait_for_socket(&dir.join("shell.sock"))?;
+        self.shell = Some(
+            Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?,
+        );
+        let qmp = self.wait_for_socket(&dir.join("qmp.sock"))?;
+        self.qmp = Some(Qmp::handshake(qmp, &self.name)?);
+        Ok(())
+    }
+
+    /// Connects to a socket QEMU listens on, as soon as QEMU has made it.
+    fn wait_for_socket(&mut self, path: &Path) -> Result<std::os::unix::net::UnixStream, DriverError> {
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        let mut delay = Duration::ZERO;
+        loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    if let Some(how) = self.vm.exited() {
+                        self.forget_process();
+                        return Err(self.err(Kind::Harness, format!("QEMU ended before the guest came up: {how}")));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(self.err(Kind::Harness, format!("QEMU did not open {}: {e}", path.display())));
+                    }
+                }
+            }
+            delay = next_delay(delay);
+            std::thread::sleep(delay);
+        }
+    }
+
+    fn forget_process(&mut self) {
+        self.running = false;
+        self.booted = false;
+        self.shell = None;
+        self.qmp = None;
+    }
+
+    /// QEMU ended unexpectedly: remember why, so later commands say so.
+    fn mark_dead(&mut self, error: DriverError) -> DriverError {
+        let how = self.vm.exited().unwrap_or_else(|| {
+            self.vm.kill();
+            "stopped (the backdoor broke)".into()
+        });
+        self.forget_process();
+        let message = format!("{} — QEMU {how}", error.message);
+        self.died = Some(message.clone());
+        self.log.write(Some(&self.name), &message, Style::Bad);
+        DriverError::new(Kind::Machine, message)
+    }
+
+    /// Starts the machine if needed and waits for its backdoor shell.
+    pub fn wait_for_boot(&mut self) -> Result<(), DriverError> {
+        if let Some(why) = &self.died {
+            return Err(self.err(Kind::Machine, format!("died earlier ({why}); start() it again")));
+        }
+        self.start()?;
+        if self.booted {
+            return Ok(());
+        }
+        self.say("waiting for the guest to boot");
+        let started = Instant::now();
+        let (vm, name) = (&mut self.vm, &self.name);
+        let mut alive = || match vm.exited() {
+            None => Ok(()),
+            Some(how) => Err(DriverError::new(Kind::Harness, format!("machine {name}: QEMU {how}"))),
+        };
+        let shell = self.shell.as_mut().expect("a started machine has a shell");
+        if let Err(e) = shell.wait_for_banner(&mut alive, started + BOOT_TIMEOUT) {
+            let e = self.mark_dead(e);
+            return Err(DriverError::harness(format!("the guest never came up: {}", e.message)));
+        }
+        self.booted = true;
+        self.say(&format!("backdoor shell ready ({})", secs(started.elapsed())));
+        Ok(())
+    }
+
+    /// Runs a command: `(status, stdout, stderr)`; boots the machine first if needed.
+    pub fn execute(&mut self, command: &str, timeout: Option<Duration>) -> Result<Output, DriverError> {
+        self.wait_for_boot()?;
+        let (vm, name) = (&mut self.vm, &self.name);
+        let mut alive = || match vm.exited() {
+            None => Ok(()),
+            Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
+        };
+        let shell = self.shell.as_mut().expect("a booted machine has a shell");
+        match shell.run(command, timeout, &mut alive) {
+            Ok(out) => Ok(out),
+            Err(e) if e.kind == Kind::Machine => Err(self.mark_dead(e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `execute` with the command and its result in the log.
+    fn logged(&mut self, what: &str, command: &str, timeout: Option<Duration>) -> Result<Output, DriverError> {
+        let started = Instant::now();
+        let out = self.execute(command, timeout)?;
+        let style = if out.status == 0 { Style::Good } else { Style::Plain };
+        let stopped = if out.timed_out { ", stopped at its timeout" } else { "" };
+        let msg = format!("{what}{command} (exit {}{stopped}, {})", out.status, secs(started.elapsed()));
+        self.log.write(Some(&self.name), &msg, style);
+        Ok(out)
+    }
+
+    pub fn execute_logged(&mut self, command: &str, timeout: Option<Duration>) -> Result<Output, DriverError> {
+        self.logged("$ ", command, timeout)
+    }
+
+    /// Runs each command, failing at the first non-zero status; the
+    /// concatenated standard output.
+    pub fn succeed(&mut self, commands: &[String], timeout: Option<Duration>) -> Result<Vec<u8>, DriverError> {
+        let mut all = Vec::new();
+        for command in commands {
+            let out = self.logged("must succeed: ", command, timeout)?;
+            if out.status != 0 {
+                let err = String::from_utf8_lossy(&out.stderr);
+                return Err(self.err(
+                    Kind::Failed,
+                    format!("command `{command}` failed (exit code {}){}", out.status, stderr_note(&err)),
+                ));
+            }
+            all.extend(out.stdout);
+        }
+        Ok(all)
+    }
+
+    /// Like `succeed`, but each command must fail.
+    pub fn fail(&mut self, commands: &[String], timeout: Option<Duration>) -> Result<Vec<u8>, DriverError> {
+        let mut all = Vec::new();
+        for command in commands {
+            let out = self.logged("must fail: ", command, timeout)?;
+            if out.status == 0 {
+                return Err(self.err(Kind::Failed, format!("command `{command}` unexpectedly succeeded")));
+            }
+            all.extend(out.stdout);
+        }
+        Ok(all)
+    }
+
+    /// Calls `attempt` until it gives a value, pausing adaptively between
+    /// tries; a timeout error names `what`.
+    fn poll<T>(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut attempt: impl FnMut(&mut Self, Duration) -> Result<Option<T>, DriverError>,
+    ) -> Result<T, DriverError> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut delay = Duration::ZERO;
+        self.say(&format!("waiting for {what}"));
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            if let Some(v) = attempt(self, left)? {
+                self.log.write(Some(&self.name), &format!("done waiting for {what} ({})", secs(started.elapsed())), Style::Good);
+                return Ok(v);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.err(Kind::Timeout, format!("timed out after {} waiting for {what}", secs(timeout))));
+            }
+            delay = next_delay(delay);
+            std::thread::sleep(delay.min(deadline - now));
+        }
+    }
+
+    /// Repeats `command` until its status is zero (`want_success`) or non-zero; its last output.
+    pub fn wait_until(&mut self, command: &str, want_success: bool, timeout: Duration) -> Result<Vec<u8>, DriverError> {
+        let what = format!("{} of `{command}`", if want_success { "success" } else { "failure" });
+        self.poll(timeout, &what, |m, left| {
+            let out = m.execute(command, Some(left))?;
+            Ok(((out.status == 0) == want_success).then_some(out.stdout))
+        })
+    }
+
+    fn wait_for_status(&mut self, command: &str, want_zero: bool, what: &str, timeout: Duration) -> Result<(), DriverError> {
+        self.poll(timeout, what, |m, left| Ok(((m.execute(command, Some(left))?.status == 0) == want_zero).then_some(())))
+    }
+
+    pub fn wait_for_file(&mut self, path: &str, timeout: Duration) -> Result<(), DriverError> {
+        self.wait_for_status(&format!("test -e {}", quote(path)), true, &format!("file {path}"), timeout)
+    }
+
+    pub fn wait_for_open_port(&mut self, port: u16, addr: &str, timeout: Duration) -> Result<(), DriverError> {
+        self.wait_for_status(&port_check(port, addr), true, &format!("TCP port {port} on {addr}"), timeout)
+    }
+
+    pub fn wait_for_closed_port(&mut self, port: u16, addr: &str, timeout: Duration) -> Result<(), DriverError> {
+        self.wait_for_status(&port_check(port, addr), false, &format!("TCP port {port} on {addr} to close"), timeout)
+    }
+
+    /// Waits for a systemd unit to be active; fails at once when it failed,
+    /// or is inactive with no job pending, or the guest has no systemd.
+    pub fn wait_for_unit(&mut self, unit: &str, user: Option<&str>, timeout: Duration) -> Result<(), DriverError> {
+        if self.execute("command -v systemctl", None)?.status != 0 {
+            return Err(self.err(
+                Kind::Failed,
+                format!("wait_for_unit({unit}) needs systemd, and this guest has no systemctl (wait for a port, a file or a command instead)"),
+            ));
+        }
+        let systemctl = match user {
+            None => "systemctl".to_string(),
+            Some(u) => format!("su -l {} -s /bin/sh -c 'XDG_RUNTIME_DIR=/run/user/$(id -u) systemctl --user \"$@\"' --", quote(u)),
+        };
+        let show = format!("{systemctl} --no-pager show {} --property=ActiveState", quote(unit));
+        let jobs = format!("{systemctl} list-jobs --full 2>&1");
+        self.poll(timeout, &format!("unit {unit}"), |m, left| {
+            let out = m.execute(&show, Some(left))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let state = text.trim().strip_prefix("ActiveState=").unwrap_or("").to_string();
+            match state.as_str() {
+                "active" => Ok(Some(())),
+                "failed" => Err(m.err(Kind::Failed, format!("unit {unit} reached state \"failed\""))),
+                "inactive" => {
+                    let pending = m.execute(&jobs, Some(left))?;
+                    if String::from_utf8_lossy(&pending.stdout).contains("No jobs") {
+                        return Err(m.err(Kind::Failed, format!("unit {unit} is inactive and there are no pending jobs")));
+                    }
+                    Ok(None)
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// Waits for `regex` to match the serial console output since the
+    /// previous match (or since the machine started).
+    pub fn wait_for_console_text(&mut self, regex: &str, timeout: Duration) -> Result<String, DriverError> {
+        let re = regex::Regex::new(regex).map_err(|e| self.err(Kind::Request, format!("bad regular expression: {e}")))?;
+        let path = self.vm.serial_log();
+        self.poll(timeout, &format!("/{regex}/ on the console"), |m, _| {
+            if let Ok(bytes) = std::fs::read(&path) {
+                let new = bytes.get(m.console_offset as usize..).unwrap_or_default();
+                m.console_offset += new.len() as u64;
+                m.console += &String::from_utf8_lossy(new).replace('\r', "");
+            }
+            let found = re.find(&m.console).map(|f| (f.as_str().to_string(), f.end()));
+            Ok(found.map(|(text, end)| {
+                m.console.drain(..end);
+                text
+            }))
+        })
+    }
+
+    /// Asks the guest to power off and waits for QEMU to exit.
+    pub fn shutdown(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        if !self.is_up() {
+            return Ok(());
+        }
+        self.wait_for_boot()?;
+        self.say("shutting down");
+        self.send_to_shell("poweroff\n")?;
+        self.wait_for_shutdown(timeout)
+    }
+
+    fn send_to_shell(&mut self, line: &str) -> Result<(), DriverError> {
+        let vm = &mut self.vm;
+        let mut alive = || match vm.exited() {
+            None => Ok(()),
+            Some(how) => Err(DriverError::new(Kind::Machine, how)),
+        };
+        let shell = self.shell.as_mut().expect("a booted machine has a shell");
+        // QEMU exiting while we write is what we asked for.
+        let _ = shell.send_raw(line, &mut alive);
+        Ok(())
+    }
+
+    /// Waits for QEMU to exit, without causing it.
+    pub fn wait_for_shutdown(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        if !self.running {
+            return Ok(());
+        }
+        let how = self.poll(timeout, "the machine to power off", |m, _| Ok(m.vm.exited()))?;
+        self.say(&format!("QEMU {how}"));
+        self.forget_process();
+        Ok(())
+    }
+
+    /// Stops QEMU at once, like pulling the power cord.
+    pub fn crash(&mut self) -> Result<(), DriverError> {
+        if !self.running {
+            return Ok(());
+        }
+        self.say("crashing (QEMU stopped at once)");
+        self.vm.kill();
+        self.forget_process();
+        Ok(())
+    }
+
+    /// Reboots the guest: QEMU exits on the guest's reboot (`-no-reboot`)
+    /// and is started again.
+    pub fn reboot(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        self.wait_for_boot()?;
+        self.say("rebooting");
+        self.send_to_shell("reboot\n")?;
+        self.wait_for_shutdown(timeout)?;
+        self.start()
+    }
+
+    fn qmp(&mut self) -> Result<&mut Qmp, DriverError> {
+        self.start()?;
+        let name = self.name.clone();
+        self.qmp.as_mut().ok_or_else(|| DriverError::new(Kind::Machine, format!("machine {name}: no QMP connection")))
+    }
+
+    /// Runs a QEMU monitor (HMP) command; its output.
+    pub fn send_monitor_command(&mut self, command: &str) -> Result<String, DriverError> {
+        let out = self.qmp()?.human(command)?;
+        self.say(&format!("monitor: {command}"));
+        Ok(out)
+    }
+
+    /// Takes the machine's vlan links down (`up` false) or up; all of them or one interface.
+    pub fn set_links(&mut self, up: bool, interface: Option<&str>) -> Result<(), DriverError> {
+        let names = link_names(&self.interfaces, interface).map_err(|e| self.err(Kind::Request, e))?;
+        for name in &names {
+            self.qmp()?.execute("set_link", json!({ "name": name, "up": up }))?;
+        }
+        let what = if up { "unblocked" } else { "blocked" };
+        self.say(&format!("{what} {}", interface.unwrap_or("all vlan interfaces")));
+        Ok(())
+    }
+
+    /// Forwards TCP `127.0.0.1:host_port` on the host to `guest_port` in the guest.
+    pub fn forward_port(&mut self, host_port: u16, guest_port: u16) -> Result<(), DriverError> {
+        let rule = format!("tcp:127.0.0.1:{host_port}-:{guest_port}");
+        // vmlab names the user netdev `user`; nixpkgs start scripts `user.0`.
+        let mut out = String::new();
+        for netdev in ["user", "user.0"] {
+            out = self.qmp()?.human(&format!("hostfwd_add {netdev} {rule}"))?;
+            if out.trim().is_empty() {
+                self.say(&format!("forwarding 127.0.0.1:{host_port} to port {guest_port}"));
+                return Ok(());
+            }
+        }
+        Err(self.err(Kind::Failed, format!("cannot forward port {host_port}: {}", out.trim())))
+    }
+
+    /// Saves the display as PNG; the path written.
+    pub fn screenshot(&mut self, name: &str) -> Result<PathBuf, DriverError> {
+        let path = screenshot_path(&self.out_dir, name);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| self.err(Kind::Harness, format!("creating {}: {e}", dir.display())))?;
+        }
+        // QEMU resolves a relative name against its own working directory.
+        let absolute = std::env::current_dir().map(|d| d.join(&path)).unwrap_or(path.clone());
+        self.qmp()?.execute("screendump", json!({ "filename": absolute, "format": "png" }))?;
+        self.say(&format!("screenshot {}", path.display()));
+        Ok(path)
+    }
+
+    /// Copies a host file or directory into the guest so that it is `dest`
+    /// there (replacing what was at `dest`). Binary-safe: a tar stream,
+    /// base64 in pieces through the backdoor.
+    pub fn copy_to_vm(&mut self, source: &Path, dest: &str) -> Result<(), DriverError> {
+        let started = Instant::now();
+        let tar = host_tar()?;
+        let name = source.file_name().ok_or_else(|| self.err(Kind::Request, format!("cannot copy {}", source.display())))?;
+        let parent = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let out = Command::new(&tar)
+            .arg("-C")
+            .arg(parent)
+            .arg("-cf")
+            .arg("-")
+            .arg(name)
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| self.err(Kind::Harness, format!("running {}: {e}", tar.display())))?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            return Err(self.err(Kind::Request, format!("cannot read {}: {}", source.display(), why.trim())));
+        }
+        let tmp = format!("/tmp/vmlab-copy-in.{}", std::process::id());
+        let archive = format!("{tmp}.tar");
+        self.copy_step(&format!("rm -rf {t} {a}; mkdir -p {t}", t = quote(&tmp), a = quote(&archive)))?;
+        for piece in out.stdout.chunks(COPY_IN_CHUNK) {
+            let data = super::base64::encode_lines(piece, 76);
+            self.copy_step(&format!("base64 -d >> {} <<'VMLAB_DATA'\n{data}VMLAB_DATA", quote(&archive)))?;
+        }
+        let name = name.to_string_lossy();
+        let dest_q = quote(dest);
+        self.copy_step(&format!(
+            "tar -x -C {t} -f {a} && rm -rf {dest_q} && mkdir -p \"$(dirname {dest_q})\" && mv {item} {dest_q}; s=$?; rm -rf {t} {a}; exit $s",
+            t = quote(&tmp),
+            a = quote(&archive),
+            item = quote(&format!("{tmp}/{name}")),
+        ))?;
+        self.say(&format!("copied {} to {dest} ({} bytes, {})", source.display(), out.stdout.len(), secs(started.elapsed())));
+        Ok(())
+    }
+
+    /// Copies a guest file or directory to `<out>/<target_dir>/<its name>` on
+    /// the host (NixOS's `copy_from_vm`); the host path.
+    pub fn copy_from_vm(&mut self, source: &str, target_dir: &str) -> Result<PathBuf, DriverError> {
+        let started = Instant::now();
+        let tar = host_tar()?;
+        let src = Path::new(source);
+        let name = src.file_name().ok_or_else(|| self.err(Kind::Request, format!("cannot copy {source}")))?.to_owned();
+        let parent = src.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let archive = format!("/tmp/vmlab-copy-out.{}.tar", std::process::id());
+        let a = quote(&archive);
+        let size = self.copy_step(&format!(
+            "tar -C {} -cf {a} {} && wc -c < {a}",
+            quote(&parent.to_string_lossy()),
+            quote(&name.to_string_lossy())
+        ));
+        let size: u64 = match size {
+            Ok(out) => String::from_utf8_lossy(&out).trim().parse().map_err(|_| self.err(Kind::Harness, "bad archive size"))?,
+            Err(e) => {
+                let _ = self.execute(&format!("rm -f {a}"), None);
+                return Err(e);
+            }
+        };
+        let mut data = Vec::with_capacity(size as usize);
+        for i in 0..size.div_ceil(COPY_OUT_CHUNK) {
+            data.extend(self.copy_step(&format!("dd if={a} bs={COPY_OUT_CHUNK} skip={i} count=1 2>/dev/null"))?);
+        }
+        self.copy_step(&format!("rm -f {a}"))?;
+        if data.len() as u64 != size {
+            return Err(self.err(Kind::Harness, format!("copy of {source} came back with {} of {size} bytes", data.len())));
+        }
+        let dir = self.out_dir.join(target_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| self.err(Kind::Harness, format!("creating {}: {e}", dir.display())))?;
+        let target = dir.join(&name);
+        if target.is_dir() {
+            std::fs::remove_dir_all(&target).map_err(|e| self.err(Kind::Harness, format!("replacing {}: {e}", target.display())))?;
+        }
+        let mut child = Command::new(&tar)
+            .arg("-x")
+            .arg("-C")
+            .arg(&dir)
+            .arg("-f")
+            .arg("-")
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.err(Kind::Harness, format!("running {}: {e}", tar.display())))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+        let out = child.wait_with_output().map_err(|e| self.err(Kind::Harness, format!("running tar: {e}")))?;
+        let written = writer.join().expect("writer thread");
+        if !out.status.success() || written.is_err() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            return Err(self.err(Kind::Harness, format!("unpacking into {}: {}", dir.display(), why.trim())));
+        }
+        self.say(&format!("copied {source} to {} ({size} bytes of tar, {})", target.display(), secs(started.elapsed())));
+        Ok(target)
+    }
+
+    /// One step of a copy: must succeed; its standard output.
+    fn copy_step(&mut self, command: &str) -> Result<Vec<u8>, DriverError> {
+        let out = self.execute(command, Some(DEFAULT_TIMEOUT))?;
+        if out.status != 0 {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(self.err(Kind::Failed, format!("copy failed (exit code {}){}", out.status, stderr_note(&err))));
+        }
+        Ok(out.stdout)
+    }
+
+    /// Stops QEMU if it runs (end of the test).
+    pub fn release(&mut self) {
+        if self.running {
+            self.vm.kill();
+            self.forget_process();
+        }
+    }
+}
+
+fn stderr_note(stderr: &str) -> String {
+    let t = stderr.trim();
+    if t.is_empty() {
+        String::new()
+    } else {
+        let tail: Vec<&str> = t.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("; stderr: {}", tail.join("\n"))
+    }
+}
+
+fn host_tar() -> Result<PathBuf, DriverError> {
+    which::which("tar").map_err(|_| DriverError::harness("tar not found on the host (Debian package: tar)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_start_fast_and_settle_at_a_second() {
+        let mut d = Duration::ZERO;
+        let seq: Vec<u64> = (0..8).map(|_| {
+            d = next_delay(d);
+            d.as_millis() as u64
+        }).collect();
+        assert_eq!(seq, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+    }
+
+    #[test]
+    fn port_checks_quote_the_address() {
+        assert_eq!(port_check(80, "localhost"), "nc -z localhost 80 2>/dev/null || nc -w 2 localhost 80 -e true 2>/dev/null");
+        assert!(port_check(1, "a b").starts_with("nc -z 'a b' 1 "));
+    }
+
+    #[test]
+    fn screenshot_paths_follow_nixos() {
+        let out = Path::new("/out");
+        for (name, path) in [("shot", "/out/shot.png"), ("shot.ppm", "/out/shot.ppm"), ("/tmp/x/shot", "/tmp/x/shot.png")] {
+            assert_eq!(screenshot_path(out, name), PathBuf::from(path));
+        }
+    }
+
+    #[test]
+    fn links_are_the_vlan_netdevs() {
+        let ifs = vec![("eth1".to_string(), 1), ("eth2".to_string(), 7)];
+        assert_eq!(link_names(&ifs, None).unwrap(), ["vlan1", "vlan7"]);
+        assert_eq!(link_names(&ifs, Some("eth2")).unwrap(), ["vlan7"]);
+        assert_eq!(link_names(&ifs, Some("eth9")).unwrap_err(), "no interface eth9 (it has: eth1, eth2)");
+        assert_eq!(link_names(&[], Some("eth1")).unwrap_err(), "no interface eth1 (it has: none)");
+        assert!(link_names(&[], None).unwrap().is_empty());
+    }
+}
+
+/// Machine operations against a local busybox "guest" (see `testing`).
+#[cfg(test)]
+mod local_tests {
+    use super::*;
+    use crate::driver::testing::{busybox_bin, LocalVm};
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        m: Machine,
+        qmp_log: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = busybox_bin(dir.path());
+        let vm = LocalVm::new(&dir.path().join("state"), &bin);
+        let qmp_log = vm.qmp_log.clone();
+        let log = Arc::new(Log::new(Box::new(std::io::sink()), false, None));
+        let ifs = vec![("eth1".to_string(), 1), ("eth2".to_string(), 2)];
+        let m = Machine::new("server", ifs, Box::new(vm), &dir.path().join("out"), log);
+        Fixture { dir, m, qmp_log }
+    }
+
+    fn cmds(c: &[&str]) -> Vec<String> {
+        c.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn commands_boot_the_machine_and_check_their_status() {
+        let mut f = fixture();
+        assert!(!f.m.is_up());
+        assert_eq!(f.m.succeed(&cmds(&["echo a", "echo b"]), None).unwrap(), b"a\nb\n");
+        assert!(f.m.is_up());
+        let e = f.m.succeed(&cmds(&["echo oops >&2; exit 4"]), None).unwrap_err();
+        assert_eq!(e.kind, Kind::Failed);
+        assert_eq!(e.message, "machine server: command `echo oops >&2; exit 4` failed (exit code 4); stderr: oops");
+        assert_eq!(f.m.fail(&cmds(&["false"]), None).unwrap(), b"");
+        assert_eq!(f.m.fail(&cmds(&["true"]), None).unwrap_err().kind, Kind::Failed);
+        let out = f.m.execute_logged("echo x; exit 2", None).unwrap();
+        assert_eq!((out.status, out.stdout), (2, b"x\n".to_vec()));
+    }
+
+    #[test]
+    fn waits_poll_until_true_or_time_out() {
+        let mut f = fixture();
+        f.m.succeed(&cmds(&["(sleep 0.5; touch later) &"]), None).unwrap();
+        f.m.wait_for_file("later", Duration::from_secs(30)).unwrap();
+        assert_eq!(f.m.wait_until("test -e later && echo yes", true, Duration::from_secs(30)).unwrap(), b"yes\n");
+        f.m.wait_until("test -e never", false, Duration::from_secs(30)).unwrap();
+        let e = f.m.wait_until("test -e never", true, Duration::from_secs(1)).unwrap_err();
+        assert_eq!(e.kind, Kind::Timeout);
+        assert!(e.message.contains("timed out after 1.00s waiting for success of `test -e never`"), "{e}");
+    }
+
+    #[test]
+    fn ports_open_and_close() {
+        let mut f = fixture();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        f.m.wait_for_open_port(port, "127.0.0.1", Duration::from_secs(30)).unwrap();
+        drop(listener);
+        f.m.wait_for_closed_port(port, "127.0.0.1", Duration::from_secs(30)).unwrap();
+    }
+
+    #[test]
+    fn console_text_is_matched_once_each() {
+        let mut f = fixture();
+        f.m.start().unwrap();
+        let log = f.dir.path().join("state/serial.log");
+        std::fs::write(&log, "old line\n").unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut file = std::fs::OpenOptions::new().append(true).open(log).unwrap();
+            writeln!(file, "login: ready 42\r\nlogin: ready 43").unwrap();
+        });
+        use std::io::Write;
+        assert_eq!(f.m.wait_for_console_text(r"ready \d+", Duration::from_secs(30)).unwrap(), "ready 42");
+        writer.join().unwrap();
+        assert_eq!(f.m.wait_for_console_text(r"ready \d+", Duration::from_secs(30)).unwrap(), "ready 43");
+        assert_eq!(f.m.wait_for_console_text("ready", Duration::from_secs(1)).unwrap_err().kind, Kind::Timeout);
+        assert_eq!(f.m.wait_for_console_text("(", Duration::from_secs(1)).unwrap_err().kind, Kind::Request);
+    }
+
+    #[test]
+    fn copies_in_and_out_are_exact() {
+        let mut f = fixture();
+        let src = f.dir.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        let mut x: u32 = 7;
+        let big: Vec<u8> = (0..5 * 1024 * 1024 + 3)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (x >> 16) as u8
+            })
+            .collect();
+        std::fs::write(src.join("big"), &big).unwrap();
+        std::fs::write(src.join("sub/empty"), b"").unwrap();
+        let guest = f.dir.path().join("guest/deep/copy");
+        f.m.copy_to_vm(&src, &guest.display().to_string()).unwrap();
+        assert!(std::fs::read(guest.join("big")).unwrap() == big);
+        assert!(guest.join("sub/empty").exists());
+        let back = f.m.copy_from_vm(&guest.display().to_string(), "fetched").unwrap();
+        assert_eq!(back, f.dir.path().join("out/fetched/copy"));
+        assert!(std::fs::read(back.join("big")).unwrap() == big);
+        // A single file, into the output directory itself.
+        let file = f.m.copy_from_vm(&guest.join("sub/empty").display().to_string(), "").unwrap();
+        assert_eq!(file, f.dir.path().join("out/empty"));
+        let e = f.m.copy_from_vm("/nonexistent/x", "").unwrap_err();
+        assert_eq!(e.kind, Kind::Failed, "{e}");
+    }
+
+    #[test]
+    fn a_machine_dying_mid_command_is_reported_until_restarted() {
+        let mut f = fixture();
+        f.m.succeed(&cmds(&["true"]), None).unwrap();
+        let pid: i32 = String::from_utf8(f.m.succeed(&cmds(&["echo $PPID"]), None).unwrap()).unwrap().trim().parse().unwrap();
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let e = f.m.execute("sleep 30", None).unwrap_err();
+        killer.join().unwrap();
+        assert_eq!(e.kind, Kind::Machine);
+        assert!(e.message.starts_with("machine server: "), "{e}");
+        let again = f.m.execute("true", None).unwrap_err();
+        assert!(again.message.contains("died earlier"), "{again}");
+        f.m.start().unwrap();
+        assert_eq!(f.m.succeed(&cmds(&["echo back"]), None).unwrap(), b"back\n");
+    }
+
+    #[test]
+    fn crash_and_shutdown_stop_the_machine_and_commands_restart_it() {
+        let mut f = fixture();
+        f.m.succeed(&cmds(&["true"]), None).unwrap();
+        f.m.crash().unwrap();
+        assert!(!f.m.is_up());
+        assert_eq!(f.m.succeed(&cmds(&["echo again"]), None).unwrap(), b"again\n");
+        // The local "guest" has no poweroff: the shell exits instead, as QEMU would.
+        f.m.send_to_shell("exit\n").unwrap();
+        f.m.wait_for_shutdown(Duration::from_secs(30)).unwrap();
+        assert!(!f.m.is_up());
+    }
+
+    #[test]
+    fn block_forward_and_monitor_go_through_qmp() {
+        let mut f = fixture();
+        f.m.set_links(false, None).unwrap();
+        f.m.set_links(true, Some("eth2")).unwrap();
+        assert_eq!(f.m.set_links(true, Some("eth5")).unwrap_err().kind, Kind::Request);
+        f.m.forward_port(8080, 80).unwrap();
+        f.m.send_monitor_command("info status").unwrap();
+        let log = f.qmp_log.lock().unwrap().clone();
+        let sent: Vec<String> = log.iter().skip(1).map(|r| format!("{} {}", r["execute"], r["arguments"])).collect();
+        assert_eq!(
+            sent,
+            [
+                r#""set_link" {"name":"vlan1","up":false}"#,
+                r#""set_link" {"name":"vlan2","up":false}"#,
+                r#""set_link" {"name":"vlan2","up":true}"#,
+                r#""human-monitor-command" {"command-line":"hostfwd_add user tcp:127.0.0.1:8080-:80"}"#,
+                r#""human-monitor-command" {"command-line":"info status"}"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn wait_for_unit_without_systemd_says_so() {
+        let mut f = fixture();
+        let e = f.m.wait_for_unit("nginx.service", None, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.kind, Kind::Failed);
+        assert!(e.message.contains("needs systemd"), "{e}");
+    }
+}

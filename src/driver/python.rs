@@ -1,0 +1,160 @@
+//! The Python client, shipped inside the binary so `vmlab test` works from
+//! anywhere (a Nix store path, `cargo install`): written out next to the
+//! session, then used for the script pre-check and to run `.py` scripts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+
+const FILES: [(&str, &str); 2] = [
+    ("vmlab/__init__.py", include_str!("../../python/vmlab/__init__.py")),
+    ("vmlab/check.py", include_str!("../../python/vmlab/check.py")),
+];
+
+/// Writes the `vmlab` package under `dir`; `dir` is then the PYTHONPATH entry.
+pub fn install(dir: &Path) -> anyhow::Result<PathBuf> {
+    for (name, text) in FILES {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().expect("has a parent"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+pub fn python3() -> anyhow::Result<PathBuf> {
+    which::which("python3").map_err(|_| anyhow::anyhow!("python3 not found (Debian package: python3)"))
+}
+
+fn with_path(python: &Path, pythonpath: &Path) -> Command {
+    let mut cmd = Command::new(python);
+    let mut paths = vec![pythonpath.to_path_buf()];
+    paths.extend(std::env::var_os("PYTHONPATH").iter().flat_map(std::env::split_paths));
+    cmd.env("PYTHONPATH", std::env::join_paths(paths).expect("paths without ':'"));
+    cmd
+}
+
+/// Checks a `.py` script before anything boots; `Err` holds the problems,
+/// one `SCRIPT:LINE: message` per line.
+pub fn precheck(python: &Path, pythonpath: &Path, script: &Path, machines: &[String]) -> anyhow::Result<Result<(), String>> {
+    let out = with_path(python, pythonpath)
+        .arg("-m")
+        .arg("vmlab.check")
+        .arg(script)
+        .args(machines)
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if out.status.success() {
+        return Ok(Ok(()));
+    }
+    Ok(Err(String::from_utf8_lossy(&out.stderr).trim_end().to_string()))
+}
+
+/// The command that runs a `.py` test script with the API and machines bound.
+pub fn script_command(python: &Path, pythonpath: &Path, script: &Path, machines: &[String]) -> Command {
+    let mut cmd = with_path(python, pythonpath);
+    cmd.arg("-c")
+        .arg("import sys, vmlab; sys.exit(vmlab.run_script(sys.argv[1], sys.argv[2:]))")
+        .arg(script)
+        .args(machines);
+    cmd
+}
+
+/// An interactive Python prompt with the API and machines bound.
+pub fn interactive_command(python: &Path, pythonpath: &Path, machines: &[String]) -> Command {
+    let mut cmd = with_path(python, pythonpath);
+    cmd.arg("-i")
+        .arg("-c")
+        .arg("import sys, vmlab; globals().update(vmlab.bind(sys.argv[1:])); print('vmlab: machines', ', '.join(m.name for m in vmlab.machines))")
+        .args(machines);
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::control::{serve, Driver};
+    use crate::driver::log::Log;
+    use crate::driver::machine::Machine;
+    use crate::driver::testing::{busybox_bin, LocalVm};
+    use std::sync::Arc;
+
+    fn script(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("test.py");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn precheck_catches_syntax_and_unknown_names_with_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let py = install(&dir.path().join("py")).unwrap();
+        let machines = vec!["server".to_string(), "client-1".to_string()];
+        let ok = script(dir.path(), "import os\nstart_all()\nserver.succeed('true')\nclient_1.fail('false')\nwith subtest('x'):\n    retry(lambda last: True)\nmachines[0].log(os.sep)\n");
+        precheck(&python3().unwrap(), &py, &ok, &machines).unwrap().unwrap();
+        let typo = script(dir.path(), "start_all()\n\nsever.succeed('true')\n");
+        let e = precheck(&python3().unwrap(), &py, &typo, &machines).unwrap().unwrap_err();
+        assert!(e.ends_with("test.py:3: name 'sever' is not defined; did you mean 'server'? (machines: client_1, server)"), "{e}");
+        let broken = script(dir.path(), "x = (\n");
+        let e = precheck(&python3().unwrap(), &py, &broken, &machines).unwrap().unwrap_err();
+        assert!(e.contains("test.py:1: syntax error"), "{e}");
+    }
+
+    /// A NixOS-style script, unchanged, against local busybox "machines".
+    #[test]
+    fn nixos_style_script_runs_through_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = busybox_bin(dir.path());
+        let log = Arc::new(Log::new(Box::new(std::io::sink()), false, None));
+        let out = dir.path().join("out");
+        let machines: Vec<Machine> = ["client", "server"]
+            .iter()
+            .map(|n| Machine::new(n, vec![], Box::new(LocalVm::new(&dir.path().join(n), &bin)), &out, log.clone()))
+            .collect();
+        let driver = Arc::new(Driver::new(machines, log.clone()));
+        let sock = dir.path().join("control.sock");
+        serve(driver.clone(), &sock).unwrap();
+        let py = install(&dir.path().join("py")).unwrap();
+        let guest = dir.path().join("guest");
+        let test = script(
+            dir.path(),
+            &format!(
+                r#"
+start_all()
+server.succeed("mkdir -p {g} && echo hello > {g}/page")
+with subtest("the page is there"):
+    server.wait_until_succeeds("test -s {g}/page")
+    assert client.succeed("cat {g}/page") == "hello\n"
+    client.fail("false")
+    status, output = client.execute("echo out; exit 3")
+    assert (status, output) == (3, "out\n"), (status, output)
+try:
+    server.succeed("false")
+except RequestedAssertionFailed as e:
+    assert "exit code 1" in str(e)
+else:
+    raise AssertionError("succeed did not raise")
+server.wait_for_file("{g}/page")
+server.copy_from_vm("{g}/page", "fetched")
+retry(lambda last_try: True)
+with subtest("fails"):
+    client.succeed("exit 7")
+"#,
+                g = guest.display()
+            ),
+        );
+        let status = script_command(&python3().unwrap(), &py, &test, &driver.machine_names())
+            .env("VMLAB_SOCKET", &sock)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(1));
+        assert_eq!(std::fs::read_to_string(out.join("fetched/page")).unwrap(), "hello\n");
+        let (subtests, _) = log.records();
+        let verdicts: Vec<(&str, bool)> = subtests.iter().map(|s| (s.name.as_str(), s.failure.is_none())).collect();
+        assert_eq!(verdicts, [("the page is there", true), ("fails", false)]);
+        assert!(subtests[1].failure.as_deref().unwrap().contains("command `exit 7` failed (exit code 7)"));
+        driver.release_all();
+    }
+}
