@@ -174,6 +174,13 @@ impl Machine {
         Some(self.exit(&current, status))
     }
 
+    /// Stops QEMU at once (SIGKILL to its process group), like pulling the plug.
+    pub fn kill(&self) -> Option<Exit> {
+        let current = self.current()?;
+        let status = current.guard.stop(Duration::ZERO);
+        Some(self.exit(&current, status))
+    }
+
     fn exit(&self, incarnation: &Incarnation, status: ExitStatus) -> Exit {
         Exit { status, stderr_tail: log_tail(&self.qemu_log(), incarnation.qemu_log_offset) }
     }
@@ -335,6 +342,31 @@ impl Machine {
         let mut backdoor = current.backdoor.lock().unwrap();
         backdoor.ready_after?;
         backdoor.stream.take()
+    }
+}
+
+/// How the test driver runs a machine: QEMU is the runtime's, the backdoor
+/// and QMP connections are the driver's, so a machine the driver drives is
+/// never passed to [`Machine::wait_ready`] (QEMU accepts one backdoor client).
+impl crate::driver::machine::Vm for Arc<Machine> {
+    fn spawn(&mut self) -> Result<()> {
+        self.start()
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        self.wait_exit(Duration::ZERO).map(|exit| exit.to_string())
+    }
+
+    fn kill(&mut self) {
+        Machine::kill(self);
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        Machine::state_dir(self)
+    }
+
+    fn serial_log(&self) -> PathBuf {
+        Machine::serial_log(self)
     }
 }
 

@@ -419,3 +419,35 @@ fn machines_start_restart_fail_and_hand_over_their_backdoor() {
     drop(network);
     assert!(!session.exists());
 }
+
+/// The seam between driver and runtime (`driver::machine::Vm` for
+/// `Arc<runtime::Machine>`), on real VMs: the driver boots, runs a command,
+/// crashes and restarts a machine whose QEMU the runtime owns.
+#[test]
+fn the_driver_runs_real_vms_through_the_runtime() {
+    use vmlab::driver::{log::Log, machine::Machine as Driven};
+    use vmlab::runtime::{accel, load_plan, Network, Session};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = build_webserver(tmp.path(), free_port());
+    let plan = load_plan(&dir).unwrap();
+    let accel = accel::decide(vmlab::cli::Accel::Auto, &accel::probe()).unwrap().accel;
+    let network = Network::start(&dir, plan.clone(), Session::create(&plan, false).unwrap(), accel).unwrap();
+    let session = network.session().path().to_owned();
+    let runtime_server = network.machine("server").unwrap().clone();
+    let log = std::sync::Arc::new(Log::new(Box::new(std::io::sink()), false, None));
+    let mut server = Driven::new("server", vec![("eth1".into(), 1)], Box::new(runtime_server.clone()), tmp.path(), log);
+
+    let out = server.execute("hostname", None).unwrap();
+    assert_eq!((out.status, String::from_utf8_lossy(&out.stdout).into_owned()), (0, "server\n".to_owned()));
+    let first = runtime_server.pid().unwrap();
+    server.crash().unwrap();
+    assert!(!runtime_server.is_running());
+    let out = server.execute("cat /proc/sys/kernel/hostname", None).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "server\n");
+    assert_ne!(runtime_server.pid(), Some(first), "the same QEMU after a crash");
+
+    drop(server);
+    network.stop();
+    assert_eq!(leftovers(&session), []);
+}
