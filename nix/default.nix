@@ -1,0 +1,177 @@
+# The vmlab Nix library, builtins only: every tool comes in through `tools`,
+# so the same code runs with nixpkgs packages (flake.nix) and with a Debian
+# host's programs (nix/host.nix). Nix only serialises and wires: addresses
+# and QEMU options are vmlab's (`vmlab build`, `vmlab test`). See docs/nix.md.
+{ tools }:
+# tools.vmlab      the vmlab executable
+# tools.qemu       qemu-system-x86_64
+# tools.vdeSwitch  vde_switch
+# tools.sh         a POSIX shell, the builders' interpreter
+# tools.coreutils  a directory with mkdir and cp (put on the builders' PATH)
+# tools.python3    python3, for Python test scripts
+# tools.busybox    a static busybox, for the default guest
+# tools.bash       a static bash for the default guest, or null for none
+# tools.kernel     the default guest's kernel, or null for vmlab's choice
+# tools.modules    its module tree (lib/modules/<release>), or null for vmlab's choice
+# tools.evalNixos  optional: how NixOS nodes are evaluated (nix/nixos.nix; needs nixpkgs)
+let
+  inherit (builtins) attrNames concatMap concatStringsSep filter isAttrs isFunction isList
+    isPath listToAttrs mapAttrs removeAttrs toJSON;
+
+  system = tools.system or builtins.currentSystem;
+
+  optional = cond: x: if cond then [ x ] else [ ];
+  optionalArgs = flag: value: if value == null then [ ] else [ flag value ];
+
+  # A derivation whose builder is a shell script; the tools it needs are
+  # passed in its environment, so they become its dependencies.
+  shellDerivation = { name, script, ... }@attrs:
+    derivation ({ PATH = "${tools.coreutils}"; } // removeAttrs attrs [ "script" ] // {
+      inherit name system;
+      builder = tools.sh;
+      args = [ "-c" script ];
+    });
+
+  isDerivation = x: isAttrs x && (x.type or null) == "derivation";
+
+  # The default minimal guest: `vmlab guest` in a derivation.
+  # files: guest path -> host path (a directory is copied recursively).
+  defaultGuest =
+    { name ? "vmlab-guest"
+    , rc ? null
+    , files ? { }
+    , kernel ? tools.kernel or null
+    , modules ? tools.modules or null
+    , busybox ? tools.busybox
+    , bash ? tools.bash or null
+    }:
+    derivation {
+      inherit name system;
+      builder = tools.vmlab;
+      args = [ "guest" "--out" (builtins.placeholder "out") "--busybox" busybox ]
+        ++ (if bash == null then [ "--no-bash" ] else [ "--bash" bash ])
+        ++ optionalArgs "--kernel" kernel
+        ++ optionalArgs "--modules" modules
+        ++ optionalArgs "--rc" rc
+        ++ concatMap (target: [ "--add" "${files.${target}}:${target}" ]) (attrNames files);
+    };
+
+  # How a node of `nodes` is written (docs/nix.md): a NixOS module or list of
+  # modules; an attribute set with `nixos`; vmlab node fields with `kernel`
+  # (direct boot) or `startScript`; or fields only, for the default guest.
+  normalise = node: if isFunction node || isList node then { nixos = node; } else node;
+
+  # The spec of docs/spec.md for a network of `nodes`.
+  networkSpec = { name, nodes, guest ? { } }:
+    let
+      normalised = mapAttrs (_: normalise) nodes;
+      plan = numbering { inherit name; nodes = normalised; };
+      guestOf = g: if isDerivation g then g else defaultGuest ({ name = "${name}-guest"; } // g);
+      sharedGuest = guestOf guest;
+      nixosConfigs = mapAttrs (nodeName: node:
+        if tools ? evalNixos then
+          tools.evalNixos { inherit nodeName node plan; nodes = nixosConfigs; }
+        else
+          throw "node \"${nodeName}\" is a NixOS configuration: evaluating it needs nixpkgs (use the flake's lib)")
+        (filterAttrs (_: node: node ? nixos) normalised);
+      specNode = nodeName: node:
+        let fields = removeAttrs node [ "nixos" "guest" ]; in
+        if node ? nixos then
+          removeAttrs fields [ "memory" "cpus" ] // { startScript = nixosConfigs.${nodeName}.startScript; }
+        else if node ? kernel || node ? startScript then
+          fields
+        else
+          let g = if node ? guest then guestOf node.guest else sharedGuest; in
+          { kernel = "${g}/kernel"; initrd = "${g}/initrd"; } // fields;
+    in
+    {
+      inherit name;
+      nodes = mapAttrs specNode normalised;
+      qemu = tools.qemu;
+      vdeSwitch = tools.vdeSwitch;
+    };
+
+  filterAttrs = pred: set:
+    listToAttrs (concatMap (n: optional (pred n set.${n}) { name = n; value = set.${n}; }) (attrNames set));
+
+  # `vmlab build` in a derivation; `.spec` is the JSON it reads, as data.
+  buildVirtualNetwork = { name, nodes, guest ? { } }@args:
+    let spec = networkSpec args; in
+    shellDerivation {
+      name = "${name}-vms";
+      vmlab = tools.vmlab;
+      spec = toJSON spec;
+      # A file, not an argument: specs with many nodes exceed argument limits.
+      passAsFile = [ "spec" ];
+      script = ''exec "$vmlab" build "$specPath" --out "$out"'';
+    } // {
+      inherit spec;
+      plan = numbering spec;
+    };
+
+  # `vmlab test` in a derivation (docs/nix.md for the arguments).
+  runTest =
+    { name
+    , nodes
+    , testScript
+    , guest ? { }
+    , keepFailedOutput ? false
+    , requiredSystemFeatures ? [ "nixos-test" "kvm" ]
+    , globalTimeout ? null
+    , accel ? null
+    , extraArgs ? [ ]
+    }:
+    let
+      network = buildVirtualNetwork { inherit name nodes guest; };
+      # A string is Python source, as in NixOS tests (a function of `nodes`,
+      # the plan's machines by name, also works); a path or derivation is a
+      # script file: Python when its name ends in .py, else run as it is.
+      script = if isFunction testScript then testScript { nodes = machinesByName network.plan; } else testScript;
+      isSource = builtins.isString script;
+    in
+    shellDerivation ({
+      name = "${name}-test";
+      inherit requiredSystemFeatures;
+      vmlab = tools.vmlab;
+      network = network;
+      PATH = "${tools.coreutils}:${dirOf tools.python3}";
+      keepFailedOutput = if keepFailedOutput then "1" else "";
+      testArgs = optionalArgs "--global-timeout" (if globalTimeout == null then null else toString globalTimeout)
+        ++ optionalArgs "--accel" accel ++ extraArgs;
+      script = ''
+        if [ -n "''${testScriptSourcePath-}" ]; then
+          cp "$testScriptSourcePath" test.py
+          testScript=$PWD/test.py
+        fi
+        mkdir -p "$out/nix-support"
+        "$vmlab" test "$network" "$testScript" --out "$out" --junit "$out/junit.xml" $testArgs
+        status=$?
+        products=$out/nix-support/hydra-build-products
+        for log in "$out"/*.log; do
+          if [ -e "$log" ]; then echo "file log $log" >> "$products"; fi
+        done
+        if [ -e "$out/junit.xml" ]; then echo "report junit $out/junit.xml" >> "$products"; fi
+        if [ -e "$out/coverage/index.html" ]; then echo "report coverage $out/coverage index.html" >> "$products"; fi
+        if [ "$status" -ne 0 ]; then
+          if [ -z "$keepFailedOutput" ]; then exit "$status"; fi
+          # Hydra's convention: the build succeeded, the product is a failure.
+          echo "vmlab test exited with status $status" > "$out/nix-support/failed"
+        fi
+      '';
+    } // (if isSource then {
+      testScriptSource = script;
+      passAsFile = [ "testScriptSource" ];
+    } else {
+      testScript = script;
+    })) // {
+      inherit network;
+      inherit (network) spec plan;
+    };
+
+  machinesByName = plan: listToAttrs (map (m: { name = m.name; value = m; }) plan.machines);
+
+  numbering = import ./numbering.nix;
+in
+{
+  inherit buildVirtualNetwork runTest defaultGuest networkSpec numbering;
+}
