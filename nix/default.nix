@@ -66,7 +66,8 @@ let
     let
       normalised = mapAttrs (_: normalise) nodes;
       plan = numbering { inherit name; nodes = normalised; };
-      guestOf = g: if isDerivation g then g else defaultGuest ({ name = "${name}-guest"; } // g);
+      # Named by content only, so networks with the same guest share its build.
+      guestOf = g: if isDerivation g then g else defaultGuest g;
       sharedGuest = guestOf guest;
       nixosConfigs = mapAttrs (nodeName: node:
         if tools ? evalNixos then
