@@ -61,8 +61,9 @@ let
   # (direct boot) or `startScript`; or fields only, for the default guest.
   normalise = node: if isFunction node || isList node then { nixos = node; } else node;
 
-  # The spec of docs/spec.md for a network of `nodes`.
-  networkSpec = { name, nodes, guest ? { } }:
+  # The spec of docs/spec.md for a network of `nodes`, and the evaluated
+  # NixOS nodes (`nixos`: config and startScript by name).
+  network = { name, nodes, guest ? { } }:
     let
       normalised = mapAttrs (_: normalise) nodes;
       plan = numbering { inherit name; nodes = normalised; };
@@ -86,18 +87,23 @@ let
           { kernel = "${g}/kernel"; initrd = "${g}/initrd"; } // fields;
     in
     {
-      inherit name;
-      nodes = mapAttrs specNode normalised;
-      qemu = tools.qemu;
-      vdeSwitch = tools.vdeSwitch;
+      spec = {
+        inherit name;
+        nodes = mapAttrs specNode normalised;
+        qemu = tools.qemu;
+        vdeSwitch = tools.vdeSwitch;
+      };
+      nixos = nixosConfigs;
     };
+
+  networkSpec = args: (network args).spec;
 
   filterAttrs = pred: set:
     listToAttrs (concatMap (n: optional (pred n set.${n}) { name = n; value = set.${n}; }) (attrNames set));
 
   # `vmlab build` in a derivation; `.spec` is the JSON it reads, as data.
   buildVirtualNetwork = { name, nodes, guest ? { } }@args:
-    let spec = networkSpec args; in
+    let inherit (network args) spec nixos; in
     shellDerivation {
       name = "${name}-vms";
       vmlab = tools.vmlab;
@@ -108,6 +114,8 @@ let
     } // {
       inherit spec;
       plan = numbering spec;
+      # As in NixOS tests: nodes.server.config…
+      nodes = nixos;
     };
 
   # `vmlab test` in a derivation (docs/nix.md for the arguments).
@@ -166,7 +174,7 @@ let
       testScript = script;
     })) // {
       inherit network;
-      inherit (network) spec plan;
+      inherit (network) spec plan nodes;
     };
 
   machinesByName = plan: listToAttrs (map (m: { name = m.name; value = m; }) plan.machines);
