@@ -25,11 +25,12 @@ let
 
   # A derivation whose builder is a shell script; the tools it needs are
   # passed in its environment, so they become its dependencies.
-  shellDerivation = { name, script, ... }@attrs:
-    derivation ({ PATH = "${tools.coreutils}"; } // removeAttrs attrs [ "script" ] // {
+  # scriptArgs are the script's "$@", each one word whatever it contains.
+  shellDerivation = { name, script, scriptArgs ? [ ], ... }@attrs:
+    derivation ({ PATH = "${tools.coreutils}"; } // removeAttrs attrs [ "script" "scriptArgs" ] // {
       inherit name system;
       builder = tools.sh;
-      args = [ "-c" script ];
+      args = [ "-c" script name ] ++ scriptArgs;
     });
 
   isDerivation = x: isAttrs x && (x.type or null) == "derivation";
@@ -145,7 +146,7 @@ let
       network = network;
       PATH = "${tools.coreutils}:${dirOf tools.python3}";
       keepFailedOutput = if keepFailedOutput then "1" else "";
-      testArgs = optionalArgs "--global-timeout" (if globalTimeout == null then null else toString globalTimeout)
+      scriptArgs = optionalArgs "--global-timeout" (if globalTimeout == null then null else toString globalTimeout)
         ++ optionalArgs "--accel" accel ++ extraArgs;
       script = ''
         if [ -n "''${testScriptSourcePath-}" ]; then
@@ -153,7 +154,7 @@ let
           testScript=$PWD/test.py
         fi
         mkdir -p "$out/nix-support"
-        "$vmlab" test "$network" "$testScript" --out "$out" --junit "$out/junit.xml" $testArgs
+        "$vmlab" test "$network" "$testScript" --out "$out" --junit "$out/junit.xml" "$@"
         status=$?
         products=$out/nix-support/hydra-build-products
         for log in "$out"/*.log; do

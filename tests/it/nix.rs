@@ -369,7 +369,7 @@ fn run_test_keeps_a_failed_tests_output_when_asked_and_marks_it_failed() {
     if !vmlab_has_test() {
         return;
     }
-    let options = r#"keepFailedOutput = true; testScript = ''
+    let options = r#"keepFailedOutput = true; globalTimeout = 600; accel = "tcg"; testScript = ''
         a.succeed("echo the guest ran this; false")
     '';"#;
     let Some(out) = built(&run_test_expr("kept", options)) else { return };
