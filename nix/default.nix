@@ -148,13 +148,15 @@ let
       keepFailedOutput = if keepFailedOutput then "1" else "";
       scriptArgs = optionalArgs "--global-timeout" (if globalTimeout == null then null else toString globalTimeout)
         ++ optionalArgs "--accel" accel ++ extraArgs;
+      # The script is copied under a plain name: the name reports show.
       script = ''
         if [ -n "''${testScriptSourcePath-}" ]; then
           cp "$testScriptSourcePath" test.py
-          testScript=$PWD/test.py
+        else
+          cp "$testScriptFile" "$testScriptName"
         fi
         mkdir -p "$out/nix-support"
-        "$vmlab" test "$network" "$testScript" --out "$out" --junit "$out/junit.xml" "$@"
+        "$vmlab" test "$network" "$PWD/$testScriptName" --out "$out" --junit "$out/junit.xml" "$@"
         status=$?
         products=$out/nix-support/hydra-build-products
         for log in "$out"/*.log; do
@@ -170,13 +172,23 @@ let
       '';
     } // (if isSource then {
       testScriptSource = script;
+      testScriptName = "test.py";
       passAsFile = [ "testScriptSource" ];
     } else {
-      testScript = script;
+      testScriptFile = script;
+      testScriptName = fileName script;
     })) // {
       inherit network;
       inherit (network) spec plan nodes;
     };
+
+  # A path's or store path's file name, without the store hash.
+  fileName = file:
+    let
+      base = baseNameOf (toString file);
+      stripped = builtins.match "[0-9a-z]{32}-(.*)" base;
+    in
+    if stripped == null then base else builtins.head stripped;
 
   machinesByName = plan: listToAttrs (map (m: { name = m.name; value = m; }) plan.machines);
 

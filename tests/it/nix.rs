@@ -369,14 +369,16 @@ fn run_test_keeps_a_failed_tests_output_when_asked_and_marks_it_failed() {
     if !vmlab_has_test() {
         return;
     }
-    let options = r#"keepFailedOutput = true; globalTimeout = 600; accel = "tcg"; testScript = ''
-        a.succeed("echo the guest ran this; false")
-    '';"#;
-    let Some(out) = built(&run_test_expr("kept", options)) else { return };
+    // A Python file this time (the example's script is Python source).
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("fails.py");
+    std::fs::write(&script, "a.succeed(\"echo the guest ran this; false\")\n").unwrap();
+    let options = format!(r#"keepFailedOutput = true; globalTimeout = 600; accel = "tcg"; testScript = {};"#, nix_path(&script));
+    let Some(out) = built(&run_test_expr("kept", &options)) else { return };
     let failed = std::fs::read_to_string(out.join("nix-support/failed")).unwrap();
     assert_eq!(failed, "vmlab test exited with status 1\n");
     let junit = std::fs::read_to_string(out.join("junit.xml")).unwrap();
-    assert!(junit.contains("<failure"), "{junit}");
+    assert!(junit.contains("<testcase classname=\"kept\" name=\"fails.py\"") && junit.contains("<failure"), "{junit}");
     assert!(hydra_products(&out).contains(&"report junit".to_owned()));
     // The machine's serial console is among the logs.
     let logs: Vec<String> = std::fs::read_dir(&out)
