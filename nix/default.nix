@@ -7,7 +7,8 @@
 # tools.qemu       qemu-system-x86_64
 # tools.vdeSwitch  vde_switch
 # tools.sh         a POSIX shell, the builders' interpreter
-# tools.coreutils  a directory with mkdir and cp (put on the builders' PATH)
+# tools.coreutils  a directory with coreutils, put on the builders' PATH (mkdir,
+#                  cp; the run scripts' dirname and mkdir when vmlab test runs them)
 # tools.python3    python3, for Python test scripts
 # tools.busybox    a static busybox, for the default guest
 # tools.bash       a static bash for the default guest, or null for none
