@@ -134,10 +134,16 @@ let
     }:
     let
       network = buildVirtualNetwork { inherit name nodes guest; };
-      # A string is Python source, as in NixOS tests (a function of `nodes`,
-      # the plan's machines by name, also works); a path or derivation is a
-      # script file: Python when its name ends in .py, else run as it is.
-      script = if isFunction testScript then testScript { nodes = machinesByName network.plan; } else testScript;
+      # A string is Python source, as in NixOS tests; so is what a function
+      # of `nodes` (NixOS nodes' configs, as NixOS tests pass them) and
+      # `machines` (the plan's machines by name) returns. A path or
+      # derivation is a script file: Python when its name ends in .py, else
+      # run as it is.
+      script = if isFunction testScript then callWith scriptInputs testScript else testScript;
+      scriptInputs = {
+        nodes = mapAttrs (_: node: node.config) network.nodes;
+        machines = listToAttrs (map (m: { name = m.name; value = m; }) network.plan.machines);
+      };
       isSource = builtins.isString script;
     in
     shellDerivation ({
@@ -191,7 +197,10 @@ let
     in
     if stripped == null then base else builtins.head stripped;
 
-  machinesByName = plan: listToAttrs (map (m: { name = m.name; value = m; }) plan.machines);
+  # Calls f with the inputs it names (all of them if it names none).
+  callWith = inputs: f:
+    let wanted = builtins.functionArgs f; in
+    f (if wanted == { } then inputs else builtins.intersectAttrs wanted inputs);
 
   numbering = import ./numbering.nix;
 in

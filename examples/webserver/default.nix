@@ -21,16 +21,16 @@ in
 
   # The client fetches the server's page by name, over IPv4 and IPv6.
   test = lab.runTest (network // {
-    # A function of `nodes` (the plan's machines, by name) when the script
-    # needs an address: vmlab's numbering, computed in Nix.
-    testScript = { nodes }: ''
+    # A function when the script needs an address: `machines` are the
+    # plan's machines by name (vmlab's numbering, computed in Nix).
+    testScript = { machines, ... }: ''
       start_all()
       server.wait_for_open_port(80)
       with subtest("the client fetches the page by name"):
           page = client.succeed("wget -q -O - http://server/")
           assert "Hello from the vmlab web server" in page, page
       with subtest("and by IPv6 address"):
-          client.succeed("wget -q -O - 'http://[${nodes.server.primaryIPv6}]/'")
+          client.succeed("wget -q -O - 'http://[${machines.server.primaryIPv6}]/'")
     '';
   } // testArgs);
 }

@@ -432,6 +432,7 @@ fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
     let mixed = &outputs["mixedSpec"]["nodes"];
     assert_eq!(mixed["server"], json!({"startScript": "/stub/vm-server/bin/run-server-vm", "vlans": [2]}));
     assert!(mixed["client"]["kernel"].as_str().unwrap().ends_with("-vmlab-guest/kernel"), "{mixed}");
+    assert_eq!(outputs["mixedTestScript"], "server 192.168.1.1");
     assert_eq!(
         outputs["server"],
         json!({"hostName": "server", "memory": 512, "nodes": ["server"], "planMachines": ["client", "server"],
