@@ -16,8 +16,7 @@
 # tools.modules    its module tree (lib/modules/<release>), or null for vmlab's choice
 # tools.evalNixos  optional: how NixOS nodes are evaluated (nix/nixos.nix; needs nixpkgs)
 let
-  inherit (builtins) attrNames concatMap concatStringsSep filter isAttrs isFunction isList
-    isPath listToAttrs mapAttrs removeAttrs toJSON;
+  inherit (builtins) attrNames concatMap isAttrs isFunction isList listToAttrs mapAttrs removeAttrs toJSON;
 
   system = tools.system or builtins.currentSystem;
 
