@@ -6,4 +6,5 @@ mod common;
 mod build;
 mod coverage;
 mod guest;
+mod network;
 mod runtime;
