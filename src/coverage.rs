@@ -17,6 +17,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::driver::machine::Machine;
+use crate::driver::DriverError;
+use crate::shell::quote;
+
 /// Every guest's `GCOV_PREFIX`: where programs built with `--coverage` write their data.
 pub const GUEST_DIR: &str = "/var/lib/vmlab/coverage";
 /// Below the test's output directory: one directory of `.gcda` files and one tracefile per machine.
@@ -257,6 +261,47 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
         &fs::read_to_string(&combined_path).with_context(|| format!("cannot read {}", combined_path.display()))?,
     );
     Ok(Report::Written { combined, machines: counts })
+}
+
+/// What [`collect`] found on one machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collected {
+    /// This many `.gcda` files, now under `<out>/coverage-data/<machine>/`.
+    Files(usize),
+    /// The machine runs but no program wrote coverage data.
+    Nothing,
+    /// The machine is not running: whatever its programs wrote died with it.
+    NotRunning,
+}
+
+/// Copies a running machine's coverage data (everything under its
+/// [`GUEST_DIR`]) to `<out>/coverage-data/<machine>/`, after `sync`, so the
+/// report sees what each machine's programs wrote, machine by machine.
+pub fn collect(machine: &mut Machine) -> Result<Collected, DriverError> {
+    if !machine.is_up() {
+        return Ok(Collected::NotRunning);
+    }
+    let dir = quote(GUEST_DIR);
+    let out = machine.execute(&format!("sync; find {dir} -name '*.gcda' -type f 2>/dev/null | wc -l"), None)?;
+    let count: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+    if count == 0 {
+        return Ok(Collected::Nothing);
+    }
+    // copy_from_vm keeps the directory's own name: fetch into a scratch
+    // directory, then move the copy where the report looks for it.
+    let scratch = Path::new(DATA_DIR).join(format!(".{}.incoming", machine.name));
+    let copied = machine.copy_from_vm(GUEST_DIR, &scratch.to_string_lossy())?;
+    let incoming = copied.parent().expect("copied into the scratch directory");
+    let target = incoming.with_file_name(&machine.name);
+    let moved = (|| {
+        if target.exists() {
+            fs::remove_dir_all(&target)?;
+        }
+        fs::rename(&copied, &target)?;
+        fs::remove_dir(incoming)
+    })();
+    moved.map_err(|e| DriverError::harness(format!("machine {}: moving coverage data to {}: {e}", machine.name, target.display())))?;
+    Ok(Collected::Files(count))
 }
 
 pub fn coverage_command(args: &crate::cli::CoverageArgs) -> Result<std::process::ExitCode> {

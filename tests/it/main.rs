@@ -6,5 +6,6 @@ mod common;
 mod build;
 mod coverage;
 mod guest;
+mod network;
 mod nix;
 mod runtime;
