@@ -150,13 +150,12 @@ impl Machine {
         self.console.clear();
         self.vm.spawn().map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
         self.running = true;
-        let dir = self.vm.state_dir();
-        let shell = self.wait_for_socket(&dir.join("shell.sock"))?;
+        // At once: QEMU drops what the guest writes to the backdoor while no
+        // client is connected, and the banner is written once.
+        let shell = self.wait_for_socket(&self.vm.state_dir().join("shell.sock"))?;
         self.shell = Some(
             Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?,
         );
-        let qmp = self.wait_for_socket(&dir.join("qmp.sock"))?;
-        self.qmp = Some(Qmp::handshake(qmp, &self.name)?);
         Ok(())
     }
 
@@ -204,6 +203,12 @@ impl Machine {
 
     /// Starts the machine if needed and waits for its backdoor shell.
     pub fn wait_for_boot(&mut self) -> Result<(), DriverError> {
+        self.wait_for_boot_within(BOOT_TIMEOUT)
+    }
+
+    /// [`Machine::wait_for_boot`] with a chosen limit (`vmlab up` waits as
+    /// long as the machine runs: a guest without the backdoor just runs).
+    pub fn wait_for_boot_within(&mut self, timeout: Duration) -> Result<(), DriverError> {
         if let Some(why) = &self.died {
             return Err(self.err(Kind::Machine, format!("died earlier ({why}); start() it again")));
         }
@@ -219,7 +224,8 @@ impl Machine {
             Some(how) => Err(DriverError::new(Kind::Harness, format!("machine {name}: QEMU {how}"))),
         };
         let shell = self.shell.as_mut().expect("a started machine has a shell");
-        if let Err(e) = shell.wait_for_banner(&mut alive, started + BOOT_TIMEOUT) {
+        let deadline = started.checked_add(timeout).unwrap_or(started + BOOT_TIMEOUT);
+        if let Err(e) = shell.wait_for_banner(&mut alive, deadline) {
             let e = self.mark_dead(e);
             return Err(DriverError::harness(format!("the guest never came up: {}", e.message)));
         }
@@ -450,10 +456,15 @@ impl Machine {
         self.start()
     }
 
+    /// The QMP connection, made on first use: QEMU serves one QMP client,
+    /// and most tests never need it.
     fn qmp(&mut self) -> Result<&mut Qmp, DriverError> {
         self.start()?;
-        let name = self.name.clone();
-        self.qmp.as_mut().ok_or_else(|| DriverError::new(Kind::Machine, format!("machine {name}: no QMP connection")))
+        if self.qmp.is_none() {
+            let socket = self.wait_for_socket(&self.vm.state_dir().join("qmp.sock"))?;
+            self.qmp = Some(Qmp::handshake(socket, &self.name)?);
+        }
+        Ok(self.qmp.as_mut().expect("connected above"))
     }
 
     /// Runs a QEMU monitor (HMP) command; its output.

@@ -61,12 +61,14 @@ pub fn script_command(python: &Path, pythonpath: &Path, script: &Path, machines:
     cmd
 }
 
-/// An interactive Python prompt with the API and machines bound.
-pub fn interactive_command(python: &Path, pythonpath: &Path, machines: &[String]) -> Command {
+/// An interactive Python prompt with the API and machines bound; with a
+/// script, `test_script()` runs it (as in the NixOS driver).
+pub fn interactive_command(python: &Path, pythonpath: &Path, machines: &[String], script: Option<&Path>) -> Command {
     let mut cmd = with_path(python, pythonpath);
     cmd.arg("-i")
         .arg("-c")
-        .arg("import sys, vmlab; globals().update(vmlab.bind(sys.argv[1:])); print('vmlab: machines', ', '.join(m.name for m in vmlab.machines))")
+        .arg("import sys, vmlab; globals().update(vmlab.interactive(sys.argv[1], sys.argv[2:]))")
+        .arg(script.map(Path::as_os_str).unwrap_or_default())
         .args(machines);
     cmd
 }
