@@ -32,6 +32,9 @@ fn with_path(python: &Path, pythonpath: &Path) -> Command {
     let mut paths = vec![pythonpath.to_path_buf()];
     paths.extend(std::env::var_os("PYTHONPATH").iter().flat_map(std::env::split_paths));
     cmd.env("PYTHONPATH", std::env::join_paths(paths).expect("paths without ':'"));
+    // The current directory first on sys.path would let a script named like a
+    // module the client imports (copy.py) replace it (Python 3.11 and later).
+    cmd.env("PYTHONSAFEPATH", "1");
     cmd
 }
 
