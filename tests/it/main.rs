@@ -5,5 +5,6 @@ mod common;
 
 mod build;
 mod coverage;
+mod drive;
 mod guest;
 mod runtime;
