@@ -306,6 +306,15 @@ impl Lines {
 /// Kills the child on drop, so a failing test leaves nothing running.
 struct Running(Child);
 
+impl Running {
+    /// Sends `signal`, waits; the exit status and all of `lines`.
+    fn stop(&mut self, signal: libc::c_int, lines: Lines) -> (Option<i32>, String) {
+        assert_eq!(unsafe { libc::kill(self.0.id() as libc::pid_t, signal) }, 0);
+        let status = self.0.wait().unwrap();
+        (status.code(), lines.rest())
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
@@ -326,10 +335,8 @@ fn sigint_stops_a_test_and_leaves_nothing() {
     let mut child = Running(cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
     let mut lines = Lines::of(child.0.stderr.take().unwrap());
     lines.wait_for("] booted");
-    assert_eq!(unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) }, 0);
-    let status = child.0.wait().unwrap();
-    let stderr = lines.rest();
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let (status, stderr) = child.stop(libc::SIGINT, lines);
+    assert_eq!(status, Some(2), "{stderr}");
     assert!(stderr.contains("harness error: stopped by SIGINT"), "{stderr}");
     assert_nothing_left(&runs);
 }
@@ -377,10 +384,8 @@ fn up_serves_the_control_socket_to_cli_clients_and_vmlab_shell() {
     assert_eq!(text(&copied.stdout), format!("{}\n", cwd.join("hostname").display()));
     assert_eq!(std::fs::read_to_string(cwd.join("hostname")).unwrap(), "server\n");
 
-    assert_eq!(unsafe { libc::kill(up.0.id() as libc::pid_t, libc::SIGTERM) }, 0);
-    let status = up.0.wait().unwrap();
-    let stderr = lines.rest();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let (status, stderr) = up.stop(libc::SIGTERM, lines);
+    assert_eq!(status, Some(0), "{stderr}");
     assert!(stderr.contains("server: must succeed: hostname (exit 0, "), "the log shows clients' commands: {stderr}");
     assert_nothing_left(&runs);
 }
