@@ -31,7 +31,9 @@ pub enum Command {
     ///
     /// Stops everything and removes its private state on Ctrl-C, SIGTERM or
     /// SIGHUP. Serial consoles are logged to the session directory and shown
-    /// on the terminal, prefixed with the machine name.
+    /// on the terminal, prefixed with the machine name. Serves the control
+    /// socket and prints `export VMLAB_SOCKET=…`: the client subcommands and
+    /// `vmlab shell` then drive the machines.
     Up(UpArgs),
     /// Run a test script against a network: exit 0 passed, 1 failed, 2 harness error.
     ///
@@ -275,7 +277,7 @@ pub struct BuildArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// A directory written by `vmlab build`.
+    /// A directory written by `vmlab build`, or a network spec (JSON), built on the fly.
     pub dir: PathBuf,
     /// Accelerator for every machine.
     #[arg(long, value_enum, env = "VMLAB_ACCEL", default_value = "auto")]
