@@ -31,8 +31,21 @@ pub enum Command {
     ///
     /// Stops everything and removes its private state on Ctrl-C, SIGTERM or
     /// SIGHUP. Serial consoles are logged to the session directory and shown
-    /// on the terminal, prefixed with the machine name.
+    /// on the terminal, prefixed with the machine name. Serves the control
+    /// socket and prints `export VMLAB_SOCKET=…`: the client subcommands and
+    /// `vmlab shell` then drive the machines.
     Up(UpArgs),
+    /// Run a test script against a network: exit 0 passed, 1 failed, 2 harness error.
+    ///
+    /// Machines start on start_all() or on their first command, in parallel.
+    /// SCRIPT is an executable, run as is (shell scripts use the client
+    /// subcommands below: `vmlab succeed MACHINE -- CMD`…), or a `.py` file, run
+    /// with python3 with the NixOS-compatible client preloaded and one object
+    /// per machine bound as a global; a `.py` script is checked before any
+    /// machine boots. Scripts find the driver through VMLAB_SOCKET. Reports go
+    /// to --out: junit.xml, vmlab.log, <machine>.serial.log, copies and
+    /// screenshots. See docs/testing.md.
+    Test(TestArgs),
     /// Build the default minimal guest (kernel + initrd) from the host's kernel and a static busybox.
     Guest(GuestArgs),
     /// Build the combined coverage report from the .gcda files a test collected.
@@ -264,7 +277,7 @@ pub struct BuildArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// A directory written by `vmlab build`.
+    /// A directory written by `vmlab build`, or a network spec (JSON), built on the fly.
     pub dir: PathBuf,
     /// Accelerator for every machine.
     #[arg(long, value_enum, env = "VMLAB_ACCEL", default_value = "auto")]
@@ -272,6 +285,35 @@ pub struct UpArgs {
     /// Keep the session directory (logs, sockets' directory) after the network stops.
     #[arg(long)]
     pub keep_state: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// A directory written by `vmlab build`, or a network spec (JSON), built on the fly.
+    pub network: PathBuf,
+    /// The test script: a `.py` file or any executable.
+    #[arg(required_unless_present = "interactive")]
+    pub script: Option<PathBuf>,
+    /// Directory for the reports, copies and screenshots (created if missing).
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+    /// Where to write the JUnit report [default: OUT/junit.xml].
+    #[arg(long)]
+    pub junit: Option<PathBuf>,
+    /// Seconds the whole test may take; then every machine and switch is
+    /// stopped and the test fails, naming the step that was running.
+    #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
+    pub global_timeout: f64,
+    /// Keep the session directory (logs, sockets' directory) after the test.
+    #[arg(long)]
+    pub keep_state: bool,
+    /// A Python prompt with the machines bound instead of (or, with a `.py`
+    /// SCRIPT, before: `test_script()` runs it) a test run; no global timeout.
+    #[arg(long)]
+    pub interactive: bool,
+    /// Accelerator for every machine.
+    #[arg(long, value_enum, env = "VMLAB_ACCEL", default_value = "auto")]
+    pub accel: Accel,
 }
 
 #[derive(Debug, clap::Args)]
@@ -317,6 +359,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(args) => crate::emit::plan_command(&args),
         Command::Build(args) => crate::emit::build_command(&args),
         Command::Up(args) => crate::runtime::up_command(&args),
+        Command::Test(args) => crate::driver::run::test_command(&args),
         Command::Guest(args) => crate::guest::guest_command(&args),
         Command::Client(cmd) => crate::driver::client::client_command(cmd),
         Command::Coverage(args) => crate::coverage::coverage_command(&args),

@@ -80,10 +80,15 @@ pub fn plan_command(args: &PlanArgs) -> Result<ExitCode> {
 }
 
 pub fn build_command(args: &BuildArgs) -> Result<ExitCode> {
-    let loaded = load(&args.spec)?;
-    let vmlab = std::env::current_exe().context("cannot find the vmlab executable")?;
-    write_tree(&args.out, &files(&loaded, &vmlab))?;
+    write_build(&load(&args.spec)?, &args.out)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the output directory of a loaded spec (`vmlab build`; `vmlab test`
+/// on a spec, into its session directory).
+pub fn write_build(loaded: &Loaded, out: &Path) -> Result<()> {
+    let vmlab = std::env::current_exe().context("cannot find the vmlab executable")?;
+    write_tree(out, &files(loaded, &vmlab))
 }
 
 /// One file of the output directory.

@@ -110,6 +110,11 @@ class Machine:
     def __init__(self, name):
         self.name = name
 
+    @property
+    def out_dir(self):
+        """Where copies and screenshots go: `vmlab test --out`."""
+        return _out_dir()
+
     def __repr__(self):
         return f"<Machine '{self.name}'>"
 
@@ -183,7 +188,8 @@ class Machine:
 
     # Files.
     def copy_from_vm(self, source, target_dir=""):
-        self._call("copy_from_vm", source=source, target_dir=target_dir)
+        """Copies to out_dir/target_dir/<name>; returns that host path."""
+        return self._call("copy_from_vm", source=source, target_dir=target_dir)["path"]
 
     copy_from_machine = copy_from_vm
 
@@ -271,12 +277,20 @@ def identifier(name):
     return "_" + ident if ident[:1].isdigit() else ident
 
 
+def _out_dir():
+    return os.environ.get("VMLAB_OUT") or os.getcwd()
+
+
 class _Driver:
     """What NixOS scripts reach as `driver`."""
 
     @property
     def machines(self):
         return machines
+
+    @property
+    def out_dir(self):
+        return _out_dir()
 
 
 driver = _Driver()
@@ -293,14 +307,17 @@ def bind(names):
     return scope
 
 
-def run_script(path, names):
-    """Runs a test script with the API bound; the process's exit status."""
+def _exec(path, scope):
     with open(path, encoding="utf-8") as f:
         source = f.read()
-    scope = bind(names)
     scope.update({"__name__": "__main__", "__file__": path})
+    exec(compile(source, path, "exec"), scope)
+
+
+def run_script(path, names):
+    """Runs a test script with the API bound; the process's exit status."""
     try:
-        exec(compile(source, path, "exec"), scope)
+        _exec(path, bind(names))
     except BaseException as e:  # noqa: BLE001 — any error in a test script fails the test
         _report(e, path)
         # vmlab makes this 2 when the last driver error was a harness error.
@@ -308,11 +325,26 @@ def run_script(path, names):
     return 0
 
 
+def interactive(path, names):
+    """The globals of `vmlab test --interactive`: the API, the machines, and
+    `test_script()` running the script given (as in the NixOS driver)."""
+    scope = bind(names)
+    if path:
+
+        def test_script():
+            _exec(path, scope)
+
+        scope["test_script"] = test_script
+    print(f"vmlab: machines {', '.join(m.name for m in machines)}" + ("; test_script() runs the script" if path else ""))
+    return scope
+
+
 def _report(error, path):
+    """The traceback, then one line saying where and why: vmlab takes a
+    script's last line on standard error as the reason it failed."""
     import traceback
 
     frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == path]
-    where = f" (line {frames[-1].lineno})" if frames else ""
+    where = f" at line {frames[-1].lineno}" if frames else ""
     sys.stderr.write("".join(traceback.format_exception(error)))
-    with contextlib.suppress(Exception):
-        log(f"!!! {type(error).__name__}{where}: {error}")
+    sys.stderr.write(f"{os.path.basename(path)}{where}: {type(error).__name__}: {error}\n")

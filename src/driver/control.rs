@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use super::base64;
 use super::log::{Log, Style};
 use super::machine::{Machine, DEFAULT_TIMEOUT};
 use super::{DriverError, Kind};
+use crate::runtime::Network;
 
 /// Every machine, each behind its own lock, and the test's log.
 pub struct Driver {
@@ -30,6 +31,8 @@ pub struct Driver {
     serial: AtomicU64,
     /// The most recent error a client was given, for the verdict and the report.
     last_error: Mutex<Option<DriverError>>,
+    /// Set when the test ends: no request may start a machine any more.
+    closed: AtomicBool,
 }
 
 type Args = Map<String, Value>;
@@ -108,7 +111,37 @@ impl Driver {
             in_flight: Mutex::new(BTreeMap::new()),
             serial: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// A driver for every machine of a running network, in the plan's order;
+    /// copies and screenshots go to `out_dir`.
+    pub fn for_network(network: &Network, out_dir: &Path, log: Arc<Log>) -> Self {
+        let machines = network
+            .plan()
+            .machines
+            .iter()
+            .map(|planned| {
+                let vm = network.machine(&planned.name).expect("the network runs its plan's machines").clone();
+                let interfaces = planned.interfaces.iter().map(|i| (i.name.clone(), i.vlan)).collect();
+                Machine::new(&planned.name, interfaces, Box::new(vm), out_dir, log.clone())
+            })
+            .collect();
+        Self::new(machines, log)
+    }
+
+    /// Runs `f` on a machine, holding its lock; `None` when there is no such machine.
+    pub fn with_machine<T>(&self, name: &str, f: impl FnOnce(&mut Machine) -> T) -> Option<T> {
+        let lock = self.machines.get(name)?;
+        let mut machine = lock.lock().unwrap_or_else(|e| e.into_inner());
+        Some(f(&mut machine))
+    }
+
+    /// Refuses every later request: the test is over and its machines are
+    /// being stopped, and a late client must not start one again.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
     }
 
     pub fn machine_names(&self) -> Vec<String> {
@@ -142,6 +175,9 @@ impl Driver {
     }
 
     fn handle(&self, req: &Args) -> Result<Value, DriverError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(DriverError::harness("the test is over: its machines are stopped"));
+        }
         let op = str_arg(req, "op")?;
         let machine = opt_str(req, "machine")?;
         let step = match machine {

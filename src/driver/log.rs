@@ -43,6 +43,30 @@ pub fn format_line(elapsed: Duration, depth: usize, machine: Option<&str>, msg: 
     format!("\x1b[2m{time}\x1b[0m {indent}{prefix}{on}{msg}{off}")
 }
 
+/// A console line made safe to show: terminal escape sequences (a guest
+/// shell's prompt asks for the cursor position) are dropped, other control
+/// characters become U+FFFD.
+pub fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                // CSI: ESC [ parameters final-byte; other escapes: ESC and one character.
+                if chars.next_if_eq(&'[').is_some() {
+                    while chars.next().is_some_and(|c| !('@'..='~').contains(&c)) {}
+                } else {
+                    chars.next();
+                }
+            }
+            '\t' => out.push(c),
+            c if c.is_control() => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Whether to colour a stream: a terminal, and `NO_COLOR` unset or empty.
 pub fn want_color(is_tty: bool, no_color: Option<&str>) -> bool {
     is_tty && no_color.map_or(true, str::is_empty)
@@ -140,9 +164,10 @@ impl Log {
         Ok(done)
     }
 
-    /// Closes subtests left open (a script that died inside one), as failed.
-    pub fn close_open_subtests(&self, why: &str) {
-        while self.subtest_end(Some(why.to_string())).is_ok() {}
+    /// Closes subtests left open (a script that ended inside one): failed
+    /// with `failure` when the test failed, else passed.
+    pub fn close_open_subtests(&self, failure: Option<&str>) {
+        while self.subtest_end(failure.map(str::to_string)).is_ok() {}
     }
 
     /// Finished subtests, in the order they ended, and the whole plain log.
@@ -169,6 +194,19 @@ mod tests {
         let c = format_line(t, 1, Some("server"), "hi", Style::Bad, true);
         assert!(c.contains("\x1b[36mserver\x1b[0m: \x1b[1;31mhi\x1b[0m") && c.contains("   "), "{c:?}");
         assert!(format_line(t, 0, Some("s"), "boot", Style::Serial, true).contains("\x1b[2mboot"));
+    }
+
+    #[test]
+    fn console_lines_lose_escape_sequences_and_control_characters() {
+        for (raw, shown) in [
+            ("server:/# \x1b[6n", "server:/# "),
+            ("\x1b[1;32mgreen\x1b[0m text", "green text"),
+            ("bell\x07 tab\t \x1bc reset", "bell\u{fffd} tab\t  reset"),
+            ("unfinished \x1b[12", "unfinished "),
+            ("ünïcödé", "ünïcödé"),
+        ] {
+            assert_eq!(printable(raw), shown, "{raw:?}");
+        }
     }
 
     #[test]

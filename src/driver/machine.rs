@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::backdoor::{Output, Shell};
+use super::backdoor::{Alive, Output, Shell};
 use super::log::{Log, Style};
 use super::qmp::Qmp;
 use super::{DriverError, Kind};
@@ -27,7 +27,9 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copies go through the backdoor in pieces this big, so neither side holds
 /// a whole large file in one command or one reply.
 const COPY_IN_CHUNK: usize = 1024 * 1024;
+const COPY_IN_RAW_CHUNK: usize = 4 * 1024 * 1024;
 const COPY_OUT_CHUNK: u64 = 4 * 1024 * 1024;
+const COPY_OUT_ATTEMPTS: usize = 3;
 
 /// What the driver needs from whoever runs a machine's QEMU (the runtime).
 pub trait Vm: Send {
@@ -95,6 +97,8 @@ pub struct Machine {
     shell: Option<Shell>,
     qmp: Option<Qmp>,
     booted: bool,
+    /// Whether the backdoor shell is bash, once known for this boot.
+    shell_is_bash: Option<bool>,
     /// Why QEMU ended when nobody asked it to; commands fail until `start`.
     died: Option<String>,
     /// Serial console text not yet consumed by `wait_for_console_text`.
@@ -118,6 +122,7 @@ impl Machine {
             shell: None,
             qmp: None,
             booted: false,
+            shell_is_bash: None,
             died: None,
             console: String::new(),
             console_offset: 0,
@@ -150,13 +155,12 @@ impl Machine {
         self.console.clear();
         self.vm.spawn().map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
         self.running = true;
-        let dir = self.vm.state_dir();
-        let shell = self.wait_for_socket(&dir.join("shell.sock"))?;
+        // At once: QEMU drops what the guest writes to the backdoor while no
+        // client is connected, and the banner is written once.
+        let shell = self.wait_for_socket(&self.vm.state_dir().join("shell.sock"))?;
         self.shell = Some(
             Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?,
         );
-        let qmp = self.wait_for_socket(&dir.join("qmp.sock"))?;
-        self.qmp = Some(Qmp::handshake(qmp, &self.name)?);
         Ok(())
     }
 
@@ -185,6 +189,7 @@ impl Machine {
     fn forget_process(&mut self) {
         self.running = false;
         self.booted = false;
+        self.shell_is_bash = None;
         self.shell = None;
         self.qmp = None;
     }
@@ -204,6 +209,12 @@ impl Machine {
 
     /// Starts the machine if needed and waits for its backdoor shell.
     pub fn wait_for_boot(&mut self) -> Result<(), DriverError> {
+        self.wait_for_boot_within(BOOT_TIMEOUT)
+    }
+
+    /// [`Machine::wait_for_boot`] with a chosen limit (`vmlab up` waits as
+    /// long as the machine runs: a guest without the backdoor just runs).
+    pub fn wait_for_boot_within(&mut self, timeout: Duration) -> Result<(), DriverError> {
         if let Some(why) = &self.died {
             return Err(self.err(Kind::Machine, format!("died earlier ({why}); start() it again")));
         }
@@ -219,7 +230,8 @@ impl Machine {
             Some(how) => Err(DriverError::new(Kind::Harness, format!("machine {name}: QEMU {how}"))),
         };
         let shell = self.shell.as_mut().expect("a started machine has a shell");
-        if let Err(e) = shell.wait_for_banner(&mut alive, started + BOOT_TIMEOUT) {
+        let deadline = started.checked_add(timeout).unwrap_or(started + BOOT_TIMEOUT);
+        if let Err(e) = shell.wait_for_banner(&mut alive, deadline) {
             let e = self.mark_dead(e);
             return Err(DriverError::harness(format!("the guest never came up: {}", e.message)));
         }
@@ -230,6 +242,12 @@ impl Machine {
 
     /// Runs a command: `(status, stdout, stderr)`; boots the machine first if needed.
     pub fn execute(&mut self, command: &str, timeout: Option<Duration>) -> Result<Output, DriverError> {
+        self.with_shell(|shell, alive| shell.run(command, timeout, alive))
+    }
+
+    /// Boots the machine if needed and runs `f` on its backdoor; an error
+    /// saying the machine is gone marks it dead.
+    fn with_shell<T>(&mut self, f: impl FnOnce(&mut Shell, Alive) -> Result<T, DriverError>) -> Result<T, DriverError> {
         self.wait_for_boot()?;
         let (vm, name) = (&mut self.vm, &self.name);
         let mut alive = || match vm.exited() {
@@ -237,7 +255,7 @@ impl Machine {
             Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
         };
         let shell = self.shell.as_mut().expect("a booted machine has a shell");
-        match shell.run(command, timeout, &mut alive) {
+        match f(shell, &mut alive) {
             Ok(out) => Ok(out),
             Err(e) if e.kind == Kind::Machine => Err(self.mark_dead(e)),
             Err(e) => Err(e),
@@ -450,10 +468,15 @@ impl Machine {
         self.start()
     }
 
+    /// The QMP connection, made on first use: QEMU serves one QMP client,
+    /// and most tests never need it.
     fn qmp(&mut self) -> Result<&mut Qmp, DriverError> {
         self.start()?;
-        let name = self.name.clone();
-        self.qmp.as_mut().ok_or_else(|| DriverError::new(Kind::Machine, format!("machine {name}: no QMP connection")))
+        if self.qmp.is_none() {
+            let socket = self.wait_for_socket(&self.vm.state_dir().join("qmp.sock"))?;
+            self.qmp = Some(Qmp::handshake(socket, &self.name)?);
+        }
+        Ok(self.qmp.as_mut().expect("connected above"))
     }
 
     /// Runs a QEMU monitor (HMP) command; its output.
@@ -526,9 +549,15 @@ impl Machine {
         let tmp = format!("/tmp/vmlab-copy-in.{}", std::process::id());
         let archive = format!("{tmp}.tar");
         self.copy_step(&format!("rm -rf {t} {a}; mkdir -p {t}", t = quote(&tmp), a = quote(&archive)))?;
-        for piece in out.stdout.chunks(COPY_IN_CHUNK) {
-            let data = super::base64::encode_lines(piece, 76);
-            self.copy_step(&format!("base64 -d >> {} <<'VMLAB_DATA'\n{data}VMLAB_DATA", quote(&archive)))?;
+        if self.shell_is_bash()? {
+            for piece in out.stdout.chunks(COPY_IN_RAW_CHUNK) {
+                self.append_raw(&archive, piece)?;
+            }
+        } else {
+            for piece in out.stdout.chunks(COPY_IN_CHUNK) {
+                let data = super::base64::encode_lines(piece, 76);
+                self.copy_step(&format!("base64 -d >> {} <<'VMLAB_DATA'\n{data}VMLAB_DATA", quote(&archive)))?;
+            }
         }
         let name = name.to_string_lossy();
         let dest_q = quote(dest);
@@ -566,7 +595,8 @@ impl Machine {
         };
         let mut data = Vec::with_capacity(size as usize);
         for i in 0..size.div_ceil(COPY_OUT_CHUNK) {
-            data.extend(self.copy_step(&format!("dd if={a} bs={COPY_OUT_CHUNK} skip={i} count=1 2>/dev/null"))?);
+            let want = (size - i * COPY_OUT_CHUNK).min(COPY_OUT_CHUNK) as usize;
+            data.extend(self.copy_out_piece(&format!("dd if={a} bs={COPY_OUT_CHUNK} skip={i} count=1 2>/dev/null"), want)?);
         }
         self.copy_step(&format!("rm -f {a}"))?;
         if data.len() as u64 != size {
@@ -598,6 +628,45 @@ impl Machine {
         }
         self.say(&format!("copied {source} to {} ({size} bytes of tar, {})", target.display(), secs(started.elapsed())));
         Ok(target)
+    }
+
+    /// Whether the backdoor shell is bash, which reads its input no further
+    /// than the end of a command line (asked once per boot).
+    fn shell_is_bash(&mut self) -> Result<bool, DriverError> {
+        if let Some(known) = self.shell_is_bash {
+            return Ok(known);
+        }
+        // Without a timeout, the command's parent is the backdoor shell itself.
+        let out = self.execute("readlink /proc/$PPID/exe", None)?;
+        let known = out.status == 0 && String::from_utf8_lossy(&out.stdout).trim_end().ends_with("/bash");
+        self.shell_is_bash = Some(known);
+        Ok(known)
+    }
+
+    /// Appends `data` to a guest file through [`Shell::append_raw`].
+    fn append_raw(&mut self, path: &str, data: &[u8]) -> Result<(), DriverError> {
+        match self.with_shell(|shell, alive| shell.append_raw(path, data, DEFAULT_TIMEOUT, alive))? {
+            0 => Ok(()),
+            status => Err(self.err(Kind::Failed, format!("copy failed: writing {path} ended with status {status}"))),
+        }
+    }
+
+    /// One piece of a copy out: `want` bytes, asked again when fewer came.
+    /// QEMU drops what a guest writes to its virtio *console* while the host
+    /// end of the socket is full (it may not throttle a console), so a busy
+    /// host can lose part of a large reply.
+    fn copy_out_piece(&mut self, command: &str, want: usize) -> Result<Vec<u8>, DriverError> {
+        let mut last = String::new();
+        for _ in 0..COPY_OUT_ATTEMPTS {
+            match self.copy_step(command) {
+                Ok(piece) if piece.len() == want => return Ok(piece),
+                Ok(piece) => last = format!("{} of {want} bytes came back", piece.len()),
+                Err(e) if e.kind == Kind::Harness => last = e.message,
+                Err(e) => return Err(e),
+            }
+            self.say(&format!("copy: part of the reply was lost ({last}); asking again"));
+        }
+        Err(self.err(Kind::Harness, format!("copy failed {COPY_OUT_ATTEMPTS} times: {last}")))
     }
 
     /// One step of a copy: must succeed; its standard output.

@@ -9,6 +9,7 @@ pub mod log;
 pub mod machine;
 pub mod python;
 pub mod qmp;
+pub mod run;
 #[cfg(test)]
 pub mod testing;
 

@@ -32,6 +32,9 @@ fn with_path(python: &Path, pythonpath: &Path) -> Command {
     let mut paths = vec![pythonpath.to_path_buf()];
     paths.extend(std::env::var_os("PYTHONPATH").iter().flat_map(std::env::split_paths));
     cmd.env("PYTHONPATH", std::env::join_paths(paths).expect("paths without ':'"));
+    // The current directory first on sys.path would let a script named like a
+    // module the client imports (copy.py) replace it (Python 3.11 and later).
+    cmd.env("PYTHONSAFEPATH", "1");
     cmd
 }
 
@@ -61,12 +64,14 @@ pub fn script_command(python: &Path, pythonpath: &Path, script: &Path, machines:
     cmd
 }
 
-/// An interactive Python prompt with the API and machines bound.
-pub fn interactive_command(python: &Path, pythonpath: &Path, machines: &[String]) -> Command {
+/// An interactive Python prompt with the API and machines bound; with a
+/// script, `test_script()` runs it (as in the NixOS driver).
+pub fn interactive_command(python: &Path, pythonpath: &Path, machines: &[String], script: Option<&Path>) -> Command {
     let mut cmd = with_path(python, pythonpath);
     cmd.arg("-i")
         .arg("-c")
-        .arg("import sys, vmlab; globals().update(vmlab.bind(sys.argv[1:])); print('vmlab: machines', ', '.join(m.name for m in vmlab.machines))")
+        .arg("import sys, vmlab; globals().update(vmlab.interactive(sys.argv[1], sys.argv[2:]))")
+        .arg(script.map(Path::as_os_str).unwrap_or_default())
         .args(machines);
     cmd
 }

@@ -44,7 +44,7 @@ use anyhow::{Context, Result};
 pub use console::Console;
 pub use machine::{Exit, Machine, BACKDOOR_BANNER};
 pub use session::{Layout, Session};
-pub use up::up_command;
+pub use up::{prepare, up_command, Prepared};
 
 use crate::plan::Plan;
 use switch::Switch;

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
@@ -26,6 +26,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(3);
 pub struct ChildGuard {
     what: String,
     pid: libc::pid_t,
+    /// The child leads its own process group, which is signalled as a whole;
+    /// otherwise it shares vmlab's and only it is signalled.
+    own_group: bool,
     exit: Arc<ExitCell>,
     /// `None` once reaped.
     child: Mutex<Option<Child>>,
@@ -47,10 +50,22 @@ impl ExitCell {
 impl ChildGuard {
     /// Spawns `cmd` in a new process group that dies with vmlab.
     /// `what` names the child in messages (e.g. `vde_switch for vlan 1`).
-    pub fn spawn(mut cmd: Command, what: impl Into<String>) -> Result<ChildGuard> {
-        let what = what.into();
+    pub fn spawn(cmd: Command, what: impl Into<String>) -> Result<ChildGuard> {
+        Self::spawn_in(cmd, what.into(), true)
+    }
+
+    /// Spawns `cmd` in vmlab's own process group, so it can read the terminal
+    /// and gets the terminal's Ctrl-C (an interactive prompt); it still dies
+    /// with vmlab, but what it starts in the background is not tracked.
+    pub fn spawn_in_foreground(cmd: Command, what: impl Into<String>) -> Result<ChildGuard> {
+        Self::spawn_in(cmd, what.into(), false)
+    }
+
+    fn spawn_in(mut cmd: Command, what: String, own_group: bool) -> Result<ChildGuard> {
         let parent = std::process::id() as libc::pid_t;
-        cmd.process_group(0);
+        if own_group {
+            cmd.process_group(0);
+        }
         // SAFETY: the closure runs between fork and exec and only makes
         // async-signal-safe system calls, allocating nothing.
         unsafe {
@@ -76,8 +91,13 @@ impl ChildGuard {
         let program = cmd.get_program().to_owned();
         let child = spawn_on_spawner_thread(cmd)
             .with_context(|| format!("cannot start {what} ({})", program.to_string_lossy()))?;
-        let guard =
-            ChildGuard { what, pid: child.id() as libc::pid_t, exit: Arc::default(), child: Mutex::new(Some(child)) };
+        let guard = ChildGuard {
+            what,
+            pid: child.id() as libc::pid_t,
+            own_group,
+            exit: Arc::default(),
+            child: Mutex::new(Some(child)),
+        };
         let (pid, exit) = (guard.pid, guard.exit.clone());
         super::spawn_thread(format!("wait-{pid}"), move || {
             // ECHILD means stop() reaped it first and recorded the status itself.
@@ -95,6 +115,11 @@ impl ChildGuard {
     /// Takes the child's standard output, when it was `Stdio::piped()`.
     pub fn take_stdout(&self) -> Option<ChildStdout> {
         self.child.lock().unwrap().as_mut()?.stdout.take()
+    }
+
+    /// Takes the child's standard error, when it was `Stdio::piped()`.
+    pub fn take_stderr(&self) -> Option<ChildStderr> {
+        self.child.lock().unwrap().as_mut()?.stderr.take()
     }
 
     /// Takes the child's standard input, when it was `Stdio::piped()`.
@@ -151,11 +176,11 @@ impl ChildGuard {
         let mut child = self.child.lock().unwrap();
         if let Some(c) = child.as_mut() {
             if self.exit_status().is_none() {
-                signal_group(self.pid, libc::SIGTERM);
+                self.signal(libc::SIGTERM);
                 self.wait_exit(grace);
             }
             // Also for a leader that already exited: its group may outlive it.
-            signal_group(self.pid, libc::SIGKILL);
+            self.signal(libc::SIGKILL);
             match c.wait() {
                 Ok(status) => self.exit.set(status),
                 Err(e) => eprintln!("warning: cannot reap {} (pid {}): {e}", self.what, self.pid),
@@ -199,9 +224,14 @@ impl Drop for ChildGuard {
     }
 }
 
-fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
-    // SAFETY: plain system call; ESRCH (group already gone) is fine.
-    unsafe { libc::kill(-pgid, signal) };
+impl ChildGuard {
+    /// Signals the child's group, or the child alone when it shares vmlab's
+    /// group; called before the child is reaped, so the id is still its own.
+    fn signal(&self, signal: libc::c_int) {
+        let target = if self.own_group { -self.pid } else { self.pid };
+        // SAFETY: plain system call; ESRCH (already gone) is fine.
+        unsafe { libc::kill(target, signal) };
+    }
 }
 
 /// Blocks until `pid` exits, leaving it a zombie for `stop` to reap.
@@ -330,6 +360,16 @@ mod tests {
         }
         let last = stat();
         assert!(dead(&last), "grandchild survived: {last}");
+    }
+
+    #[test]
+    fn a_foreground_child_shares_our_group_and_is_stopped_alone() {
+        let guard = ChildGuard::spawn_in_foreground(sh("exec sleep 1000"), "test prompt").unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", guard.pid())).unwrap();
+        // Fields after the command name: state, ppid, pgrp.
+        let pgrp: i32 = stat.rsplit_once(") ").unwrap().1.split(' ').nth(2).unwrap().parse().unwrap();
+        assert_eq!(pgrp, unsafe { libc::getpgrp() });
+        assert_eq!(guard.stop(STOP_GRACE).signal(), Some(libc::SIGTERM));
     }
 
     #[test]

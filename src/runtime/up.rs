@@ -1,16 +1,19 @@
 //! `vmlab up DIR`: run a built network until a signal (docs/running.md).
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::signals::{self, TerminationSignals};
 use super::{accel, check_forwarded_ports, load_plan, spawn_thread, Exit, Machine, Network, Session};
-use crate::cli::UpArgs;
+use crate::cli::{Accel, UpArgs};
+use crate::driver::control::{serve, Driver};
+use crate::driver::log::Log;
 use crate::plan::Plan;
 use crate::{EXIT_HARNESS, EXIT_OK};
 
@@ -21,19 +24,55 @@ enum Event {
     Exited(usize, Exit),
 }
 
-pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
-    // Before any thread exists, so that every thread inherits the mask.
-    let signals = TerminationSignals::block()?;
-    let plan = load_plan(&args.dir)?;
-    let choice = accel::decide(args.accel, &accel::probe())?;
+/// A network read and checked, its session directory made; nothing runs yet.
+pub struct Prepared {
+    /// The `vmlab build` directory: the one given, or one inside the session.
+    pub plan_dir: PathBuf,
+    pub plan: Plan,
+    pub session: Session,
+    pub accel: accel::Resolved,
+}
+
+impl Prepared {
+    /// Starts the switches; machines start later, on demand.
+    pub fn start(self) -> Result<Network> {
+        Network::start(&self.plan_dir, self.plan, self.session, self.accel)
+    }
+}
+
+/// What `vmlab up` and `vmlab test` do before anything starts: read the
+/// network (a `vmlab build` directory, or a spec, built into the session
+/// directory), choose the accelerator, check forwarded ports, create the
+/// session directory. Progress goes to `say`, warnings to `warn`.
+pub fn prepare(
+    network: &Path,
+    requested: Accel,
+    keep_state: bool,
+    say: &dyn Fn(&str),
+    warn: &dyn Fn(&str),
+) -> Result<Prepared> {
+    let spec = if network.is_dir() { None } else { Some(crate::emit::load(network)?) };
+    let plan = match &spec {
+        Some(loaded) => loaded.plan.clone(),
+        None => load_plan(network)?,
+    };
+    let choice = accel::decide(requested, &accel::probe())?;
     check_forwarded_ports(&plan)?;
-    let session = Session::create(&plan, args.keep_state)?;
+    let session = Session::create(&plan, keep_state)?;
+    let plan_dir = match &spec {
+        Some(loaded) => {
+            let dir = session.path().join("build");
+            crate::emit::write_build(loaded, &dir)?;
+            dir
+        }
+        None => network.to_owned(),
+    };
     say(&format!("network {:?}: {}", plan.name, summary(&plan)));
     say(&format!("accelerator: {}", choice.accel));
     if let (accel::Resolved::Tcg, Some(why)) = (choice.accel, &choice.kvm_unusable_because) {
-        eprintln!(
+        warn(&format!(
             "warning: KVM is not usable ({why}): machines run under TCG software emulation, several times slower"
-        );
+        ));
     }
     say(&format!(
         "session directory: {} (serial consoles in <machine>.serial.log, QEMU messages in <machine>.qemu.log)",
@@ -44,7 +83,20 @@ pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
             say(&forward_line(f.host, &m.name, f.guest));
         }
     }
-    let network = Network::start(&args.dir, plan, session, choice.accel)?;
+    Ok(Prepared { plan_dir, plan, session, accel: choice.accel })
+}
+
+pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = TerminationSignals::block()?;
+    let warn = |line: &str| eprintln!("{line}");
+    let network = prepare(&args.dir, args.accel, args.keep_state, &say, &warn)?.start()?;
+    // Copies and screenshots clients ask for land where `vmlab up` was started.
+    let out_dir = std::env::current_dir().context("cannot find the current directory")?;
+    let driver = Arc::new(Driver::for_network(&network, &out_dir, Arc::new(Log::stderr(None))));
+    let socket = network.session().layout().control_socket();
+    serve(driver.clone(), &socket)?;
+    say(&format!("control socket: export VMLAB_SOCKET={}", crate::shell::quote(&socket.to_string_lossy())));
 
     let (events, received) = mpsc::channel();
     let to_events = events.clone();
@@ -52,17 +104,15 @@ pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
     for m in network.machines() {
         print_console(m)?;
     }
-    for m in network.machines() {
-        m.start()?;
-        say(&format!("{}: started (pid {})", m.name(), m.pid().map_or_else(|| "gone".into(), |p| p.to_string())));
-    }
     for (i, m) in network.machines().iter().enumerate() {
-        watch(i, m.clone(), events.clone())?;
+        watch(i, m.clone(), driver.clone(), events.clone())?;
     }
     drop(events);
 
     let failed = run_until_stopped(&network, received)?;
+    driver.close();
     network.stop();
+    driver.release_all();
     let (dir, kept) = (network.session().path().to_owned(), network.session().kept());
     drop(network);
     say(&format!("stopped; {} {}", if kept { "kept" } else { "removed" }, dir.display()));
@@ -113,13 +163,21 @@ fn run_until_stopped(network: &Network, events: mpsc::Receiver<Event>) -> Result
     Ok(failed)
 }
 
-/// Waits for the machine's backdoor, then for its exit, reporting both.
-fn watch(i: usize, machine: Arc<Machine>, events: mpsc::Sender<Event>) -> Result<()> {
+/// Starts the machine through the driver (which owns its backdoor and
+/// QEMU's sockets), waits for its backdoor, then for its exit, reporting each.
+fn watch(i: usize, machine: Arc<Machine>, driver: Arc<Driver>, events: mpsc::Sender<Event>) -> Result<()> {
     spawn_thread(format!("watch-{}", machine.name()), move || {
-        match machine.wait_ready(Duration::MAX) {
-            Ok(after) => _ = events.send(Event::Ready(i, after)),
-            // Without a deadline, an exit is the usual cause: the exit event says it better.
-            Err(e) if machine.is_running() => _ = events.send(Event::NotReady(i, e)),
+        let started = Instant::now();
+        let name = machine.name().to_owned();
+        let booted = driver.with_machine(&name, |m| {
+            m.start()?;
+            say(&format!("{name}: started (pid {})", machine.pid().map_or_else(|| "gone".into(), |p| p.to_string())));
+            m.wait_for_boot_within(Duration::MAX)
+        });
+        match booted.expect("the driver has every machine of the network") {
+            Ok(()) => _ = events.send(Event::Ready(i, started.elapsed())),
+            // An exit is the usual cause: the exit event says it better.
+            Err(e) if machine.is_running() => _ = events.send(Event::NotReady(i, e.into())),
             Err(_) => {}
         }
         if let Some(exit) = machine.wait_exit(Duration::MAX) {

@@ -5,6 +5,7 @@ mod common;
 
 mod build;
 mod coverage;
+mod drive;
 mod guest;
 mod network;
 mod nix;

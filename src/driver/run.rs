@@ -1,0 +1,422 @@
+//! `vmlab test NETWORK SCRIPT`: runs a test script against a network, with
+//! a verdict, a log and a JUnit report (docs/testing.md). The verdict and the
+//! report's contents are pure ([`verdict`], [`junit_cases`]); this module's
+//! command function is the edge that starts things and writes files.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::control::{serve, Driver};
+use super::junit;
+use super::log::{printable, Log, Style, Subtest};
+use super::{python, Kind};
+use crate::cli::TestArgs;
+use crate::runtime::process::{describe_exit, ChildGuard, STOP_GRACE};
+use crate::runtime::signals::{self, TerminationSignals};
+use crate::runtime::{prepare, Network};
+use crate::{EXIT_FAILED, EXIT_HARNESS, EXIT_OK};
+
+/// How a test script is run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Script {
+    /// A `.py` file: python3 with the client preloaded and the machines bound.
+    Python(PathBuf),
+    /// Anything else, executed as is.
+    Executable(PathBuf),
+}
+
+impl Script {
+    /// Pure: the kind of script a path names.
+    pub fn of(path: &Path) -> Script {
+        match path.extension() {
+            Some(ext) if ext == "py" => Script::Python(path.to_owned()),
+            _ => Script::Executable(path.to_owned()),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Script::Python(p) | Script::Executable(p) => p,
+        }
+    }
+}
+
+/// How the test ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The script exited (or the prompt was left).
+    Exited(ExitStatus),
+    /// The global timeout fired while these driver requests ran.
+    TimedOut { after: Duration, steps: Vec<String> },
+    /// A termination signal stopped the test.
+    Signal(libc::c_int),
+}
+
+/// The exit status and, for a test that did not pass, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub code: u8,
+    pub failure: Option<String>,
+}
+
+/// Pure: the verdict from how the test ended, the kind of the last error a
+/// client was given, the subtests that failed, and the script's last line
+/// on standard error (where scripts and vmlab's clients say why they failed).
+pub fn verdict(ending: &Ending, last_error: Option<Kind>, failed_subtests: &[&str], last_words: Option<&str>) -> Verdict {
+    let fail = |code: u8, why: String| Verdict { code, failure: Some(why) };
+    match ending {
+        Ending::Exited(status) if status.success() && failed_subtests.is_empty() => Verdict { code: EXIT_OK, failure: None },
+        Ending::Exited(status) if status.success() => {
+            fail(EXIT_FAILED, format!("the script exited with status 0, but subtests failed: {}", failed_subtests.join(", ")))
+        }
+        Ending::Exited(status) => {
+            // The script cannot tell a harness error from a failed check; the driver can.
+            let code = if last_error == Some(Kind::Harness) { EXIT_HARNESS } else { EXIT_FAILED };
+            let why = match last_words {
+                Some(words) => format!("the script {}: {words}", describe_exit(*status)),
+                None => format!("the script {}", describe_exit(*status)),
+            };
+            fail(code, why)
+        }
+        Ending::TimedOut { after, steps } => {
+            let running = if steps.is_empty() {
+                "no machine operation was running (the script itself was busy)".to_string()
+            } else {
+                format!("running: {}", steps.join("; "))
+            };
+            fail(EXIT_FAILED, format!("global timeout: the test ran out of its {} s; {running}", after.as_secs_f64()))
+        }
+        Ending::Signal(signal) => {
+            fail(EXIT_HARNESS, format!("stopped by {}", signals::name(*signal).unwrap_or("a signal")))
+        }
+    }
+}
+
+/// Pure: the JUnit test cases: every subtest, then the main script (its log is the whole log).
+pub fn junit_cases(subtests: &[Subtest], main: &str, duration: Duration, verdict: &Verdict, all: &str) -> Vec<junit::Case> {
+    let mut cases: Vec<junit::Case> = subtests
+        .iter()
+        .map(|s| junit::Case { name: s.name.clone(), duration: s.duration, failure: s.failure.clone(), log: s.log.clone() })
+        .collect();
+    cases.push(junit::Case { name: main.to_string(), duration, failure: verdict.failure.clone(), log: all.to_string() });
+    cases
+}
+
+/// Checks the script exists and can run, before anything starts; an
+/// absolute path, since the script may change directory.
+fn resolve_script(path: &Path) -> Result<Script> {
+    let meta = std::fs::metadata(path).with_context(|| format!("test script {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("test script {} is not a file", path.display());
+    }
+    let absolute = std::fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    let script = Script::of(&absolute);
+    if matches!(script, Script::Executable(_)) && meta.permissions().mode() & 0o111 == 0 {
+        bail!("test script {} is not executable (chmod +x it, or name a Python script *.py)", path.display());
+    }
+    Ok(script)
+}
+
+enum Event {
+    Signal(libc::c_int),
+    Exited(ExitStatus),
+}
+
+/// Where the reports go.
+struct Reports {
+    out: PathBuf,
+    junit: PathBuf,
+    suite: String,
+    main: String,
+}
+
+impl Reports {
+    /// Closes what is open, logs the verdict and writes the JUnit report.
+    fn finish(&self, log: &Log, verdict: &Verdict) -> Result<()> {
+        log.close_open_subtests(verdict.failure.as_deref());
+        let took = log.elapsed();
+        match (&verdict.failure, verdict.code) {
+            (None, _) => log.write(None, &format!("test passed ({:.2}s)", took.as_secs_f64()), Style::Good),
+            (Some(why), EXIT_FAILED) => log.write(None, &format!("test failed: {why}"), Style::Bad),
+            (Some(why), _) => log.write(None, &format!("harness error: {why}"), Style::Bad),
+        }
+        let (subtests, all) = log.records();
+        let xml = junit::render(&self.suite, &junit_cases(&subtests, &self.main, took, verdict, &all));
+        if let Some(dir) = self.junit.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        std::fs::write(&self.junit, xml).with_context(|| format!("cannot write {}", self.junit.display()))
+    }
+}
+
+pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = TerminationSignals::block()?;
+    if !(args.global_timeout.is_finite() && args.global_timeout > 0.0) {
+        bail!("--global-timeout must be a positive number of seconds, not {}", args.global_timeout);
+    }
+    let script = args.script.as_deref().map(resolve_script).transpose()?;
+    let python = match (&script, args.interactive) {
+        (Some(Script::Python(_)), _) | (_, true) => Some(python::python3()?),
+        _ => None,
+    };
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let out = std::fs::canonicalize(&args.out).with_context(|| format!("cannot resolve {}", args.out.display()))?;
+    let log_path = out.join("vmlab.log");
+    let log_file = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log = Arc::new(Log::stderr(Some(log_file)));
+
+    let say = |line: &str| log.info(None, line);
+    let warn = |line: &str| log.write(None, line, Style::Bad);
+    let prepared = prepare(&args.network, args.accel, args.keep_state, &say, &warn)?;
+    let names: Vec<String> = prepared.plan.machines.iter().map(|m| m.name.clone()).collect();
+    let reports = Reports {
+        junit: args.junit.clone().unwrap_or_else(|| out.join("junit.xml")),
+        out: out.clone(),
+        suite: prepared.plan.name.clone(),
+        main: script.as_ref().map_or("interactive".into(), |s| s.path().file_name().unwrap_or_default().to_string_lossy().into_owned()),
+    };
+    let pythonpath = match &python {
+        Some(_) => Some(python::install(&prepared.session.path().join("python"))?),
+        None => None,
+    };
+    if let (Some(Script::Python(path)), Some(py), Some(pp)) = (&script, &python, &pythonpath) {
+        if let Err(problems) = python::precheck(py, pp, path, &names)? {
+            for line in problems.lines() {
+                log.write(None, line, Style::Bad);
+            }
+            let verdict = Verdict { code: EXIT_FAILED, failure: Some(format!("the script was checked before boot: {problems}")) };
+            reports.finish(&log, &verdict)?;
+            return Ok(ExitCode::from(verdict.code));
+        }
+    }
+
+    let network = prepared.start()?;
+    let driver = Arc::new(Driver::for_network(&network, &out, log.clone()));
+    for m in network.machines() {
+        log_console(m.name(), m.console().subscribe(), log.clone());
+    }
+    let socket = network.session().layout().control_socket();
+    serve(driver.clone(), &socket)?;
+    log.info(None, &format!("control socket: {}", socket.display()));
+
+    let mut cmd = match (&script, args.interactive) {
+        (script, true) => {
+            let script = match script {
+                Some(Script::Python(p)) => Some(p.as_path()),
+                _ => None,
+            };
+            python::interactive_command(python.as_deref().expect("found above"), pythonpath.as_deref().expect("installed above"), &names, script)
+        }
+        (Some(Script::Python(p)), false) => {
+            python::script_command(python.as_deref().expect("found above"), pythonpath.as_deref().expect("installed above"), p, &names)
+        }
+        (Some(Script::Executable(p)), false) => Command::new(p),
+        (None, false) => unreachable!("clap requires a script unless --interactive"),
+    };
+    cmd.env("VMLAB_SOCKET", &socket).env("VMLAB_OUT", &out).env("PYTHONUNBUFFERED", "1").env("PATH", script_path()?);
+    let (child, said) = if args.interactive {
+        (ChildGuard::spawn_in_foreground(cmd, "the Python prompt")?, None)
+    } else {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = ChildGuard::spawn(cmd, format!("test script {}", reports.main))?;
+        let said = capture_output(&child, log.clone());
+        (child, Some(said))
+    };
+    let child = Arc::new(child);
+    log.info(None, &format!("running {} (pid {})", reports.main, child.pid()));
+
+    let (events, received) = mpsc::channel();
+    let to_events = events.clone();
+    std::thread::spawn(move || while to_events.send(Event::Signal(signals.wait())).is_ok() {});
+    let waited = child.clone();
+    std::thread::spawn(move || {
+        if let Some(status) = waited.wait_exit(Duration::MAX) {
+            let _ = events.send(Event::Exited(status));
+        }
+    });
+    // A person at the prompt has no deadline.
+    let limit = (!args.interactive).then(|| Duration::from_secs_f64(args.global_timeout));
+    let ending = wait_for_end(&received, limit, &driver, args.interactive);
+    let last_error = driver.last_error().map(|e| e.kind);
+
+    // Stop what runs: the script and what it left behind, then every machine and switch.
+    driver.close();
+    child.stop(STOP_GRACE);
+    network.stop();
+    driver.release_all();
+    let last_words = said.and_then(|s| s.last_words());
+    let (subtests, _) = log.records();
+    let failed: Vec<&str> = subtests.iter().filter(|s| s.failure.is_some()).map(|s| s.name.as_str()).collect();
+    let verdict = verdict(&ending, last_error, &failed, last_words.as_deref());
+    copy_machine_logs(&network, &reports.out, &log);
+    reports.finish(&log, &verdict)?;
+    let (dir, kept) = (network.session().path().to_owned(), network.session().kept());
+    drop(network);
+    log.info(None, &format!("reports in {}; session directory {} {}", reports.out.display(), dir.display(), if kept { "kept" } else { "removed" }));
+    Ok(ExitCode::from(verdict.code))
+}
+
+/// Waits for the script to end, a signal or the global timeout.
+fn wait_for_end(events: &mpsc::Receiver<Event>, limit: Option<Duration>, driver: &Driver, interactive: bool) -> Ending {
+    let started = Instant::now();
+    loop {
+        let event = match limit {
+            None => events.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(limit) => events.recv_timeout(limit.saturating_sub(started.elapsed())),
+        };
+        match event {
+            Ok(Event::Exited(status)) => return Ending::Exited(status),
+            // At the prompt, Ctrl-C interrupts the statement (Python has it too), not the test.
+            Ok(Event::Signal(libc::SIGINT)) if interactive => {}
+            Ok(Event::Signal(signal)) => return Ending::Signal(signal),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Ending::TimedOut { after: limit.unwrap_or_default(), steps: driver.running_steps() }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the signal thread never ends"),
+        }
+    }
+}
+
+/// The script's PATH: vmlab's own directory first, so shell scripts reach
+/// the client subcommands of this very vmlab.
+fn script_path() -> Result<std::ffi::OsString> {
+    let exe = std::env::current_exe().context("cannot find the vmlab executable")?;
+    let mut dirs: Vec<PathBuf> = exe.parent().map(Path::to_path_buf).into_iter().collect();
+    dirs.extend(std::env::var_os("PATH").iter().flat_map(std::env::split_paths));
+    std::env::join_paths(dirs).context("a PATH entry contains ':'")
+}
+
+/// Serial console lines go to the log, dimmed on a terminal.
+fn log_console(name: &str, lines: mpsc::Receiver<String>, log: Arc<Log>) {
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        for line in lines {
+            log.write(Some(&name), &format!("# {}", printable(&line)), Style::Serial);
+        }
+    });
+}
+
+/// The script's standard output and error, line by line into the log.
+struct Said {
+    last_stderr_line: Arc<Mutex<Option<String>>>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Said {
+    /// The last non-blank line the script wrote on standard error, once both
+    /// streams are closed (or a moment has passed: something the script
+    /// started in a new session may hold them open).
+    fn last_words(self) -> Option<String> {
+        for _ in 0..2 {
+            let _ = self.done.recv_timeout(Duration::from_secs(2));
+        }
+        self.last_stderr_line.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Said {
+    let last = Arc::new(Mutex::new(None));
+    let (done, finished) = mpsc::channel();
+    let streams: [(Option<Box<dyn Read + Send>>, bool); 2] = [
+        (child.take_stdout().map(|s| Box::new(s) as Box<dyn Read + Send>), false),
+        (child.take_stderr().map(|s| Box::new(s) as Box<dyn Read + Send>), true),
+    ];
+    for (stream, is_stderr) in streams {
+        let Some(stream) = stream else { continue };
+        let (log, last, done) = (log.clone(), last.clone(), done.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+                log.info(None, &line);
+                if is_stderr && !line.trim().is_empty() {
+                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(line.trim().to_string());
+                }
+            }
+            let _ = done.send(());
+        });
+    }
+    Said { last_stderr_line: last, done: finished }
+}
+
+/// Copies each machine's serial console log and QEMU messages into the reports.
+fn copy_machine_logs(network: &Network, out: &Path, log: &Log) {
+    for m in network.machines() {
+        for from in [m.serial_log(), m.qemu_log()] {
+            let Some(name) = from.file_name() else { continue };
+            if from.exists() {
+                if let Err(e) = std::fs::copy(&from, out.join(name)) {
+                    log.write(None, &format!("warning: cannot copy {} to {}: {e}", from.display(), out.display()), Style::Bad);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn exited(code: i32) -> Ending {
+        Ending::Exited(ExitStatus::from_raw(code << 8))
+    }
+
+    #[test]
+    fn scripts_are_python_by_extension_only() {
+        assert_eq!(Script::of(Path::new("/t/test.py")), Script::Python("/t/test.py".into()));
+        for other in ["/t/test.sh", "/t/test", "/t/py", "/t/test.py.sh"] {
+            assert_eq!(Script::of(Path::new(other)), Script::Executable(other.into()));
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let fails = |code: u8, why: &str| Verdict { code, failure: Some(why.to_string()) };
+        let timed_out = |steps: &[&str]| Ending::TimedOut {
+            after: Duration::from_secs(20),
+            steps: steps.iter().map(|s| s.to_string()).collect(),
+        };
+        let said = Some("error: machine server: command `false` failed (exit code 1)");
+        let cases: Vec<(Ending, Option<Kind>, &[&str], Option<&str>, Verdict)> = vec![
+            (exited(0), None, &[], None, Verdict { code: 0, failure: None }),
+            // A failure the script caught and handled does not fail the test.
+            (exited(0), Some(Kind::Failed), &[], said, Verdict { code: 0, failure: None }),
+            (exited(0), None, &["a", "b"], None, fails(1, "the script exited with status 0, but subtests failed: a, b")),
+            (exited(1), Some(Kind::Failed), &[], said, fails(1, "the script exited with status 1: error: machine server: command `false` failed (exit code 1)")),
+            (exited(3), None, &[], None, fails(1, "the script exited with status 3")),
+            (exited(1), Some(Kind::Machine), &[], None, fails(1, "the script exited with status 1")),
+            (exited(1), Some(Kind::Harness), &[], None, fails(2, "the script exited with status 1")),
+            (Ending::Exited(ExitStatus::from_raw(libc::SIGKILL)), None, &[], None, fails(1, "the script was killed by signal 9 (SIGKILL)")),
+            (timed_out(&["server: wait_for_file path=/x"]), None, &[], None, fails(1, "global timeout: the test ran out of its 20 s; running: server: wait_for_file path=/x")),
+            (timed_out(&[]), None, &[], None, fails(1, "global timeout: the test ran out of its 20 s; no machine operation was running (the script itself was busy)")),
+            (Ending::Signal(libc::SIGTERM), None, &[], None, fails(2, "stopped by SIGTERM")),
+        ];
+        for (ending, last, failed, words, want) in cases {
+            assert_eq!(verdict(&ending, last, failed, words), want, "{ending:?} {last:?} {failed:?}");
+        }
+    }
+
+    #[test]
+    fn junit_has_each_subtest_then_the_script() {
+        let sub = |name: &str, failure: Option<&str>| Subtest {
+            name: name.into(),
+            duration: Duration::from_secs(1),
+            failure: failure.map(str::to_string),
+            log: format!("{name} log\n"),
+        };
+        let verdict = Verdict { code: 1, failure: Some("boom".into()) };
+        let cases = junit_cases(&[sub("a", None), sub("b", Some("boom"))], "test.py", Duration::from_secs(5), &verdict, "all\n");
+        let summary: Vec<(&str, Option<&str>, &str)> =
+            cases.iter().map(|c| (c.name.as_str(), c.failure.as_deref(), c.log.as_str())).collect();
+        assert_eq!(summary, [("a", None, "a log\n"), ("b", Some("boom"), "b log\n"), ("test.py", Some("boom"), "all\n")]);
+        assert_eq!(cases[2].duration, Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,409 @@
+//! `vmlab test` and the control socket on real VMs (the default guest with
+//! the webserver example's boot script): the example's own tests in Python
+//! and shell, two runs at once, machine operations, failures, the pre-check,
+//! the global timeout, signals, `vmlab up` with CLI clients, the prompt.
+//! Every run gets a private TMPDIR for its session directory, so a test can
+//! check that nothing of it is left: no directory, no process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::{processes_mentioning, repo_root, run, vmlab};
+
+/// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
+const PATIENCE: Duration = Duration::from_secs(300);
+
+/// The default guest with the webserver example's rc script and pages, built
+/// once for all tests of this module.
+fn guest() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drive-guest");
+        let example = repo_root().join("examples/webserver");
+        let www = format!("{}:/var/www", example.join("www").display());
+        let out = run(vmlab().arg("guest").arg("--out").arg(&dir).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+}
+
+/// A spec of the default guest: `names` on vlan 1, 128 MiB each.
+fn spec(tmp: &Path, name: &str, names: &[&str]) -> PathBuf {
+    let g = guest();
+    let node = json!({"kernel": g.join("kernel"), "initrd": g.join("initrd"), "memory": 128, "cmdline": "quiet"});
+    let nodes: serde_json::Map<String, serde_json::Value> = names.iter().map(|n| (n.to_string(), node.clone())).collect();
+    let path = tmp.join(format!("{name}.json"));
+    std::fs::write(&path, json!({"name": name, "nodes": nodes}).to_string()).unwrap();
+    path
+}
+
+fn webserver_spec(tmp: &Path) -> PathBuf {
+    spec(tmp, "webserver", &["server", "client"])
+}
+
+/// `vmlab test` (or `up`) with its session directory under `runs`.
+fn vmlab_in(runs: &Path) -> Command {
+    std::fs::create_dir_all(runs).unwrap();
+    let mut cmd = vmlab();
+    cmd.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", runs).env_remove("NO_COLOR");
+    cmd
+}
+
+/// Nothing of the runs under `runs` is left: no session directory, no process.
+fn assert_nothing_left(runs: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while !processes_mentioning(runs).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(processes_mentioning(runs), [], "processes left behind");
+    let left: Vec<_> = std::fs::read_dir(runs).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `vmlab test NETWORK SCRIPT --out OUT ARGS`, waited for.
+fn test_run(runs: &Path, network: &Path, script: &Path, out: &Path, args: &[&str]) -> Output {
+    run(vmlab_in(runs).arg("test").arg(network).arg(script).arg("--out").arg(out).args(args))
+}
+
+/// The JUnit report's test cases: (name, failure message if failed).
+fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
+    let xml = std::fs::read_to_string(path).unwrap();
+    let attr = |tag: &str, name: &str| {
+        let start = tag.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        let value = &tag[start..start + tag[start..].find('"').unwrap()];
+        value.replace("&apos;", "'").replace("&quot;", "\"").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    };
+    xml.split("<testcase ")
+        .skip(1)
+        .map(|case| {
+            let head = &case[..case.find('>').unwrap()];
+            let failure = case.find("<failure ").map(|at| attr(&case[at..], "message"));
+            (attr(head, "name"), failure)
+        })
+        .collect()
+}
+
+fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_webserver_example_passes_in_python_and_in_shell_two_runs_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let built = tmp.path().join("built");
+    let out = run(vmlab().arg("build").arg(webserver_spec(tmp.path())).arg("--out").arg(&built));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let runs = tmp.path().join("runs");
+    let example = repo_root().join("examples/webserver");
+    // Two runs of one built network at the same time, each with its own machines.
+    let handles: Vec<_> = ["test.py", "test.sh"]
+        .into_iter()
+        .map(|script| {
+            let (runs, built, script, out) = (runs.clone(), built.clone(), example.join(script), tmp.path().join(script));
+            std::thread::spawn(move || (test_run(&runs, &built, &script, &out, &[]), out))
+        })
+        .collect();
+    let results: Vec<(Output, PathBuf)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut sessions = Vec::new();
+    for (output, out) in &results {
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("client: must fail: wget -qO- http://server:8080/ (exit 1, "), "{stderr}");
+        assert_eq!(stderr.lines().filter(|l| l.contains("test passed (")).count(), 1, "{stderr}");
+        let session = stderr.split("session directory: ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+        sessions.push(session);
+        for log in ["vmlab.log", "server.serial.log", "client.serial.log"] {
+            assert!(out.join(log).is_file(), "no {log} in {}", out.display());
+        }
+        assert!(std::fs::read_to_string(out.join("vmlab.log")).unwrap().contains("test passed ("));
+    }
+    assert_ne!(sessions[0], sessions[1], "both runs used one session");
+    let names = |cases: Vec<(String, Option<String>)>| {
+        assert!(cases.iter().all(|(_, f)| f.is_none()), "{cases:?}");
+        cases.into_iter().map(|(n, _)| n).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(junit_cases(&results[0].1.join("junit.xml"))),
+        [
+            "the client fetches the server's page by name",
+            "nothing answers on a port nobody serves",
+            "the page is copied out of the server",
+            "test.py"
+        ]
+    );
+    assert_eq!(
+        names(junit_cases(&results[1].1.join("junit.xml"))),
+        ["the client fetches the server's page by name", "nothing answers on a port nobody serves", "test.sh"]
+    );
+    let page = std::fs::read(example.join("www/index.html")).unwrap();
+    assert_eq!(std::fs::read(results[0].1.join("server/index.html")).unwrap(), page);
+    assert_nothing_left(&runs);
+}
+
+/// Machine operations a test relies on, one subtest each, then a failing
+/// command: the test fails (exit 1) with that failure in the JUnit report.
+const OPERATIONS: &str = r#"
+import hashlib, os
+
+start_all()
+
+with subtest("a background process holding stdout open does not hold the command"):
+    server.succeed("sleep 1000 &")
+    server.succeed("httpd -f -p 8000 -h /var/www &")
+    server.wait_for_open_port(8000)
+
+with subtest("16 MiB of random bytes go in and come out unchanged"):
+    data = os.urandom(16 * 1024 * 1024)
+    src = os.path.join(driver.out_dir, "random.bin")
+    with open(src, "wb") as f:
+        f.write(data)
+    server.copy_to_vm(src, "/tmp/in/random.bin")
+    os.remove(src)
+    guest_sum = server.succeed("sha256sum /tmp/in/random.bin").split()[0]
+    assert guest_sum == hashlib.sha256(data).hexdigest(), "copied in: " + guest_sum
+    back = server.copy_from_vm("/tmp/in/random.bin", "back")
+    with open(back, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == guest_sum, "copied out"
+    os.remove(back)
+
+with subtest("a blocked machine is cut off until unblocked"):
+    client.succeed("ping -c 1 -W 2 server")
+    client.block()
+    client.fail("ping -c 1 -W 2 server")
+    client.unblock()
+    client.wait_until_succeeds("ping -c 1 -W 1 server", timeout=120)
+
+with subtest("a guest crashing mid-command is an error naming it"):
+    try:
+        # Without the crash noticed, this would run into the global timeout.
+        server.succeed("echo c > /proc/sysrq-trigger; sleep 1000")
+    except MachineError as e:
+        assert str(e).startswith("machine server: "), e
+    else:
+        raise AssertionError("the crash went unnoticed")
+
+with subtest("a failing command fails the test"):
+    client.succeed("echo about to fail; exit 3")
+"#;
+
+#[test]
+fn machine_operations_on_real_vms_and_a_failing_script() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let script = write_script(tmp.path(), "operations.py", OPERATIONS);
+    let out = tmp.path().join("out");
+    // A spec, built on the fly into the session directory.
+    let output = test_run(&runs, &webserver_spec(tmp.path()), &script, &out, &["--global-timeout", "900"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let failure = "RequestedAssertionFailed: machine client: command `echo about to fail; exit 3` failed (exit code 3)";
+    assert!(stderr.contains(&format!("test failed: the script exited with status 1: operations.py at line 42: {failure}")), "{stderr}");
+    let cases = junit_cases(&out.join("junit.xml"));
+    let failed: Vec<(&str, Option<&str>)> = cases.iter().map(|(n, f)| (n.as_str(), f.as_deref())).collect();
+    assert_eq!(failed.len(), 6, "{failed:#?}");
+    assert!(failed[..4].iter().all(|(_, f)| f.is_none()), "{failed:#?}");
+    assert_eq!(failed[4], ("a failing command fails the test", Some(failure)));
+    assert_eq!(failed[5].0, "operations.py");
+    assert!(failed[5].1.unwrap().ends_with(failure), "{failed:#?}");
+    assert_nothing_left(&runs);
+}
+
+#[test]
+fn script_problems_fail_before_anything_boots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let network = webserver_spec(tmp.path());
+    let out = tmp.path().join("out");
+    let typo = write_script(tmp.path(), "typo.py", "start_all()\n\nsever.succeed('true')\n");
+    let output = test_run(&runs, &network, &typo, &out, &[]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let problem = format!("{}:3: name 'sever' is not defined; did you mean 'server'? (machines: client, server)", typo.display());
+    assert!(stderr.contains(&problem), "{stderr}");
+    assert!(!stderr.contains("starting"), "a machine started: {stderr}");
+    let cases = junit_cases(&out.join("junit.xml"));
+    assert_eq!(cases.len(), 1);
+    assert!(cases[0].1.as_deref().unwrap().contains(&problem), "{cases:?}");
+    assert_nothing_left(&runs);
+
+    // What cannot run at all is a harness error.
+    let not_executable = write_script(tmp.path(), "test.sh", "true\n");
+    for (script, message) in [
+        (tmp.path().join("missing.py"), "error: test script ".to_string()),
+        (not_executable.clone(), format!("error: test script {} is not executable", not_executable.display())),
+    ] {
+        let output = test_run(&runs, &network, &script, &out, &[]);
+        assert_eq!(output.status.code(), Some(2));
+        assert!(text(&output.stderr).starts_with(&message), "{}", text(&output.stderr));
+    }
+    assert_nothing_left(&runs);
+}
+
+#[test]
+fn the_global_timeout_stops_everything_and_names_the_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let script = write_script(tmp.path(), "stuck.py", "server.wait_for_file('/nonexistent')\n");
+    let out = tmp.path().join("out");
+    let output = test_run(&runs, &spec(tmp.path(), "one", &["server"]), &script, &out, &["--global-timeout", "25"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let why = "global timeout: the test ran out of its 25 s; running: server: wait_for_file path=/nonexistent timeout=900";
+    assert!(stderr.contains(&format!("test failed: {why}")), "{stderr}");
+    assert_eq!(junit_cases(&out.join("junit.xml")), [("stuck.py".to_string(), Some(why.to_string()))]);
+    assert_nothing_left(&runs);
+}
+
+/// A running command's output, line by line.
+struct Lines {
+    rx: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn of(stream: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Lines { rx, seen: Vec::new() }
+    }
+
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            match self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!("no line with {needle:?} ({e}):\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    fn rest(mut self) -> String {
+        self.seen.extend(self.rx.iter());
+        self.seen.join("\n")
+    }
+}
+
+/// Kills the child on drop, so a failing test leaves nothing running.
+struct Running(Child);
+
+impl Running {
+    /// Sends `signal`, waits; the exit status and all of `lines`.
+    fn stop(&mut self, signal: libc::c_int, lines: Lines) -> (Option<i32>, String) {
+        assert_eq!(unsafe { libc::kill(self.0.id() as libc::pid_t, signal) }, 0);
+        let status = self.0.wait().unwrap();
+        (status.code(), lines.rest())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn sigint_stops_a_test_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let script = "import time\nserver.succeed('true')\nprint('booted', flush=True)\ntime.sleep(1000)\n";
+    let script = write_script(tmp.path(), "slow.py", script);
+    let mut cmd = vmlab_in(&runs);
+    cmd.arg("test").arg(spec(tmp.path(), "one", &["server"])).arg(&script).arg("--out").arg(tmp.path().join("out"));
+    let mut child = Running(cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    let mut lines = Lines::of(child.0.stderr.take().unwrap());
+    lines.wait_for("] booted");
+    let (status, stderr) = child.stop(libc::SIGINT, lines);
+    assert_eq!(status, Some(2), "{stderr}");
+    assert!(stderr.contains("harness error: stopped by SIGINT"), "{stderr}");
+    assert_nothing_left(&runs);
+}
+
+#[test]
+fn up_serves_the_control_socket_to_cli_clients_and_vmlab_shell() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let built = tmp.path().join("built");
+    let out = run(vmlab().arg("build").arg(spec(tmp.path(), "one", &["server"])).arg("--out").arg(&built));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cwd = tmp.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let mut cmd = vmlab_in(&runs);
+    cmd.arg("up").arg(&built).current_dir(&cwd).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut up = Running(cmd.spawn().unwrap());
+    let mut lines = Lines::of(up.0.stderr.take().unwrap());
+    let export = lines.wait_for("vmlab: control socket: export VMLAB_SOCKET=");
+    let socket = export.split_once("VMLAB_SOCKET=").unwrap().1.to_string();
+    lines.wait_for("vmlab: all 1 machines are up");
+
+    let client = |args: &[&str], stdin: &str| {
+        let mut child = vmlab()
+            .args(args)
+            .env("VMLAB_SOCKET", &socket)
+            .current_dir(tmp.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let hostname = client(&["succeed", "server", "--", "hostname"], "");
+    assert_eq!((hostname.status.code(), text(&hostname.stdout)), (Some(0), "server\n".to_string()), "{}", text(&hostname.stderr));
+    let failed = client(&["succeed", "server", "--", "exit 4"], "");
+    assert_eq!(failed.status.code(), Some(1));
+    assert_eq!(text(&failed.stderr), "error: machine server: command `exit 4` failed (exit code 4)\n");
+    let shell = client(&["shell", "server"], "echo hi from $(hostname)\nexit 3\n");
+    assert_eq!(shell.status.code(), Some(0), "{}", text(&shell.stderr));
+    assert_eq!((text(&shell.stdout), text(&shell.stderr)), ("hi from server\n".to_string(), "[exit 3]\n".to_string()));
+    // Copies land where `vmlab up` runs.
+    let copied = client(&["copy-from-vm", "server", "/etc/hostname"], "");
+    assert_eq!(text(&copied.stdout), format!("{}\n", cwd.join("hostname").display()));
+    assert_eq!(std::fs::read_to_string(cwd.join("hostname")).unwrap(), "server\n");
+
+    let (status, stderr) = up.stop(libc::SIGTERM, lines);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(stderr.contains("server: must succeed: hostname (exit 0, "), "the log shows clients' commands: {stderr}");
+    assert_nothing_left(&runs);
+}
+
+#[test]
+fn the_interactive_prompt_has_the_machines_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let mut cmd = vmlab_in(&runs);
+    cmd.arg("test").arg(spec(tmp.path(), "one", &["server-1"])).arg("--interactive");
+    cmd.arg("--out").arg(tmp.path().join("out")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let statements = "print('answer:', server_1.succeed('hostname').strip(), [m.name for m in machines])\n";
+    child.stdin.take().unwrap().write_all(statements.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("vmlab: machines server-1\n"), "{stdout}");
+    assert!(stdout.contains("answer: server-1 ['server-1']\n"), "{stdout}");
+    assert_nothing_left(&runs);
+}
