@@ -130,6 +130,8 @@ let
     , globalTimeout ? null
     , accel ? null
     , extraArgs ? [ ]
+    , coverage ? false
+    , coverageBuildDirs ? [ ]
     }:
     let
       network = buildVirtualNetwork { inherit name nodes guest; };
@@ -153,7 +155,11 @@ let
       PATH = "${tools.coreutils}:${dirOf tools.python3}";
       keepFailedOutput = if keepFailedOutput then "1" else "";
       scriptArgs = optionalArgs "--global-timeout" (if globalTimeout == null then null else toString globalTimeout)
-        ++ optionalArgs "--accel" accel ++ extraArgs;
+        ++ optionalArgs "--accel" accel
+        ++ (if coverage then [ "--coverage" ] ++ concatMap (dir: [ "--build-dir" "${dir}" ]) coverageBuildDirs
+            else if coverageBuildDirs != [ ] then throw "runTest: coverageBuildDirs needs coverage = true"
+            else [ ])
+        ++ extraArgs;
       # The script is copied under a plain name: the name reports show.
       script = ''
         if [ -n "''${testScriptSourcePath-}" ]; then

@@ -17,6 +17,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::driver::control::Driver;
+use crate::driver::log::{Log, Style};
 use crate::driver::machine::Machine;
 use crate::driver::DriverError;
 use crate::shell::quote;
@@ -180,10 +182,8 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
     let data = out.join(DATA_DIR);
     let mut gcnos: Vec<(usize, PathBuf)> = Vec::new();
     let mut sources: Vec<PathBuf> = Vec::new();
+    check_build_dirs(build_dirs)?;
     for (i, dir) in build_dirs.iter().enumerate() {
-        if !dir.is_dir() {
-            bail!("coverage build directory {} is not a directory", dir.display());
-        }
         gcnos.extend(files_with_extension(dir, "gcno")?.into_iter().map(|p| (i, p)));
         for ext in ["c", "h", "cc", "cpp", "cxx", "hpp", "rs"] {
             sources.extend(files_with_extension(dir, ext)?.into_iter().map(|p| dir.join(p)));
@@ -270,8 +270,10 @@ pub enum Collected {
     Files(usize),
     /// The machine runs but no program wrote coverage data.
     Nothing,
-    /// The machine is not running: whatever its programs wrote died with it.
-    NotRunning,
+    /// The machine ran but does not now: whatever its programs wrote died with it.
+    Lost,
+    /// The test never started the machine.
+    NeverStarted,
 }
 
 /// Copies a running machine's coverage data (everything under its
@@ -279,7 +281,7 @@ pub enum Collected {
 /// report sees what each machine's programs wrote, machine by machine.
 pub fn collect(machine: &mut Machine) -> Result<Collected, DriverError> {
     if !machine.is_up() {
-        return Ok(Collected::NotRunning);
+        return Ok(if machine.ever_started() { Collected::Lost } else { Collected::NeverStarted });
     }
     let dir = quote(GUEST_DIR);
     let out = machine.execute(&format!("sync; find {dir} -name '*.gcda' -type f 2>/dev/null | wc -l"), None)?;
@@ -302,6 +304,42 @@ pub fn collect(machine: &mut Machine) -> Result<Collected, DriverError> {
     })();
     moved.map_err(|e| DriverError::harness(format!("machine {}: moving coverage data to {}: {e}", machine.name, target.display())))?;
     Ok(Collected::Files(count))
+}
+
+/// Collects every machine's data at once (see [`collect`]), saying in the
+/// log what each gave and warning about data that is lost.
+pub fn collect_all(driver: &Driver, log: &Log) {
+    let names = driver.machine_names();
+    std::thread::scope(|s| {
+        for name in &names {
+            s.spawn(move || {
+                let collected = driver.with_machine(name, collect).expect("the driver's own machine");
+                let (line, style) = match collected {
+                    Ok(Collected::Files(n)) => (format!("coverage: collected {n} .gcda files"), Style::Plain),
+                    Ok(Collected::Nothing | Collected::NeverStarted) => return,
+                    Ok(Collected::Lost) => {
+                        ("warning: coverage: the machine is not running at the end: its data is lost".into(), Style::Bad)
+                    }
+                    Err(e) => (format!("warning: coverage: {e}"), Style::Bad),
+                };
+                log.write(Some(name), &line, style);
+            });
+        }
+    });
+}
+
+/// Fails, naming the package, when the report could not be made: checked
+/// before a test boots anything, not after.
+pub fn check_report_tools(build_dirs: &[PathBuf]) -> Result<()> {
+    check_build_dirs(build_dirs)?;
+    tool("lcov").and(tool("genhtml")).map(drop)
+}
+
+fn check_build_dirs(build_dirs: &[PathBuf]) -> Result<()> {
+    match build_dirs.iter().find(|dir| !dir.is_dir()) {
+        Some(dir) => bail!("coverage build directory {} is not a directory", dir.display()),
+        None => Ok(()),
+    }
 }
 
 pub fn coverage_command(args: &crate::cli::CoverageArgs) -> Result<std::process::ExitCode> {

@@ -4,8 +4,7 @@
 //! (/nix) on first use; the settings a fresh machine lacks come through
 //! NIX_CONFIG, so nothing outside the store is configured.
 //!
-//! runTest's tests run `vmlab test` inside a derivation; all but the
-//! system-features one need vmlab's `test` subcommand (issue 3).
+//! runTest's tests run `vmlab test` inside a derivation.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -310,17 +309,6 @@ fn run_test_declares_system_features_that_builders_must_offer() {
 
 // The tests below run `vmlab test` in the derivation.
 
-/// `vmlab test` comes with the driver (issue 3). Until this vmlab has the
-/// subcommand, the tests that run it print why and stop; once it exists,
-/// they always run.
-fn vmlab_has_test() -> bool {
-    let has = run(vmlab().args(["help", "test"])).status.success();
-    if !has {
-        eprintln!("skipped: this vmlab has no `test` subcommand yet (issue 3)");
-    }
-    has
-}
-
 /// `nix-support/hydra-build-products` of `out`: every product is a file of
 /// `out`; the kinds listed (`report junit`, `file log`, ...).
 fn hydra_products(out: &Path) -> Vec<String> {
@@ -339,9 +327,6 @@ fn hydra_products(out: &Path) -> Vec<String> {
 
 #[test]
 fn run_test_of_the_example_passes_with_junit_and_hydra_products() {
-    if !vmlab_has_test() {
-        return;
-    }
     let Some(out) = built(&format!("{}.test", example_expr(free_port()))) else { return };
     let junit = std::fs::read_to_string(out.join("junit.xml")).unwrap();
     assert!(junit.contains("<testsuite") && junit.contains("the client fetches the page by name"), "{junit}");
@@ -353,9 +338,6 @@ fn run_test_of_the_example_passes_with_junit_and_hydra_products() {
 
 #[test]
 fn run_test_with_a_failing_script_fails_the_build() {
-    if !vmlab_has_test() {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let options = format!("testScript = {};", nix_path(&failing_executable(tmp.path())));
     let Some(result) = nix_build(&run_test_expr("failing", &options), &[]) else { return };
@@ -366,9 +348,6 @@ fn run_test_with_a_failing_script_fails_the_build() {
 
 #[test]
 fn run_test_keeps_a_failed_tests_output_when_asked_and_marks_it_failed() {
-    if !vmlab_has_test() {
-        return;
-    }
     // A Python file this time (the example's script is Python source).
     let tmp = tempfile::tempdir().unwrap();
     let script = tmp.path().join("fails.py");
@@ -438,4 +417,26 @@ fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
         json!({"hostName": "server", "memory": 512, "nodes": ["server"], "planMachines": ["client", "server"],
                "primaryIPAddress": "192.168.2.2", "primaryIPv6Address": "2001:db8:2::2"})
     );
+}
+
+/// `coverage = true`: the report is made in the build and Hydra gets a link to it.
+#[test]
+fn run_test_with_coverage_reports_it_as_a_build_product() {
+    let tmp = tempfile::tempdir().unwrap();
+    let build = tmp.path().join("build");
+    let greet = crate::coverage::build_greet(&build);
+    let script = tmp.path().join("cov.py");
+    std::fs::write(&script, "a.succeed(\"greet server\")\n").unwrap();
+    let options = format!(
+        "guest.files.\"/bin/greet\" = {}; coverage = true; coverageBuildDirs = [ {} ]; testScript = {};",
+        nix_path(&greet),
+        nix_path(&build),
+        nix_path(&script)
+    );
+    let Some(out) = built(&run_test_expr("coverage", &options)) else { return };
+    assert!(hydra_products(&out).contains(&"report coverage".to_owned()));
+    assert!(out.join("coverage/index.html").is_file());
+    assert_eq!(crate::coverage::hits(&out.join("coverage.info"), "serve"), 1);
+    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    assert!(log.contains("coverage: lines "), "{log}");
 }
