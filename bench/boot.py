@@ -8,6 +8,7 @@ Usage: bench/boot.py [path/to/vmlab]   (default: target/release/vmlab)
 Set VMLAB_ACCEL to choose the accelerator (default tcg). Prints the median of
 RUNS runs for each count.
 """
+import concurrent.futures
 import json
 import os
 import signal
@@ -74,8 +75,12 @@ def bare(out: str, count: int, tmp: str) -> float:
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True))
     try:
-        for i in range(count):
-            wait_banner(os.path.join(tmp, f"bare{count}-{i}", "shell.sock"), start + 300)
+        # All at once: a banner printed while nobody is connected is lost.
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            waits = [pool.submit(wait_banner, os.path.join(tmp, f"bare{count}-{i}", "shell.sock"), start + 300)
+                     for i in range(count)]
+            for w in waits:
+                w.result()
         return time.monotonic() - start
     finally:
         for p in procs:
@@ -89,10 +94,12 @@ def with_vmlab(vmlab: str, out: str, count: int) -> float:
     p = subprocess.Popen([vmlab, "up", out, "--accel", ACCEL], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     try:
+        said = []
         for line in p.stderr:
             if "machines are up" in line or "machine is up" in line:
                 return time.monotonic() - start
-        raise RuntimeError(f"vmlab up ended before every machine was up (status {p.wait()})")
+            said.append(line)
+        raise RuntimeError(f"vmlab up ended before every machine was up (status {p.wait()}):\n{''.join(said[-10:])}")
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait()

@@ -136,7 +136,10 @@ fn run_until_stopped(network: &Network, events: mpsc::Receiver<Event>) -> Result
                 ready[i] = true;
                 say(&format!("{}: up after {:.1} s (backdoor shell ready)", machines[i].name(), after.as_secs_f64()));
                 if ready.iter().all(|&r| r) {
-                    say(&format!("all {} machines are up; Ctrl-C stops the network", machines.len()));
+                    say(&match machines.len() {
+                        1 => "the machine is up; Ctrl-C stops the network".to_owned(),
+                        n => format!("all {n} machines are up; Ctrl-C stops the network"),
+                    });
                 }
             }
             Event::NotReady(i, e) => eprintln!("warning: machine {:?}: {e:#}", machines[i].name()),

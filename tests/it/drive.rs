@@ -362,7 +362,7 @@ fn up_serves_the_control_socket_to_cli_clients_and_vmlab_shell() {
     let mut lines = Lines::of(up.0.stderr.take().unwrap());
     let export = lines.wait_for("vmlab: control socket: export VMLAB_SOCKET=");
     let socket = export.split_once("VMLAB_SOCKET=").unwrap().1.to_string();
-    lines.wait_for("vmlab: all 1 machines are up");
+    lines.wait_for("vmlab: the machine is up");
 
     let client = |args: &[&str], stdin: &str| {
         let mut child = vmlab()
