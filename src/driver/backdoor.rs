@@ -339,12 +339,12 @@ impl Shell {
         Ok(())
     }
 
-    /// Waits until the guest announces its shell.
-    pub fn wait_for_banner(&mut self, alive: Alive, deadline: Instant) -> Result<(), DriverError> {
+    /// Waits until the guest announces its shell; `None`: no deadline.
+    pub fn wait_for_banner(&mut self, alive: Alive, deadline: Option<Instant>) -> Result<(), DriverError> {
         let mut scanner = BannerScanner::default();
         let mut buf = [0u8; 4096];
         loop {
-            let n = self.read_some(&mut buf, alive, Some(deadline), "the backdoor shell did not come up in time", false)?;
+            let n = self.read_some(&mut buf, alive, deadline, "the backdoor shell did not come up in time", false)?;
             if let Some(rest) = scanner.feed(&buf[..n]) {
                 self.pending = rest;
                 return Ok(());
@@ -785,7 +785,7 @@ mod local_shell_tests {
     #[test]
     fn the_banner_is_awaited_and_what_follows_is_kept() {
         let mut l = spawn(true, &format!("sleep 0.2; echo boot noise; printf '%s\\n' '{BANNER}'; "));
-        l.shell.wait_for_banner(&mut ok(), Instant::now() + Duration::from_secs(30)).unwrap();
+        l.shell.wait_for_banner(&mut ok(), Some(Instant::now() + Duration::from_secs(30))).unwrap();
         assert_eq!(run(&mut l, "echo up").stdout, b"up\n");
         assert!(Path::new(BASH).exists());
     }
