@@ -314,6 +314,16 @@ pub struct TestArgs {
     /// Accelerator for every machine.
     #[arg(long, value_enum, env = "VMLAB_ACCEL", default_value = "auto")]
     pub accel: Accel,
+    /// Collect the .gcda files of programs built with --coverage from every
+    /// machine into OUT/coverage-data/<machine>/ when the script ends (see
+    /// docs/coverage.md).
+    #[arg(long)]
+    pub coverage: bool,
+    /// With --coverage: a directory holding the .gcno files (and sources) of
+    /// those programs (repeatable); then the report is made too: a tracefile
+    /// per machine, OUT/coverage.info and OUT/coverage/index.html (needs lcov).
+    #[arg(long = "build-dir", value_name = "DIR", requires = "coverage")]
+    pub build_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -12,6 +12,14 @@ case "$page" in
   *"Hello from the vmlab web server"*) ;;
   *) echo "unexpected page: $page" >&2; exit 1 ;;
 esac
+echo "the client fetched: $page"
+vmlab subtest end
+
+vmlab subtest begin "the client fetches it by IPv4 and IPv6 address"
+# NixOS numbering: machines in name order, client 1, server 2.
+for url in http://192.168.1.2/ 'http://[2001:db8:1::2]/'; do
+  test "$(vmlab succeed client -- wget -qO- "$url")" = "$page"
+done
 vmlab subtest end
 
 vmlab subtest begin "nothing answers on a port nobody serves"

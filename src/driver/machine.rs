@@ -93,6 +93,8 @@ pub struct Machine {
     interfaces: Vec<(String, u8)>,
     vm: Box<dyn Vm>,
     running: bool,
+    /// Started at least once: a machine that is not running now may have run.
+    ever_started: bool,
     shell: Option<Shell>,
     qmp: Option<Qmp>,
     booted: bool,
@@ -118,6 +120,7 @@ impl Machine {
             interfaces,
             vm,
             running: false,
+            ever_started: false,
             shell: None,
             qmp: None,
             booted: false,
@@ -138,6 +141,10 @@ impl Machine {
         DriverError::new(kind, format!("machine {}: {msg}", self.name))
     }
 
+    pub fn ever_started(&self) -> bool {
+        self.ever_started
+    }
+
     pub fn is_up(&mut self) -> bool {
         self.running && self.vm.exited().is_none()
     }
@@ -154,6 +161,7 @@ impl Machine {
         self.console.clear();
         self.vm.spawn().map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
         self.running = true;
+        self.ever_started = true;
         // At once: QEMU drops what the guest writes to the backdoor while no
         // client is connected, and the banner is written once.
         let shell = self.wait_for_socket(&self.vm.state_dir().join("shell.sock"))?;

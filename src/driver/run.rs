@@ -17,6 +17,7 @@ use super::control::{serve, Driver};
 use super::junit;
 use super::log::{printable, Log, Style, Subtest};
 use super::{python, Kind};
+use crate::coverage;
 use crate::cli::TestArgs;
 use crate::runtime::process::{describe_exit, ChildGuard, STOP_GRACE};
 use crate::runtime::signals::{self, TerminationSignals};
@@ -163,6 +164,9 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         bail!("--global-timeout must be a positive number of seconds, not {}", args.global_timeout);
     }
     let script = args.script.as_deref().map(resolve_script).transpose()?;
+    if !args.build_dirs.is_empty() {
+        coverage::check_report_tools(&args.build_dirs)?;
+    }
     let python = match (&script, args.interactive) {
         (Some(Script::Python(_)), _) | (_, true) => Some(python::python3()?),
         _ => None,
@@ -252,12 +256,35 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     // fetched from them at the end (through `driver.with_machine`).
     driver.close();
     child.stop(STOP_GRACE);
+    if args.coverage {
+        match &ending {
+            Ending::Exited(_) => {
+                coverage::collect_all(&driver, &log);
+                if args.build_dirs.is_empty() {
+                    let hint = format!("`vmlab coverage {} --build-dir DIR` makes the report", out.display());
+                    log.info(None, &format!("coverage: data in {}; {hint}", out.join(coverage::DATA_DIR).display()));
+                }
+            }
+            _ => log.write(None, "warning: coverage: not collected: the test was stopped before its script ended", Style::Bad),
+        }
+    }
     network.stop();
     driver.release_all();
     let last_words = said.and_then(|s| s.last_words());
     let (subtests, _) = log.records();
     let failed: Vec<&str> = subtests.iter().filter(|s| s.failure.is_some()).map(|s| s.name.as_str()).collect();
-    let verdict = verdict(&ending, last_error, &failed, last_words.as_deref());
+    let mut verdict = verdict(&ending, last_error, &failed, last_words.as_deref());
+    if args.coverage && !args.build_dirs.is_empty() {
+        match coverage::report(&out, &args.build_dirs) {
+            Ok(report @ coverage::Report::NoData) => log.write(None, &report.summary(), Style::Bad),
+            Ok(report) => log.write(None, &report.summary(), Style::Plain),
+            // A passed test whose requested report is missing did not do what was asked.
+            Err(e) if verdict.code == EXIT_OK => {
+                verdict = Verdict { code: EXIT_HARNESS, failure: Some(format!("coverage report: {e:#}")) }
+            }
+            Err(e) => log.write(None, &format!("error: coverage report: {e:#}"), Style::Bad),
+        }
+    }
     copy_machine_logs(&network, &reports.out, &log);
     reports.finish(&log, &verdict)?;
     let (dir, kept) = (network.session().path().to_owned(), network.session().kept());

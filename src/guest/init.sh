@@ -3,9 +3,11 @@
 # as listed in /etc/inittab:
 #   init.sh boot       once at boot (sysinit): file systems, modules, network, rc
 #   init.sh backdoor   respawned: the root shell on the virtio console (hvc0)
+# NixOS guests run `init.sh network` (the network part of boot) from a
+# systemd service with its own PATH: nix/guest-module.nix.
 # See docs/guest.md.
 
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+[ "${1:-}" = network ] || export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 # Programs built with --coverage write their .gcda files here, in the rc
 # script and in the backdoor alike; `vmlab test --coverage` collects them
 # (keep in step with coverage::GUEST_DIR).
@@ -147,8 +149,9 @@ backdoor() {
 case ${1:-} in
     boot) boot ;;
     backdoor) backdoor ;;
+    network) configure ;;
     *)
-        echo "usage: $0 boot|backdoor" >&2
+        echo "usage: $0 boot|backdoor|network" >&2
         exit 2
         ;;
 esac

@@ -158,7 +158,7 @@ pub fn build(opts: &GuestOptions) -> anyhow::Result<()> {
     .with_context(|| format!("module tree {}", opts.modules.display()))?;
     let module_files = module_list
         .iter()
-        .map(|module| Ok((module.clone(), read(&opts.modules.join(module))?)))
+        .map(|module| modules::unpack_zstd(module, read(&opts.modules.join(module))?))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let rc = opts.rc.as_deref().map(read).transpose()?;
 

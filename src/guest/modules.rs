@@ -12,9 +12,7 @@ pub const REQUIRED: &[&str] = &["virtio_pci", "virtio_net", "virtio_console", "q
 
 /// The module files (paths relative to the module tree) to load, each once,
 /// every dependency before its dependents. Modules listed in `builtin` are
-/// skipped. Compressed modules (`.ko.xz`, `.ko.gz`) are returned as they are:
-/// the guest decompresses them with busybox; zstd, which busybox cannot
-/// read, is an error.
+/// skipped. Compressed modules are returned as they are (see [`unpack_zstd`]).
 pub fn resolve(modules_dep: &str, builtin: &str, wanted: &[&str]) -> anyhow::Result<Vec<String>> {
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     for (lineno, line) in (1..).zip(modules_dep.lines()) {
@@ -71,11 +69,6 @@ fn visit(
             stack.join(" -> ")
         );
     }
-    if path.ends_with(".zst") {
-        bail!(
-            "kernel module {path} is zstd-compressed, which the guest's busybox cannot decompress"
-        );
-    }
     let (_, module_deps) = deps.get(&module_name(path)).with_context(|| {
         format!("modules.dep: {path} is a dependency but has no line of its own")
     })?;
@@ -89,6 +82,18 @@ fn visit(
     done.insert(path.to_string());
     order.push(path.to_string());
     Ok(())
+}
+
+/// A module as the initrd carries it: `.ko.zst` decompressed here, since
+/// busybox has no zstd (nixpkgs' and Fedora's kernels compress modules with
+/// it); `.ko.xz` and `.ko.gz` stay compressed, the guest's busybox reads them.
+pub fn unpack_zstd(path: &str, bytes: Vec<u8>) -> anyhow::Result<(String, Vec<u8>)> {
+    let Some(plain) = path.strip_suffix(".zst") else { return Ok((path.to_string(), bytes)) };
+    let mut decoder = ruzstd::decoding::StreamingDecoder::new(bytes.as_slice())
+        .map_err(|e| anyhow::anyhow!("kernel module {path}: not zstd: {e}"))?;
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut decoder, &mut out).with_context(|| format!("kernel module {path}: corrupt zstd data"))?;
+    Ok((plain.to_string(), out))
 }
 
 /// `kernel/drivers/char/hw_random/virtio-rng.ko.xz` → `virtio_rng`: the kernel
@@ -185,12 +190,21 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio.ko 
     }
 
     #[test]
+    fn zstd_modules_are_decompressed_and_others_kept() {
+        let module = b"\x7fELF a kernel module".repeat(100);
+        let zstd = ruzstd::encoding::compress_to_vec(module.as_slice(), ruzstd::encoding::CompressionLevel::Fastest);
+        assert_eq!(unpack_zstd("kernel/a.ko.zst", zstd).unwrap(), ("kernel/a.ko".to_string(), module.clone()));
+        assert_eq!(unpack_zstd("kernel/b.ko.xz", b"xz".to_vec()).unwrap(), ("kernel/b.ko.xz".to_string(), b"xz".to_vec()));
+        let err = unpack_zstd("kernel/c.ko.zst", b"not zstd".to_vec()).unwrap_err().to_string();
+        assert!(err.starts_with("kernel module kernel/c.ko.zst: not zstd"), "{err}");
+    }
+
+    #[test]
     fn errors() {
         let cases = [
             (DEBIAN, &["e1000"][..], "kernel module e1000 is neither in modules.dep nor in modules.builtin"),
             ("a.ko: b.ko\n", &["a"], "modules.dep: b.ko is a dependency but has no line of its own"),
             ("a.ko: b.ko\nb.ko: a.ko\n", &["a"], "modules.dep: dependency cycle: a.ko -> b.ko -> a.ko"),
-            ("a.ko.zst:\n", &["a"], "kernel module a.ko.zst is zstd-compressed, which the guest's busybox cannot decompress"),
             ("a.ko\n", &["a"], "modules.dep line 1: no `:` in \"a.ko\""),
         ];
         for (dep, wanted, message) in cases {

@@ -58,10 +58,15 @@ impl Switch {
     }
 }
 
-/// Pure: vde_switch's arguments.
+/// Pure: vde_switch's arguments. `--dirmode 0700`: by default vde_switch
+/// makes its socket directory setgid, which fails inside Nix builds (their
+/// seccomp filter refuses setuid and setgid modes), and the session
+/// directory is private to this user anyway.
 fn args(dir: &Path, machines: usize) -> Vec<OsString> {
     let ports = machines.max(MIN_PORTS).to_string();
-    ["--sock".into(), dir.into(), "--hub".into(), "--numports".into(), ports.into()].into()
+    let mut args = vec![OsString::from("--sock"), dir.into()];
+    args.extend(["--dirmode", "0700", "--hub", "--numports", &ports].map(OsString::from));
+    args
 }
 
 #[cfg(test)]
@@ -74,7 +79,7 @@ mod tests {
         for (machines, ports) in cases {
             assert_eq!(
                 args(Path::new("/s/vlan1"), machines),
-                ["--sock", "/s/vlan1", "--hub", "--numports", ports].map(OsString::from),
+                ["--sock", "/s/vlan1", "--dirmode", "0700", "--hub", "--numports", ports].map(OsString::from),
                 "{machines} machines"
             );
         }

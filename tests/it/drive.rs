@@ -137,6 +137,7 @@ fn the_webserver_example_passes_in_python_and_in_shell_two_runs_at_once() {
         names(junit_cases(&results[0].1.join("junit.xml"))),
         [
             "the client fetches the server's page by name",
+            "the client fetches it by IPv4 and IPv6 address",
             "nothing answers on a port nobody serves",
             "the page is copied out of the server",
             "test.py"
@@ -144,7 +145,12 @@ fn the_webserver_example_passes_in_python_and_in_shell_two_runs_at_once() {
     );
     assert_eq!(
         names(junit_cases(&results[1].1.join("junit.xml"))),
-        ["the client fetches the server's page by name", "nothing answers on a port nobody serves", "test.sh"]
+        [
+            "the client fetches the server's page by name",
+            "the client fetches it by IPv4 and IPv6 address",
+            "nothing answers on a port nobody serves",
+            "test.sh"
+        ]
     );
     let page = std::fs::read(example.join("www/index.html")).unwrap();
     assert_eq!(std::fs::read(results[0].1.join("server/index.html")).unwrap(), page);
@@ -405,5 +411,26 @@ fn the_interactive_prompt_has_the_machines_bound() {
     assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("vmlab: machines server-1\n"), "{stdout}");
     assert!(stdout.contains("answer: server-1 ['server-1']\n"), "{stdout}");
+    assert_nothing_left(&runs);
+}
+
+/// README's first command (.ci/example) runs examples/webserver/run.sh: the
+/// guest built from scratch, the example's own network.json and test.py.
+#[test]
+fn the_example_runner_of_the_readme_passes_and_shows_the_fetched_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let report = tmp.path().join("report");
+    // vmlab_in's environment (a private TMPDIR), for the script and every vmlab it runs.
+    let vmlab = vmlab_in(&runs);
+    let out = run(Command::new(repo_root().join("examples/webserver/run.sh"))
+        .arg(vmlab.get_program())
+        .arg(&report)
+        .envs(vmlab.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env_remove("XDG_RUNTIME_DIR"));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("the client fetched: <h1>Hello from the vmlab web server</h1>"), "{stderr}");
+    assert!(report.join("junit.xml").is_file());
     assert_nothing_left(&runs);
 }

@@ -7,4 +7,6 @@ mod build;
 mod coverage;
 mod drive;
 mod guest;
+mod network;
+mod nix;
 mod runtime;

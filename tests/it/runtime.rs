@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -60,13 +60,13 @@ fn build_webserver(tmp: &Path, port: u16) -> PathBuf {
     build(tmp, json!({"name": "webserver", "nodes": {"server": server, "client": machine}}))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// A running `vmlab up`, its session under a private TMPDIR; stopped on drop
 /// so a failing test leaves nothing running.
-struct Up {
+pub(crate) struct Up {
     child: Child,
     lines: mpsc::Receiver<String>,
     /// Every line so far, `out: ` or `err: ` first.
@@ -75,9 +75,15 @@ struct Up {
 
 impl Up {
     fn start(dir: &Path, tmpdir: &Path, env: &[(&str, &str)]) -> Up {
-        std::fs::create_dir_all(tmpdir).unwrap();
         let mut cmd = vmlab();
-        cmd.arg("up").arg(dir).env_remove("XDG_RUNTIME_DIR").env("TMPDIR", tmpdir);
+        cmd.arg("up").arg(dir);
+        Up::spawn(cmd, tmpdir, env)
+    }
+
+    /// Runs `cmd`, a `vmlab up` or a script that runs one (`bin/run-vms`).
+    pub(crate) fn spawn(mut cmd: Command, tmpdir: &Path, env: &[(&str, &str)]) -> Up {
+        std::fs::create_dir_all(tmpdir).unwrap();
+        cmd.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", tmpdir);
         cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -87,7 +93,7 @@ impl Up {
     }
 
     /// Reads output until a line contains `needle`; returns that line.
-    fn wait_for(&mut self, needle: &str) -> String {
+    pub(crate) fn wait_for(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
@@ -101,18 +107,18 @@ impl Up {
     }
 
     /// The session directory, as `vmlab up` announces it.
-    fn session(&mut self) -> PathBuf {
+    pub(crate) fn session(&mut self) -> PathBuf {
         let line = self.wait_for("vmlab: session directory: ");
         let rest = line.split_once("session directory: ").unwrap().1;
         PathBuf::from(rest.split_once(" (").unwrap().0)
     }
 
-    fn signal(&self, signal: libc::c_int) {
+    pub(crate) fn signal(&self, signal: libc::c_int) {
         assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, signal) }, 0);
     }
 
     /// Waits for vmlab to exit; returns its status and all its output.
-    fn finish(mut self) -> (ExitStatus, String) {
+    pub(crate) fn finish(mut self) -> (ExitStatus, String) {
         let status = self.child.wait().unwrap();
         // The readers end at end of file, closing the channel.
         self.seen.extend(self.lines.iter());
@@ -141,12 +147,12 @@ fn forward_lines(stream: impl Read + Send + 'static, prefix: &'static str, tx: m
 }
 
 /// How many of `processes` have `what` in their command line.
-fn count(processes: &[(u32, String)], what: &str) -> usize {
+pub(crate) fn count(processes: &[(u32, String)], what: &str) -> usize {
     processes.iter().filter(|(_, cmdline)| cmdline.contains(what)).count()
 }
 
 /// Polls until no process mentions `session`; returns the ones left at the deadline.
-fn leftovers(session: &Path) -> Vec<(u32, String)> {
+pub(crate) fn leftovers(session: &Path) -> Vec<(u32, String)> {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let found = processes_mentioning(session);
@@ -304,7 +310,7 @@ fn a_switch_that_cannot_start_fails_up_with_its_messages() {
 }
 
 /// `GET /` on 127.0.0.1:`port`; the response body.
-fn http_get(port: u16) -> String {
+pub(crate) fn http_get(port: u16) -> String {
     let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
     std::io::Write::write_all(&mut stream, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
     let mut response = String::new();

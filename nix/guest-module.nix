@@ -1,0 +1,106 @@
+# nixosModules.guest: what a NixOS machine needs to be one of vmlab's
+# machines (docs/nix.md):
+# - the backdoor: a root shell on the virtio console hvc0, announced by the
+#   line "Spawning backdoor root shell...", commands' output on hvc0 and their
+#   standard error on the serial console: the contract of nixpkgs' test
+#   instrumentation, so vmlab's driver and NixOS test scripts work unchanged;
+# - the network applied at boot from fw_cfg opt/vmlab/config (docs/design.md):
+#   NICs renamed by MAC, addresses, host name, /etc/hosts. The same program as
+#   the default guest's (src/guest/init.sh network). Nothing in the system
+#   depends on the network's shape, so one build serves every topology;
+# - no default gateway, no name servers, no DHCP.
+# With qemu-vm.nix (system.build.vm, as nix/nixos.nix uses it), the VM's
+# user NIC gets the MAC vmlab configures as eth0, and the serial console is
+# QEMU's standard output.
+{ config, lib, options, pkgs, ... }:
+let
+  cfg = config.vmlab;
+  serial = "ttyS0";
+in
+{
+  options.vmlab = {
+    backdoor = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = "Run the root shell on hvc0 that vmlab's driver talks to.";
+    };
+    network = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = "Configure NICs, host name and /etc/hosts at boot from fw_cfg opt/vmlab/config.";
+    };
+  };
+
+  config = lib.mkMerge [
+    (lib.mkIf cfg.backdoor {
+      systemd.services.vmlab-backdoor = {
+        description = "vmlab backdoor: root shell on hvc0";
+        wantedBy = [ "multi-user.target" ];
+        requires = [ "dev-hvc0.device" "dev-${serial}.device" ];
+        after = [ "dev-hvc0.device" "dev-${serial}.device" ] ++ lib.optional cfg.network "vmlab-network.service";
+        path = [ pkgs.coreutils ];
+        # The shell ends on SIGHUP, as a terminal's would.
+        serviceConfig.KillSignal = "SIGHUP";
+        script = ''
+          export USER=root HOME=/root PAGER=
+          # /etc/profile is not written for `set -u`.
+          set +u
+          . /etc/profile
+          cd /root
+          exec < /dev/hvc0 > /dev/hvc0
+          # The serial device can be busy for a moment after boot.
+          until exec 2> /dev/${serial}; do sleep 0.1; done
+          # Raw, without echo: the driver reads exactly what commands print.
+          stty -F /dev/hvc0 raw -echo
+          echo "Spawning backdoor root shell..."
+          # Given a file, bash reads it as a script: no prompts, no job control.
+          PS1= exec ${pkgs.bashInteractive}/bin/bash --norc /dev/hvc0
+        '';
+      };
+      # A getty on either console would steal the backdoor's input.
+      systemd.services."serial-getty@${serial}".enable = false;
+      systemd.services."serial-getty@hvc0".enable = false;
+      boot.kernelParams = [ "console=${serial}" "panic=1" "boot.panic_on_fail" ];
+    })
+
+    (lib.mkIf cfg.network {
+      boot.kernelModules = [ "qemu_fw_cfg" ];
+      systemd.services.vmlab-network = {
+        description = "vmlab network configuration from fw_cfg";
+        wantedBy = [ "network.target" ];
+        before = [ "network-pre.target" ];
+        wants = [ "network-pre.target" ];
+        # Every NIC must exist before it can be found by MAC.
+        after = [ "systemd-modules-load.service" "systemd-udev-settle.service" ];
+        requires = [ "systemd-udev-settle.service" ];
+        unitConfig.DefaultDependencies = false;
+        serviceConfig = { Type = "oneshot"; RemainAfterExit = true; };
+        path = [ pkgs.iproute2 pkgs.nettools pkgs.coreutils ];
+        script = "exec ${pkgs.bash}/bin/bash ${../src/guest/init.sh} network";
+      };
+      # Written at boot, so regular files rather than links into the store.
+      environment.etc.hosts.mode = "0644";
+      environment.etc.hostname = lib.mkIf (config.networking.hostName != "") { mode = "0644"; };
+      # The network's shape comes at boot: names stay the kernel's until renamed.
+      networking.usePredictableInterfaceNames = false;
+      networking.useDHCP = lib.mkDefault false;
+      networking.defaultGateway = lib.mkOverride 150 null;
+      networking.nameservers = lib.mkOverride 150 [ ];
+    })
+
+    {
+      virtualisation = lib.optionalAttrs (options ? virtualisation.qemu) {
+        graphics = lib.mkDefault false;
+        # No disk: the store comes from the host, the root is a tmpfs.
+        diskImage = lib.mkDefault null;
+        # eth0: QEMU user networking with the MAC vmlab configures;
+        # vmlab passes restrict=on and forwarded ports in QEMU_NET_OPTS and
+        # adds the vlan NICs itself.
+        qemu.networkingOptions = lib.mkForce [
+          "-netdev user,id=user.0,\"$QEMU_NET_OPTS\""
+          "-device virtio-net-pci,netdev=user.0,mac=52:54:00:12:00:00"
+        ];
+      };
+    }
+  ];
+}

@@ -1,0 +1,37 @@
+# NixOS nodes (needs nixpkgs; flake.nix passes this as tools.evalNixos). A
+# node's modules are evaluated with qemu-vm.nix and the guest module; its
+# system.build.vm start script becomes the node's startScript. As in NixOS
+# tests, modules get `nodes` (every NixOS node's config, by name); they also
+# get `vmlab.plan` (the numbering of nix/numbering.nix), and
+# networking.primaryIPAddress / primaryIPv6Address are the node's eth1
+# addresses, so `nodes.server.networking.primaryIPAddress` works as in
+# NixOS tests. Not run by vmlab's own tests (no nixpkgs there): see docs/nix.md.
+{ nixpkgs, system, guestModule ? ./guest-module.nix }:
+{ nodeName, node, nodes, plan }:
+let
+  inherit (nixpkgs) lib;
+  machine = lib.findFirst (m: m.name == nodeName) (throw "no machine ${nodeName} in the plan") plan.machines;
+  evaluated = nixpkgs.lib.nixosSystem {
+    modules = [
+      "${nixpkgs}/nixos/modules/virtualisation/qemu-vm.nix"
+      guestModule
+      {
+        nixpkgs.hostPlatform = lib.mkDefault system;
+        networking.hostName = lib.mkDefault nodeName;
+        networking.primaryIPAddress = lib.mkIf (machine.primaryIPv4 != null) machine.primaryIPv4;
+        networking.primaryIPv6Address = lib.mkIf (machine.primaryIPv6 != null) machine.primaryIPv6;
+        virtualisation.memorySize = lib.mkIf (node ? memory) node.memory;
+        virtualisation.cores = lib.mkIf (node ? cpus) node.cpus;
+        _module.args = {
+          nodes = lib.mapAttrs (_: n: n.config) nodes;
+          vmlab = { inherit plan; };
+        };
+      }
+    ] ++ lib.toList node.nixos;
+  };
+  inherit (evaluated) config;
+in
+{
+  inherit config;
+  startScript = "${config.system.build.vm}/bin/run-${config.system.name}-vm";
+}

@@ -1,0 +1,442 @@
+//! The Nix layer (nix/, flake.nix, examples/webserver/default.nix), with
+//! Debian's Nix (no nixpkgs): the library gets the host's programs through
+//! nix/host.nix and builds with the sandbox off. Nix creates its store
+//! (/nix) on first use; the settings a fresh machine lacks come through
+//! NIX_CONFIG, so nothing outside the store is configured.
+//!
+//! runTest's tests run `vmlab test` inside a derivation.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use serde_json::{json, Value};
+
+use crate::common::{repo_root, run, vmlab};
+use crate::runtime::{count, free_port, http_get, leftovers, Up};
+
+/// Root without build users, no binary cache (no network), host paths in builders.
+const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
+                          experimental-features = nix-command flakes\n";
+
+/// A Nix command with the settings above, or `None` (and the reason printed)
+/// where Nix is not installed.
+fn nix(program: &str) -> Option<Command> {
+    if which::which(program).is_err() {
+        eprintln!("skipped: {program} not found (Debian: nix-bin; .ci/install installs it)");
+        return None;
+    }
+    let mut cmd = Command::new(program);
+    cmd.env("NIX_CONFIG", NIX_CONFIG).stdin(Stdio::null());
+    Some(cmd)
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A path as a Nix expression (any characters but `"` and `${`).
+fn nix_path(path: &Path) -> String {
+    format!("(/. + \"{}\")", path.display())
+}
+
+/// The library with the host's tools and the vmlab under test.
+fn lab() -> String {
+    format!(
+        "(import {} {{ vmlab = {}; }})",
+        nix_path(&repo_root().join("nix/host.nix")),
+        nix_path(Path::new(env!("CARGO_BIN_EXE_vmlab")))
+    )
+}
+
+/// The webserver example (examples/webserver/default.nix), `server` forwarding host `port`.
+fn example_expr(port: u16) -> String {
+    format!(
+        "(import {} {{ lab = {}; port = {port}; memory = 128; testArgs = {{ requiredSystemFeatures = [ ]; }}; }})",
+        nix_path(&repo_root().join("examples/webserver")),
+        lab()
+    )
+}
+
+/// `nix-build -E EXPR`: the output path, or the failed build's output.
+fn nix_build(expr: &str, extra: &[&str]) -> Option<Result<PathBuf, Output>> {
+    let out = run(nix("nix-build")?.args(["--no-out-link", "-E", expr]).args(extra));
+    if !out.status.success() {
+        return Some(Err(out));
+    }
+    Some(Ok(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())))
+}
+
+fn built(expr: &str) -> Option<PathBuf> {
+    let result = nix_build(expr, &[])?;
+    Some(result.unwrap_or_else(|out| panic!("nix-build {expr}: {}", String::from_utf8_lossy(&out.stderr))))
+}
+
+/// The example network, built once for every test that needs it.
+struct Example {
+    port: u16,
+    vms: PathBuf,
+}
+
+fn shared_example() -> Option<&'static Example> {
+    static EXAMPLE: OnceLock<Option<Example>> = OnceLock::new();
+    EXAMPLE
+        .get_or_init(|| {
+            let port = free_port();
+            Some(Example { port, vms: built(&format!("{}.vms", example_expr(port)))? })
+        })
+        .as_ref()
+}
+
+#[test]
+fn every_nix_file_parses() {
+    let mut files = Vec::new();
+    for dir in ["nix", "examples", "tests/fixtures/nix"] {
+        collect_nix_files(&repo_root().join(dir), &mut files);
+    }
+    files.push(repo_root().join("flake.nix"));
+    for expected in ["nix/default.nix", "nix/numbering.nix", "nix/guest-module.nix", "nix/nixos.nix", "examples/webserver/default.nix"] {
+        assert!(files.contains(&repo_root().join(expected)), "{expected} not found in {files:?}");
+    }
+    for file in &files {
+        let Some(mut cmd) = nix("nix-instantiate") else { return };
+        ok(run(cmd.arg("--parse").arg(file)), &file.display().to_string());
+    }
+}
+
+fn collect_nix_files(dir: &Path, files: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_nix_files(&path, files);
+        } else if path.extension().is_some_and(|e| e == "nix") {
+            files.push(path);
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift), so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Specs with names whose byte order differs from other orders (case,
+/// `-` < `_`, digits), vlans from 0 to 255 in any order or none, defaults
+/// left out or given, and one network of 254 machines.
+fn generated_specs(kernel: &Path) -> Vec<Value> {
+    const NAMES: [&str; 16] =
+        ["B", "a", "a-1", "a_1", "a1", "b", "Z9", "node10", "node9", "node-10", "x_y-z", "server", "client", "C", "c0", "zz"];
+    let mut rng = Rng(0x5eed_cafe_f00d);
+    let mut specs = Vec::new();
+    for i in 0..60 {
+        let mut nodes = serde_json::Map::new();
+        let mut port = 10000 + i * 100;
+        for name in NAMES {
+            if rng.below(3) == 0 {
+                continue;
+            }
+            let mut node = json!({"kernel": kernel});
+            if rng.below(4) != 0 {
+                let mut vlans: Vec<u64> = Vec::new();
+                for _ in 0..rng.below(4) {
+                    let v = [0, 1, 2, 10, 16, 99, 100, 255][rng.below(8) as usize] + rng.below(2);
+                    if v <= 255 && !vlans.contains(&v) {
+                        vlans.push(v);
+                    }
+                }
+                node["vlans"] = json!(vlans);
+            }
+            if rng.below(3) == 0 {
+                node["memory"] = json!(64 + rng.below(512));
+                node["cpus"] = json!(1 + rng.below(4));
+            }
+            if rng.below(4) == 0 {
+                port += 1;
+                node["forwardPorts"] = json!([{"host": port, "guest": 80}]);
+            }
+            nodes.insert(name.to_owned(), node);
+        }
+        if nodes.is_empty() {
+            nodes.insert("only".to_owned(), json!({"kernel": kernel}));
+        }
+        let mut spec = json!({"nodes": nodes});
+        if i % 2 == 0 {
+            spec["name"] = json!(format!("net{i}"));
+        }
+        specs.push(spec);
+    }
+    let many: serde_json::Map<String, Value> =
+        (1..=254).map(|n| (format!("m{n}"), json!({"kernel": kernel, "vlans": [n % 7, 255 - n % 3]}))).collect();
+    specs.push(json!({"name": "many", "nodes": many}));
+    specs
+}
+
+#[test]
+fn nix_numbering_agrees_with_vmlab_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kernel = tmp.path().join("kernel");
+    std::fs::write(&kernel, "").unwrap();
+    let specs = generated_specs(&kernel);
+    let file = tmp.path().join("specs.json");
+    std::fs::write(&file, serde_json::to_string(&specs).unwrap()).unwrap();
+    let expr = format!(
+        "map (import {}) (builtins.fromJSON (builtins.readFile {}))",
+        nix_path(&repo_root().join("nix/numbering.nix")),
+        nix_path(&file)
+    );
+    let Some(mut cmd) = nix("nix-instantiate") else { return };
+    let from_nix: Vec<Value> = serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), "numbering")).unwrap();
+    assert_eq!(from_nix.len(), specs.len());
+    for (spec, nix_plan) in specs.iter().zip(from_nix) {
+        let spec_file = tmp.path().join("spec.json");
+        std::fs::write(&spec_file, spec.to_string()).unwrap();
+        let mut plan: Value = serde_json::from_str(&ok(run(vmlab().arg("plan").arg(&spec_file)), "vmlab plan")).unwrap();
+        let plan_fields = plan.as_object_mut().unwrap();
+        plan_fields.remove("qemu");
+        plan_fields.remove("vdeSwitch");
+        assert_eq!(nix_plan, plan, "spec: {spec}");
+    }
+}
+
+#[test]
+fn the_nix_built_example_network_serves_its_page() {
+    let Some(example) = shared_example() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut up = Up::spawn(Command::new(example.vms.join("bin/run-vms")), &tmp.path().join("run"), &[]);
+    let session = up.session();
+    up.wait_for(&format!("vmlab: http://127.0.0.1:{} -> server:80", example.port));
+    up.wait_for("vmlab: all 2 machines are up");
+    let running = crate::common::processes_mentioning(&session);
+    assert_eq!((count(&running, "qemu-system-"), count(&running, "vde_switch")), (2, 1), "{running:#?}");
+    let page = std::fs::read_to_string(repo_root().join("examples/webserver/www/index.html")).unwrap();
+    assert_eq!(http_get(example.port), page);
+    up.signal(libc::SIGTERM);
+    let (status, output) = up.finish();
+    assert_eq!(status.code(), Some(0), "{output}");
+    assert!(!session.exists());
+    assert_eq!(leftovers(&session), []);
+}
+
+/// Every file under `dir` by relative path: its bytes and permission bits.
+fn tree(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, u32)> {
+    fn walk(root: &Path, dir: &Path, files: &mut BTreeMap<PathBuf, (Vec<u8>, u32)>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, files);
+            } else {
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o111;
+                files.insert(path.strip_prefix(root).unwrap().to_owned(), (std::fs::read(&path).unwrap(), mode));
+            }
+        }
+    }
+    let mut files = BTreeMap::new();
+    walk(dir, dir, &mut files);
+    files
+}
+
+#[test]
+fn the_evaluated_spec_piped_to_vmlab_build_gives_the_derivations_output() {
+    let Some(example) = shared_example() else { return };
+    let spec_expr = format!("{}.vms.spec", example_expr(example.port));
+    let Some(mut eval) = nix("nix") else { return };
+    let spec = ok(run(eval.args(["eval", "--impure", "--json", "--expr", &spec_expr])), "nix eval");
+    let Some(mut instantiate) = nix("nix-instantiate") else { return };
+    let same = ok(run(instantiate.args(["--eval", "--strict", "--json", "-E", &spec_expr])), "nix-instantiate");
+    let parsed: Value = serde_json::from_str(&spec).unwrap();
+    assert_eq!(parsed, serde_json::from_str::<Value>(&same).unwrap());
+    assert_eq!(parsed["nodes"]["server"]["forwardPorts"], json!([{"host": example.port, "guest": 80}]), "{spec}");
+
+    // The vmlab the derivation ran (the store's copy): run-vms names it.
+    let vmlab_expr = format!("\"${{{}}}\"", nix_path(Path::new(env!("CARGO_BIN_EXE_vmlab"))));
+    let Some(mut eval) = nix("nix") else { return };
+    let store_vmlab = ok(run(eval.args(["eval", "--impure", "--raw", "--expr", &vmlab_expr])), "nix eval vmlab");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("vms");
+    let mut build = Command::new(&store_vmlab);
+    build.args(["build", "-", "--out"]).arg(&out).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = build.spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), spec.as_bytes()).unwrap();
+    ok(child.wait_with_output().unwrap(), "vmlab build -");
+    let (ours, theirs) = (tree(&out), tree(&example.vms));
+    assert!(theirs.contains_key(Path::new("bin/run-vms")) && theirs.len() >= 6, "{:?}", theirs.keys());
+    assert_eq!(ours, theirs);
+}
+
+/// A test of network `name` (one default-guest machine `a`) with the
+/// Nix-level `options` (runTest's arguments, `requiredSystemFeatures = [ ]`
+/// unless given).
+fn run_test_expr(name: &str, options: &str) -> String {
+    format!("{}.runTest ({{ name = \"{name}\"; nodes.a.memory = 128; requiredSystemFeatures = [ ]; }} // {{ {options} }})", lab())
+}
+
+/// An executable test script that fails without starting anything.
+fn failing_executable(dir: &Path) -> PathBuf {
+    let script = dir.join("fail.sh");
+    std::fs::write(&script, "#!/bin/sh\necho 'this test fails on purpose' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn run_test_declares_system_features_that_builders_must_offer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = format!("testScript = {};", nix_path(&failing_executable(tmp.path())));
+    let default = format!("{}.runTest {{ name = \"features\"; nodes.a = {{ }}; {script} }}", lab());
+    let overridden = run_test_expr("features", &script);
+    for (expr, want) in [(&default, r#"["nixos-test","kvm"]"#), (&overridden, "[]")] {
+        let Some(mut cmd) = nix("nix-instantiate") else { return };
+        let features = ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &format!("({expr}).requiredSystemFeatures")])), expr);
+        assert_eq!(features.trim(), want, "{expr}");
+    }
+    // A builder without those features refuses the test before running anything.
+    let Some(refused) = nix_build(&default, &["--option", "system-features", ""]) else { return };
+    let out = refused.expect_err("built on a builder without kvm and nixos-test");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("with features {kvm, nixos-test} is required to build"), "{stderr}");
+    assert!(!stderr.contains("this test fails on purpose"), "the test ran: {stderr}");
+}
+
+// The tests below run `vmlab test` in the derivation.
+
+/// `nix-support/hydra-build-products` of `out`: every product is a file of
+/// `out`; the kinds listed (`report junit`, `file log`, ...).
+fn hydra_products(out: &Path) -> Vec<String> {
+    let products = std::fs::read_to_string(out.join("nix-support/hydra-build-products")).unwrap();
+    products
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert!(fields.len() >= 3, "{line}");
+            let path = Path::new(fields[2]);
+            assert!(path.starts_with(out) && path.exists(), "{line}");
+            format!("{} {}", fields[0], fields[1])
+        })
+        .collect()
+}
+
+#[test]
+fn run_test_of_the_example_passes_with_junit_and_hydra_products() {
+    let Some(out) = built(&format!("{}.test", example_expr(free_port()))) else { return };
+    let junit = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+    assert!(junit.contains("<testsuite") && junit.contains("the client fetches the page by name"), "{junit}");
+    assert!(!junit.contains("<failure"), "{junit}");
+    let products = hydra_products(&out);
+    assert!(products.contains(&"report junit".to_owned()) && products.contains(&"file log".to_owned()), "{products:?}");
+    assert!(!out.join("nix-support/failed").exists());
+}
+
+#[test]
+fn run_test_with_a_failing_script_fails_the_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = format!("testScript = {};", nix_path(&failing_executable(tmp.path())));
+    let Some(result) = nix_build(&run_test_expr("failing", &options), &[]) else { return };
+    let out = result.expect_err("a failing test built");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("failing-test.drv' failed with exit code 1"), "{stderr}");
+}
+
+#[test]
+fn run_test_keeps_a_failed_tests_output_when_asked_and_marks_it_failed() {
+    // A Python file this time (the example's script is Python source).
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("fails.py");
+    std::fs::write(&script, "a.succeed(\"echo the guest ran this; false\")\n").unwrap();
+    let options = format!(r#"keepFailedOutput = true; globalTimeout = 600; accel = "tcg"; testScript = {};"#, nix_path(&script));
+    let Some(out) = built(&run_test_expr("kept", &options)) else { return };
+    let failed = std::fs::read_to_string(out.join("nix-support/failed")).unwrap();
+    assert_eq!(failed, "vmlab test exited with status 1\n");
+    let junit = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+    assert!(junit.contains("<testcase classname=\"kept\" name=\"fails.py\"") && junit.contains("<failure"), "{junit}");
+    assert!(hydra_products(&out).contains(&"report junit".to_owned()));
+    // The machine's serial console is among the logs.
+    let logs: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(logs.iter().any(|log| log.contains("vmlab-guest: boot done")), "{logs:?}");
+}
+
+/// flake.nix needs nixpkgs, which this machine lacks: its outputs are
+/// evaluated with a stand-in (tests/fixtures/nix/stub-nixpkgs.nix) whose
+/// packages are fake paths, so what is checked is the flake's own wiring.
+#[test]
+fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
+    let expr = format!(
+        "import {} {{ root = {}; }}",
+        nix_path(&repo_root().join("tests/fixtures/nix/flake-outputs.nix")),
+        nix_path(repo_root())
+    );
+    let Some(mut cmd) = nix("nix-instantiate") else { return };
+    let outputs: Value = serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), "flake")).unwrap();
+
+    assert_eq!(outputs["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(outputs["checks"], json!(["vmlab", "vms", "webserver"]));
+    assert_eq!(outputs["webserverFeatures"], json!(["nixos-test", "kvm"]));
+    assert!(outputs["webserverDrv"].as_str().unwrap().ends_with("-webserver-test.drv"), "{outputs}");
+    let every_system = json!(["x86_64-linux"]);
+    assert_eq!(outputs["hydraJobs"], json!({"vmlab": every_system, "vms": every_system, "webserver": every_system}));
+    assert_eq!(outputs["overlayLib"], json!(["buildVirtualNetwork", "defaultGuest", "networkSpec", "numbering", "runTest"]));
+    assert_eq!((&outputs["guestModule"], &outputs["devShell"]), (&json!(true), &json!(true)));
+
+    // nixpkgs' tools reach the spec and `vmlab guest`.
+    let spec = &outputs["vmsSpec"];
+    assert_eq!((&spec["qemu"], &spec["vdeSwitch"]), (&json!("/stub/qemu_kvm/bin/qemu-system-x86_64"), &json!("/stub/vde2/bin/vde_switch")));
+    assert_eq!(spec["nodes"]["server"]["forwardPorts"], json!([{"host": 8081, "guest": 80}]));
+    assert!(spec["nodes"]["server"]["kernel"].as_str().unwrap().ends_with("-vmlab-guest/kernel"), "{spec}");
+    let args: Vec<&str> = outputs["guestArgs"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    for pair in [
+        ["--busybox", "/stub/static-busybox/bin/busybox"],
+        ["--bash", "/stub/static-bash/bin/bash"],
+        ["--kernel", "/stub/kernel/bzImage"],
+        ["--modules", "/stub/kernel/lib/modules/6.1.0"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?} not in {args:?}");
+    }
+
+    // A NixOS node: its VM's start script, the spec fields a start script
+    // takes, and what its modules are given.
+    let mixed = &outputs["mixedSpec"]["nodes"];
+    assert_eq!(mixed["server"], json!({"startScript": "/stub/vm-server/bin/run-server-vm", "vlans": [2]}));
+    assert!(mixed["client"]["kernel"].as_str().unwrap().ends_with("-vmlab-guest/kernel"), "{mixed}");
+    assert_eq!(outputs["mixedTestScript"], "server 192.168.1.1");
+    assert_eq!(
+        outputs["server"],
+        json!({"hostName": "server", "memory": 512, "nodes": ["server"], "planMachines": ["client", "server"],
+               "primaryIPAddress": "192.168.2.2", "primaryIPv6Address": "2001:db8:2::2"})
+    );
+}
+
+/// `coverage = true`: the report is made in the build and Hydra gets a link to it.
+#[test]
+fn run_test_with_coverage_reports_it_as_a_build_product() {
+    let tmp = tempfile::tempdir().unwrap();
+    let build = tmp.path().join("build");
+    let greet = crate::coverage::build_greet(&build);
+    let script = tmp.path().join("cov.py");
+    std::fs::write(&script, "a.succeed(\"greet server\")\n").unwrap();
+    let options = format!(
+        "guest.files.\"/bin/greet\" = {}; coverage = true; coverageBuildDirs = [ {} ]; testScript = {};",
+        nix_path(&greet),
+        nix_path(&build),
+        nix_path(&script)
+    );
+    let Some(out) = built(&run_test_expr("coverage", &options)) else { return };
+    assert!(hydra_products(&out).contains(&"report coverage".to_owned()));
+    assert!(out.join("coverage/index.html").is_file());
+    assert_eq!(crate::coverage::hits(&out.join("coverage.info"), "serve"), 1);
+    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    assert!(log.contains("coverage: lines "), "{log}");
+}
