@@ -116,7 +116,7 @@ fn send_reply(token: &str) -> String {
     format!(
         "printf '%s out\\n' {token}; base64 \"$__vmlab_d/o\"; \
          printf '%s err\\n' {token}; base64 \"$__vmlab_d/e\"; \
-         printf '%s end %s %s %s\\n' {token} \"$__vmlab_s\" $(wc -c < \"$__vmlab_d/o\") $(wc -c < \"$__vmlab_d/e\"); "
+         printf '%s end %s ' {token} \"$__vmlab_s\"; echo $(wc -c \"$__vmlab_d/o\" \"$__vmlab_d/e\"); "
     )
 }
 
@@ -217,8 +217,9 @@ impl ReplyParser {
                 d.finish()?;
                 let mut fields = m[4..].split_whitespace();
                 let status = fields.next().and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad exit status in {m:?}"))?;
-                let sizes: Vec<usize> = fields.map_while(|f| f.parse().ok()).collect();
-                if let [out, err] = sizes[..] {
+                // One `wc -c O E` (one process), its lines folded by `echo`: "N O M E T total".
+                let sizes: Vec<usize> = fields.filter_map(|f| f.parse().ok()).collect();
+                if let [out, err, _total] = sizes[..] {
                     if (out, err) != (self.stdout.len(), self.stderr.len()) {
                         return Err(format!(
                             "{} of {out} bytes of output and {} of {err} of standard error came back",
@@ -458,11 +459,12 @@ mod tests {
 
     fn reply(token: &str, out: &[u8], err: &[u8], status: i32) -> Vec<u8> {
         format!(
-            "{token} out\n{}{token} err\n{}{token} end {status} {} {}\n",
+            "{token} out\n{}{token} err\n{}{token} end {status} {} /tmp/vmlab.a/o {} /tmp/vmlab.a/e {} total\n",
             base64::encode_lines(out, 76),
             base64::encode_lines(err, 76),
             out.len(),
-            err.len()
+            err.len(),
+            out.len() + err.len()
         )
         .into_bytes()
     }
@@ -478,7 +480,7 @@ mod tests {
         // Without sizes (a guest-side line of vmlab's own), nothing is checked.
         assert_eq!(parse_in_pieces(b"T1 out\nT1 err\nT1 end 3\n", 4).0.status, 3);
         let again = resend_script("T2");
-        assert!(again.contains("base64 \"$__vmlab_d/o\"") && again.contains("printf '%s end %s %s %s\\n' T2 \"$__vmlab_s\""), "{again}");
+        assert!(again.contains("base64 \"$__vmlab_d/o\"") && again.contains("printf '%s end %s ' T2 \"$__vmlab_s\""), "{again}");
         assert!(!again.contains("T2 out"), "the marker is printed, never sent");
         // A command's directory stays for a resend until the next command.
         let s = script("T3", "true", None).unwrap();
@@ -561,7 +563,7 @@ mod tests {
     /// Reads what the host sends up to the end of the line that prints the
     /// end marker; the token it prints.
     fn token_of(guest: &mut UnixStream) -> String {
-        const END: &str = "printf '%s end %s %s %s\\n' ";
+        const END: &str = "printf '%s end %s ' ";
         let mut seen = Vec::new();
         let mut byte = [0u8];
         while !(String::from_utf8_lossy(&seen).contains(END) && seen.ends_with(b"\n")) {
@@ -570,6 +572,21 @@ mod tests {
         }
         let text = String::from_utf8_lossy(&seen).into_owned();
         text.split(END).nth(1).unwrap().split(' ').next().unwrap().to_string()
+    }
+
+    /// The end line carries the sizes on one line, whatever `wc` prints.
+    #[test]
+    fn the_end_line_carries_both_sizes() {
+        let text = script("T1", "printf abc; printf de >&2; exit 4", None).unwrap();
+        let out = std::process::Command::new("sh").arg("-c").arg(&text).output().unwrap();
+        let (reply, used) = parse_in_pieces(&out.stdout, 7);
+        assert_eq!((reply.status, reply.stdout, reply.stderr), (4, b"abc".to_vec(), b"de".to_vec()));
+        let end = String::from_utf8_lossy(&out.stdout[..used]).lines().last().unwrap().to_string();
+        let numbers: Vec<usize> = end.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        assert_eq!(numbers, [4, 3, 2, 5], "{end}");
+        // Clean up the directory a next command would have removed.
+        let dir = end.split_whitespace().find(|f| f.ends_with("/o")).unwrap().trim_end_matches("/o").to_string();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
