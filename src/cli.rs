@@ -307,8 +307,8 @@ pub struct TestArgs {
     /// Keep the session directory (logs, sockets' directory) after the test.
     #[arg(long)]
     pub keep_state: bool,
-    /// A Python prompt with the machines bound instead of (or, with a `.py`
-    /// SCRIPT, before: `test_script()` runs it) a test run; no global timeout.
+    /// A Python prompt with the machines bound, instead of a test run (with a
+    /// `.py` SCRIPT, `test_script()` runs it there); no global timeout.
     #[arg(long)]
     pub interactive: bool,
     /// Accelerator for every machine.

@@ -17,8 +17,12 @@
 //!   forge a marker, and whatever a previous, abandoned command prints late is
 //!   skipped. The markers are printed with `printf '%s out'`, so even a console
 //!   that echoes its input never shows a marker it was not sent.
+//! - The end marker carries both streams' sizes, and the command's directory
+//!   stays until the next command: QEMU drops console output while the host
+//!   end is full, and a reply that lost bytes is asked for again.
 //! - Only POSIX sh and tools that busybox and coreutils share are used
-//!   (`mktemp -d`, `base64` and `base64 -d`, `timeout SECS PROG`), so the
+//!   (`mktemp -d`, `base64` and `base64 -d`, `timeout SECS PROG`, `wc -c`,
+//!   `head -c`), so the
 //!   same text drives busybox sh, bash and NixOS guests.
 //! - The command itself runs under bash when the guest has it (as the NixOS
 //!   driver does, so NixOS test scripts work unchanged), else under sh, with
@@ -51,6 +55,9 @@ const HOST_GRACE: Duration = Duration::from_secs(15);
 /// The command's standard input is /dev/null, so the line waits for the shell,
 /// which reads it as an empty command once the command is done.
 const NUDGE_AFTER: Duration = Duration::from_secs(2);
+
+/// How many times a command's reply is asked for when it comes back short.
+const REPLY_ATTEMPTS: usize = 4;
 
 /// Exit statuses `timeout` gives a command it stopped: coreutils 124,
 /// busybox 128+SIGTERM, and 128+SIGKILL after `-k`.
@@ -86,7 +93,7 @@ pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<S
     let timeout = timeout_secs.map(|s| format!("timeout {s} ")).unwrap_or_default();
     let newline = if command.ends_with('\n') { "" } else { "\n" };
     Ok(format!(
-        "__vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab\n\
+        "rm -rf \"${{__vmlab_d:-/dev/null/vmlab}}\"; __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab\n\
          cat > \"$__vmlab_d/c\" <<'{eof}'\n\
          set -eu\n\
          (set -o pipefail) 2>/dev/null && set -o pipefail\n\
@@ -95,13 +102,28 @@ pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<S
          if [ -f \"$__vmlab_d/c\" ]; then \
          if command -v bash >/dev/null 2>&1; then __vmlab_sh=bash; else __vmlab_sh=sh; fi; \
          {timeout}\"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null >\"$__vmlab_d/o\" 2>\"$__vmlab_d/e\"; \
-         __vmlab_s=$?; \
-         printf '%s out\\n' {token}; base64 \"$__vmlab_d/o\"; \
-         printf '%s err\\n' {token}; base64 \"$__vmlab_d/e\"; \
-         printf '%s end %s\\n' {token} \"$__vmlab_s\"; \
-         rm -rf \"$__vmlab_d\"; \
-         else printf '%s fail %s\\n' {token} 'cannot create a temporary directory in /tmp'; fi\n"
+         __vmlab_s=$?; {reply}\
+         else printf '%s fail %s\\n' {token} 'cannot create a temporary directory in /tmp'; fi\n",
+        reply = send_reply(token)
     ))
+}
+
+/// Shell text sending the reply of the command whose output is in
+/// `$__vmlab_d` and status in `$__vmlab_s`, marked with `token`: each stream
+/// in base64, then the status and the streams' sizes, so that the host sees
+/// a reply that lost bytes on the way.
+fn send_reply(token: &str) -> String {
+    format!(
+        "printf '%s out\\n' {token}; base64 \"$__vmlab_d/o\"; \
+         printf '%s err\\n' {token}; base64 \"$__vmlab_d/e\"; \
+         printf '%s end %s ' {token} \"$__vmlab_s\"; echo $(wc -c \"$__vmlab_d/o\" \"$__vmlab_d/e\"); "
+    )
+}
+
+/// The text asking the guest shell for the previous command's reply again,
+/// marked with a new `token` (the command's directory is kept until the next one).
+pub fn resend_script(token: &str) -> String {
+    format!("{}\n", send_reply(token))
 }
 
 #[derive(Debug)]
@@ -193,7 +215,19 @@ impl ReplyParser {
             (Some(m), State::Stderr(_)) if m.starts_with("end ") => {
                 let State::Stderr(d) = std::mem::replace(&mut self.state, State::Seeking) else { unreachable!() };
                 d.finish()?;
-                let status = m[4..].trim().parse().map_err(|_| format!("bad exit status in {m:?}"))?;
+                let mut fields = m[4..].split_whitespace();
+                let status = fields.next().and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad exit status in {m:?}"))?;
+                // One `wc -c O E` (one process), its lines folded by `echo`: "N O M E T total".
+                let sizes: Vec<usize> = fields.filter_map(|f| f.parse().ok()).collect();
+                if let [out, err, _total] = sizes[..] {
+                    if (out, err) != (self.stdout.len(), self.stderr.len()) {
+                        return Err(format!(
+                            "{} of {out} bytes of output and {} of {err} of standard error came back",
+                            self.stdout.len(),
+                            self.stderr.len()
+                        ));
+                    }
+                }
                 return Ok(Some(status));
             }
             (Some(m), _) if m.starts_with("fail ") => return Err(format!("the guest shell says: {}", &m[5..])),
@@ -306,12 +340,12 @@ impl Shell {
         Ok(())
     }
 
-    /// Waits until the guest announces its shell.
-    pub fn wait_for_banner(&mut self, alive: Alive, deadline: Instant) -> Result<(), DriverError> {
+    /// Waits until the guest announces its shell; `None`: no deadline.
+    pub fn wait_for_banner(&mut self, alive: Alive, deadline: Option<Instant>) -> Result<(), DriverError> {
         let mut scanner = BannerScanner::default();
         let mut buf = [0u8; 4096];
         loop {
-            let n = self.read_some(&mut buf, alive, Some(deadline), "the backdoor shell did not come up in time", false)?;
+            let n = self.read_some(&mut buf, alive, deadline, "the backdoor shell did not come up in time", false)?;
             if let Some(rest) = scanner.feed(&buf[..n]) {
                 self.pending = rest;
                 return Ok(());
@@ -332,7 +366,18 @@ impl Shell {
         let secs = timeout.map(|t| t.as_secs().max(1));
         let text = script(&token, command, secs).map_err(DriverError::request)?;
         let started = Instant::now();
-        let mut output = self.exchange(&token, &[text.as_bytes()], timeout, alive)?;
+        let mut reply = self.exchange(&token, &[text.as_bytes()], timeout, alive)?;
+        // QEMU drops what a guest writes to a virtio console while the host
+        // end is full: the guest keeps the command's output until the next
+        // command, so a reply that lost bytes is asked for again, not rerun.
+        for _ in 1..REPLY_ATTEMPTS {
+            if reply.is_ok() {
+                break;
+            }
+            let token = new_token();
+            reply = self.exchange(&token, &[resend_script(&token).as_bytes()], timeout, alive)?;
+        }
+        let mut output = reply.map_err(|why| self.garbled(&why))?;
         output.timed_out = secs
             .is_some_and(|s| TIMEOUT_STATUSES.contains(&output.status) && started.elapsed() >= Duration::from_secs(s));
         Ok(output)
@@ -348,12 +393,20 @@ impl Shell {
         // base64: the console is a terminal, which need not pass every byte as is.
         let encoded = base64::encode_lines(data, 76);
         let text = raw_append_line(&token, path, encoded.len());
-        Ok(self.exchange(&token, &[text.as_bytes(), encoded.as_bytes()], Some(timeout), alive)?.status)
+        let reply = self.exchange(&token, &[text.as_bytes(), encoded.as_bytes()], Some(timeout), alive)?;
+        Ok(reply.map_err(|why| self.garbled(&why))?.status)
     }
 
     /// Sends `parts` and reads the reply marked with `token`; the host gives
-    /// up a little after `timeout`.
-    fn exchange(&mut self, token: &str, parts: &[&[u8]], timeout: Option<Duration>, alive: Alive) -> Result<Output, DriverError> {
+    /// up a little after `timeout`. `Ok(Err(why))`: the reply came back
+    /// garbled or short.
+    fn exchange(
+        &mut self,
+        token: &str,
+        parts: &[&[u8]],
+        timeout: Option<Duration>,
+        alive: Alive,
+    ) -> Result<Result<Output, String>, DriverError> {
         let grace = self.host_grace + timeout.unwrap_or_default() / 10;
         let deadline = timeout.map(|t| Instant::now() + t + grace);
         let what = format!("no reply from the guest {:.1}s after the command's timeout", grace.as_secs_f64());
@@ -364,15 +417,23 @@ impl Shell {
         let mut data = std::mem::take(&mut self.pending);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let bad_reply = |e: String| DriverError::harness(format!("machine {}: garbled reply: {e}", self.machine));
-            if let Some((output, used)) = parser.feed(&data).map_err(bad_reply)? {
-                self.pending = data[used..].to_vec();
-                return Ok(output);
+            match parser.feed(&data) {
+                Ok(Some((output, used))) => {
+                    self.pending = data[used..].to_vec();
+                    return Ok(Ok(output));
+                }
+                // The rest of this reply is skipped by the next one's parser: it has another token.
+                Err(why) => return Ok(Err(why)),
+                Ok(None) => {}
             }
             let n = self.read_some(&mut buf, alive, deadline, &what, true)?;
             data.clear();
             data.extend_from_slice(&buf[..n]);
         }
+    }
+
+    fn garbled(&self, why: &str) -> DriverError {
+        DriverError::harness(format!("machine {}: garbled reply: {why}", self.machine))
     }
 }
 
@@ -398,11 +459,33 @@ mod tests {
 
     fn reply(token: &str, out: &[u8], err: &[u8], status: i32) -> Vec<u8> {
         format!(
-            "{token} out\n{}{token} err\n{}{token} end {status}\n",
+            "{token} out\n{}{token} err\n{}{token} end {status} {} /tmp/vmlab.a/o {} /tmp/vmlab.a/e {} total\n",
             base64::encode_lines(out, 76),
-            base64::encode_lines(err, 76)
+            base64::encode_lines(err, 76),
+            out.len(),
+            err.len(),
+            out.len() + err.len()
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn a_reply_that_lost_lines_is_an_error_and_can_be_asked_for_again() {
+        let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let whole = String::from_utf8(reply("T1", &data, b"", 0)).unwrap();
+        let lost: String = whole.lines().filter(|l| *l != whole.lines().nth(2).unwrap()).map(|l| format!("{l}\n")).collect();
+        let mut p = ReplyParser::new("T1");
+        let e = p.feed(lost.as_bytes()).unwrap_err();
+        assert_eq!(e, "243 of 300 bytes of output and 0 of 0 of standard error came back");
+        // Without sizes (a guest-side line of vmlab's own), nothing is checked.
+        assert_eq!(parse_in_pieces(b"T1 out\nT1 err\nT1 end 3\n", 4).0.status, 3);
+        let again = resend_script("T2");
+        assert!(again.contains("base64 \"$__vmlab_d/o\"") && again.contains("printf '%s end %s ' T2 \"$__vmlab_s\""), "{again}");
+        assert!(!again.contains("T2 out"), "the marker is printed, never sent");
+        // A command's directory stays for a resend until the next command.
+        let s = script("T3", "true", None).unwrap();
+        assert!(s.starts_with("rm -rf \"${__vmlab_d:-/dev/null/vmlab}\"; __vmlab_d=$(mktemp -d"), "{s}");
+        assert!(!s.contains("rm -rf \"$__vmlab_d\""), "{s}");
     }
 
     fn parse_in_pieces(data: &[u8], piece: usize) -> (Output, usize) {
@@ -475,6 +558,59 @@ mod tests {
         assert!(p.feed(b"T1 out\n!!!!\n").is_err());
         let mut p = ReplyParser::new("T1");
         assert!(p.feed(b"T1 out\nT1 err\nT1 end x\n").is_err());
+    }
+
+    /// Reads what the host sends up to the end of the line that prints the
+    /// end marker; the token it prints.
+    fn token_of(guest: &mut UnixStream) -> String {
+        const END: &str = "printf '%s end %s ' ";
+        let mut seen = Vec::new();
+        let mut byte = [0u8];
+        while !(String::from_utf8_lossy(&seen).contains(END) && seen.ends_with(b"\n")) {
+            guest.read_exact(&mut byte).unwrap();
+            seen.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&seen).into_owned();
+        text.split(END).nth(1).unwrap().split(' ').next().unwrap().to_string()
+    }
+
+    /// The end line carries the sizes on one line, whatever `wc` prints.
+    #[test]
+    fn the_end_line_carries_both_sizes() {
+        let text = script("T1", "printf abc; printf de >&2; exit 4", None).unwrap();
+        let out = std::process::Command::new("sh").arg("-c").arg(&text).output().unwrap();
+        let (reply, used) = parse_in_pieces(&out.stdout, 7);
+        assert_eq!((reply.status, reply.stdout, reply.stderr), (4, b"abc".to_vec(), b"de".to_vec()));
+        let end = String::from_utf8_lossy(&out.stdout[..used]).lines().last().unwrap().to_string();
+        let numbers: Vec<usize> = end.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        assert_eq!(numbers, [4, 3, 2, 5], "{end}");
+        // Clean up the directory a next command would have removed.
+        let dir = end.split_whitespace().find(|f| f.ends_with("/o")).unwrap().trim_end_matches("/o").to_string();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_short_reply_is_asked_for_again_without_rerunning_the_command() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let mut shell = Shell::new(host, "server").unwrap();
+        let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let fake = {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let first = token_of(&mut guest);
+                let whole = String::from_utf8(reply(&first, &data, b"", 0)).unwrap();
+                let second_line = whole.lines().nth(2).unwrap().to_string();
+                let lost: String = whole.lines().filter(|l| *l != second_line).map(|l| format!("{l}\n")).collect();
+                guest.write_all(lost.as_bytes()).unwrap();
+                let again = token_of(&mut guest);
+                assert_ne!(again, first);
+                guest.write_all(&reply(&again, &data, b"", 0)).unwrap();
+                guest
+            })
+        };
+        let out = shell.run("produce", Some(Duration::from_secs(60)), &mut || Ok(())).unwrap();
+        assert_eq!((out.status, out.stdout), (0, data));
+        drop(fake.join().unwrap());
     }
 
     #[test]
@@ -666,7 +802,7 @@ mod local_shell_tests {
     #[test]
     fn the_banner_is_awaited_and_what_follows_is_kept() {
         let mut l = spawn(true, &format!("sleep 0.2; echo boot noise; printf '%s\\n' '{BANNER}'; "));
-        l.shell.wait_for_banner(&mut ok(), Instant::now() + Duration::from_secs(30)).unwrap();
+        l.shell.wait_for_banner(&mut ok(), Some(Instant::now() + Duration::from_secs(30))).unwrap();
         assert_eq!(run(&mut l, "echo up").stdout, b"up\n");
         assert!(Path::new(BASH).exists());
     }

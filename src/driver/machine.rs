@@ -29,7 +29,6 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 const COPY_IN_CHUNK: usize = 1024 * 1024;
 const COPY_IN_RAW_CHUNK: usize = 4 * 1024 * 1024;
 const COPY_OUT_CHUNK: u64 = 4 * 1024 * 1024;
-const COPY_OUT_ATTEMPTS: usize = 3;
 
 /// What the driver needs from whoever runs a machine's QEMU (the runtime).
 pub trait Vm: Send {
@@ -238,8 +237,8 @@ impl Machine {
             Some(how) => Err(DriverError::new(Kind::Harness, format!("machine {name}: QEMU {how}"))),
         };
         let shell = self.shell.as_mut().expect("a started machine has a shell");
-        let deadline = started.checked_add(timeout).unwrap_or(started + BOOT_TIMEOUT);
-        if let Err(e) = shell.wait_for_banner(&mut alive, deadline) {
+        // Too far to represent (`Duration::MAX`): no deadline.
+        if let Err(e) = shell.wait_for_banner(&mut alive, started.checked_add(timeout)) {
             let e = self.mark_dead(e);
             return Err(DriverError::harness(format!("the guest never came up: {}", e.message)));
         }
@@ -603,8 +602,7 @@ impl Machine {
         };
         let mut data = Vec::with_capacity(size as usize);
         for i in 0..size.div_ceil(COPY_OUT_CHUNK) {
-            let want = (size - i * COPY_OUT_CHUNK).min(COPY_OUT_CHUNK) as usize;
-            data.extend(self.copy_out_piece(&format!("dd if={a} bs={COPY_OUT_CHUNK} skip={i} count=1 2>/dev/null"), want)?);
+            data.extend(self.copy_step(&format!("dd if={a} bs={COPY_OUT_CHUNK} skip={i} count=1 2>/dev/null"))?);
         }
         self.copy_step(&format!("rm -f {a}"))?;
         if data.len() as u64 != size {
@@ -657,24 +655,6 @@ impl Machine {
             0 => Ok(()),
             status => Err(self.err(Kind::Failed, format!("copy failed: writing {path} ended with status {status}"))),
         }
-    }
-
-    /// One piece of a copy out: `want` bytes, asked again when fewer came.
-    /// QEMU drops what a guest writes to its virtio *console* while the host
-    /// end of the socket is full (it may not throttle a console), so a busy
-    /// host can lose part of a large reply.
-    fn copy_out_piece(&mut self, command: &str, want: usize) -> Result<Vec<u8>, DriverError> {
-        let mut last = String::new();
-        for _ in 0..COPY_OUT_ATTEMPTS {
-            match self.copy_step(command) {
-                Ok(piece) if piece.len() == want => return Ok(piece),
-                Ok(piece) => last = format!("{} of {want} bytes came back", piece.len()),
-                Err(e) if e.kind == Kind::Harness => last = e.message,
-                Err(e) => return Err(e),
-            }
-            self.say(&format!("copy: part of the reply was lost ({last}); asking again"));
-        }
-        Err(self.err(Kind::Harness, format!("copy failed {COPY_OUT_ATTEMPTS} times: {last}")))
     }
 
     /// One step of a copy: must succeed; its standard output.

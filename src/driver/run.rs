@@ -251,7 +251,9 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     let ending = wait_for_end(&received, limit, &driver, args.interactive);
     let last_error = driver.last_error().map(|e| e.kind);
 
-    // Stop what runs: the script and what it left behind, then every machine and switch.
+    // Stop what runs: the script and what it left behind, then every machine
+    // and switch. In between, the machines still run for anything to be
+    // fetched from them at the end (through `driver.with_machine`).
     driver.close();
     child.stop(STOP_GRACE);
     if args.coverage {
