@@ -434,3 +434,59 @@ fn the_example_runner_of_the_readme_passes_and_shows_the_fetched_page() {
     assert!(report.join("junit.xml").is_file());
     assert_nothing_left(&runs);
 }
+
+/// The life-cycle and QEMU-side operations on a real VM: screenshot,
+/// monitor command, forwarded port, reboot, shutdown and start, crash.
+const LIFECYCLE: &str = r#"
+import socket, urllib.request
+
+server.start()
+server.wait_for_open_port(80)
+
+with subtest("a screenshot is a PNG in the output directory"):
+    server.screenshot("screen")
+
+with subtest("a monitor command answers"):
+    assert "running" in server.send_monitor_command("info status")
+
+with subtest("a port forwarded at run time reaches the guest"):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server.forward_port(port, 80)
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+    assert page == server.succeed("cat /var/www/index.html"), page
+
+with subtest("reboot starts the guest afresh"):
+    server.succeed("touch /tmp/before-reboot")
+    server.reboot()
+    server.fail("test -e /tmp/before-reboot")
+
+with subtest("shutdown powers off; start boots again"):
+    server.shutdown()
+    assert not server.is_up()
+    server.start()
+    assert server.succeed("hostname") == "server\n"
+
+with subtest("crash stops QEMU at once"):
+    server.crash()
+    server.wait_for_shutdown()
+    assert not server.is_up()
+"#;
+
+#[test]
+fn life_cycle_and_qemu_operations_on_a_real_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let script = write_script(tmp.path(), "lifecycle.py", LIFECYCLE);
+    let out = tmp.path().join("out");
+    let output = test_run(&runs, &spec(tmp.path(), "lifecycle", &["server"]), &script, &out, &["--global-timeout", "600"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let png = std::fs::read(out.join("screen.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 100, "not a PNG: {} bytes", png.len());
+    let cases = junit_cases(&out.join("junit.xml"));
+    assert_eq!(cases.len(), 7, "{cases:?}");
+    assert!(cases.iter().all(|(_, failure)| failure.is_none()), "{cases:?}");
+    assert_nothing_left(&runs);
+}
