@@ -196,7 +196,8 @@ class Machine:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            step = min([left] + [c.seconds_interval for c in _polling_conditions])
+            # NixOS's waits try once a second, checking conditions before each try.
+            step = min([left] + [max(c.seconds_interval, 1.0) for c in _polling_conditions])
             try:
                 return self._call(op, timeout=max(step, 0), **args)
             except _TimedOut:

@@ -20,7 +20,7 @@ const PATIENCE: Duration = Duration::from_secs(300);
 
 /// The default guest with the webserver example's rc script and pages, built
 /// once for all tests of this module.
-fn guest() -> &'static Path {
+pub(crate) fn guest() -> &'static Path {
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
     GUEST.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drive-guest");
@@ -47,7 +47,7 @@ fn webserver_spec(tmp: &Path) -> PathBuf {
 }
 
 /// `vmlab test` (or `up`) with its session directory under `runs`.
-fn vmlab_in(runs: &Path) -> Command {
+pub(crate) fn vmlab_in(runs: &Path) -> Command {
     std::fs::create_dir_all(runs).unwrap();
     let mut cmd = vmlab();
     cmd.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", runs).env_remove("NO_COLOR");
@@ -55,7 +55,7 @@ fn vmlab_in(runs: &Path) -> Command {
 }
 
 /// Nothing of the runs under `runs` is left: no session directory, no process.
-fn assert_nothing_left(runs: &Path) {
+pub(crate) fn assert_nothing_left(runs: &Path) {
     let deadline = Instant::now() + PATIENCE;
     while !processes_mentioning(runs).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -65,17 +65,17 @@ fn assert_nothing_left(runs: &Path) {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// `vmlab test NETWORK SCRIPT --out OUT ARGS`, waited for.
-fn test_run(runs: &Path, network: &Path, script: &Path, out: &Path, args: &[&str]) -> Output {
+pub(crate) fn test_run(runs: &Path, network: &Path, script: &Path, out: &Path, args: &[&str]) -> Output {
     run(vmlab_in(runs).arg("test").arg(network).arg(script).arg("--out").arg(out).args(args))
 }
 
 /// The JUnit report's test cases: (name, failure message if failed).
-fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
+pub(crate) fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
     let xml = std::fs::read_to_string(path).unwrap();
     let attr = |tag: &str, name: &str| {
         let start = tag.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
@@ -92,7 +92,7 @@ fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
