@@ -374,6 +374,15 @@ class Machine:
     def wait_for_x(self, timeout=900):
         self.wait_until_succeeds("test -e /tmp/.X11-unix/X0", timeout=timeout)
 
+    def get_console_log(self):
+        _unsupported("get_console_log", "match console output with wait_for_console_text(); the whole console is <out>/<machine>.serial.log after the test")
+
+    def wait_for_qmp_event(self, event_filter, timeout=600):
+        _unsupported("wait_for_qmp_event", "vmlab keeps QMP to itself; query QEMU with send_monitor_command()")
+
+    def switch_root(self):
+        _unsupported("switch_root", "vmlab guests have no initrd backdoor stage; the backdoor starts in the booted system")
+
     def shell_interact(self, address=None):
         _unsupported("shell_interact", f"run `vmlab shell {self.name}` in another terminal (VMLAB_SOCKET as printed)")
 

@@ -98,6 +98,7 @@ with subtest("unsupported parts say why"):
         (lambda: machine.wait_for_text("login"), "no OCR"),
         (lambda: machine.shell_interact(), "vmlab shell solo"),
         (lambda: run_tests(), "run itself again"),
+        (lambda: machine.send_console("x"), "output only"),
     ]:
         try:
             call()
