@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import socket
 import sys
 import threading
@@ -164,9 +165,8 @@ def unix_socket_check(path, is_datagram):
     # Columns: Num RefCount Protocol Flags Type St Inode Path; type 1 is
     # stream, 2 datagram; flag 0x10000 (__SO_ACCEPTCON) marks a listener.
     want = '$5 == "0002"' if is_datagram else '$5 == "0001" && $4 == "00010000"'
-    quoted = "'" + path.replace("'", "'\\''") + "'"
     return (
-        f"awk -v p={quoted} 'NR > 1 && {want} {{ for (i = 0; i < 7; i++) sub(/^ *[^ ]+ +/, \"\"); if ($0 == p) found = 1 }}"
+        f"awk -v p={shlex.quote(path)} 'NR > 1 && {want} {{ for (i = 0; i < 7; i++) sub(/^ *[^ ]+ +/, \"\"); if ($0 == p) found = 1 }}"
         f" END {{ exit !found }}' /proc/net/unix"
     )
 

@@ -123,6 +123,43 @@ mod tests {
         assert!(e.contains("test.py:1: syntax error"), "{e}");
     }
 
+    /// The client's pure helpers, as tables, in Python.
+    #[test]
+    fn client_helpers_map_keys_parse_units_and_find_listening_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let py = install(&dir.path().join("py")).unwrap();
+        let unix = dir.path().join("unix");
+        std::fs::write(
+            &unix,
+            "Num       RefCount Protocol Flags    Type St Inode Path\n\
+             0000000000000000: 00000002 00000000 00010000 0001 01 101 /run/app.sock\n\
+             0000000000000000: 00000002 00000000 00010000 0001 01 102 /run/with space\n\
+             0000000000000000: 00000003 00000000 00000000 0001 03 103 /run/connected\n\
+             0000000000000000: 00000002 00000000 00000000 0002 01 104 /dev/log\n",
+        )
+        .unwrap();
+        let check = format!(
+            r#"
+import subprocess, vmlab
+keys = {{"a": "a", "A": "shift-a", "1": "1", "!": "shift-1", " ": "spc", "\n": "ret", "_": "shift-minus",
+        '"': "shift-apostrophe", "~": "shift-grave_accent", "/": "slash", "ctrl-alt-delete": "ctrl-alt-delete"}}
+for char, name in keys.items():
+    assert vmlab.key_name(char) == name, (char, vmlab.key_name(char))
+assert vmlab.unit_properties("Id=a.service\nActiveState=active\nExecStart={{ path=/bin/x ; argv[]=/bin/x a=b }}\nnoise\n") == {{
+    "Id": "a.service", "ActiveState": "active", "ExecStart": "{{ path=/bin/x ; argv[]=/bin/x a=b }}"}}
+for path, datagram, listening in [
+    ("/run/app.sock", False, True), ("/run/with space", False, True), ("/run/connected", False, False),
+    ("/dev/log", True, True), ("/dev/log", False, False), ("/run/app.sock", True, False), ("/run/app", False, False),
+]:
+    command = vmlab.unix_socket_check(path, datagram).replace("/proc/net/unix", {unix:?})
+    assert (subprocess.run(["sh", "-c", command]).returncode == 0) == listening, (path, datagram)
+"#,
+            unix = unix.display().to_string()
+        );
+        let out = with_path(&python3().unwrap(), &py).arg("-c").arg(check).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// A NixOS-style script, unchanged, against local busybox "machines".
     #[test]
     fn nixos_style_script_runs_through_the_client() {
