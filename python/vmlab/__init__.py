@@ -193,6 +193,8 @@ class Machine:
         """A wait done by the driver; while polling conditions are active it
         is done in slices, checking them in between (as NixOS checks them
         before each command of a wait)."""
+        if not _polling_conditions:
+            return self._call(op, timeout=timeout, **args)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
