@@ -164,6 +164,19 @@ pub struct TextArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct SerialArgs {
+    pub state: OnOff,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct SubtestArgs {
     #[command(subcommand)]
     pub action: SubtestAction,
@@ -243,6 +256,8 @@ pub enum ClientCommand {
     Machines(Conn),
     /// Write a line to the test log.
     Log(TextArgs),
+    /// Show (`on`) or hide (`off`) serial console lines on the terminal; the log file keeps them.
+    SerialStdout(SerialArgs),
     /// Open or close a subtest (a JUnit testcase).
     Subtest(SubtestArgs),
     /// An interactive shell in a machine: each line runs as a command.

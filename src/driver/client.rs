@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use super::control::{socket_path, Client};
 use super::{base64, DriverError, Kind};
-use crate::cli::{ClientCommand, CommandArgs, Conn, MachineArgs, SubtestAction};
+use crate::cli::{ClientCommand, CommandArgs, Conn, MachineArgs, OnOff, SubtestAction};
 
 /// The request a subcommand sends, and the connection it uses.
 fn request(cmd: &ClientCommand) -> (Value, &Conn) {
@@ -50,6 +50,7 @@ fn request(cmd: &ClientCommand) -> (Value, &Conn) {
         C::JoinAll(c) => (json!({"op": "join_all"}), c),
         C::Machines(c) => (json!({"op": "machines"}), c),
         C::Log(a) => (json!({"op": "log", "message": a.text}), &a.conn),
+        C::SerialStdout(a) => (json!({"op": "serial_stdout", "on": a.state == OnOff::On}), &a.conn),
         C::Subtest(a) => match &a.action {
             SubtestAction::Begin { name } => (json!({"op": "subtest_begin", "name": name}), &a.conn),
             SubtestAction::End { failure } => (json!({"op": "subtest_end", "failure": failure}), &a.conn),
@@ -174,6 +175,8 @@ mod tests {
             (&["forward-port", "server", "8080", "80"], json!({"op": "forward_port", "machine": "server", "host_port": 8080, "guest_port": 80})),
             (&["subtest", "end", "--failure", "boom"], json!({"op": "subtest_end", "failure": "boom"})),
             (&["start-all", "--socket", "/x"], json!({"op": "start_all"})),
+            (&["serial-stdout", "off"], json!({"op": "serial_stdout", "on": false})),
+            (&["serial-stdout", "on"], json!({"op": "serial_stdout", "on": true})),
         ];
         for (args, want) in table {
             assert_eq!(req(args), want, "{args:?}");

@@ -101,7 +101,7 @@ fn bytes_fields(out: &mut Map<String, Value>, key: &str, bytes: &[u8], binary: b
 }
 
 /// Operations that take no machine.
-const GLOBAL_OPS: [&str; 6] = ["machines", "start_all", "join_all", "log", "subtest_begin", "subtest_end"];
+const GLOBAL_OPS: [&str; 7] = ["machines", "start_all", "join_all", "log", "serial_stdout", "subtest_begin", "subtest_end"];
 
 impl Driver {
     pub fn new(machines: Vec<Machine>, log: Arc<Log>) -> Self {
@@ -231,6 +231,11 @@ impl Driver {
             "join_all" => self.each_machine(|m| m.wait_for_shutdown(Duration::from_secs(u64::from(u32::MAX)))).map(|()| json!({})),
             "log" => {
                 self.log.info(None, str_arg(req, "message")?);
+                Ok(json!({}))
+            }
+            "serial_stdout" => {
+                let on = arg(req, "on")?.as_bool().ok_or_else(|| DriverError::request("argument \"on\" must be true or false"))?;
+                self.log.show_serial(on);
                 Ok(json!({}))
             }
             "subtest_begin" => {
@@ -459,6 +464,11 @@ mod tests {
         }
         let r = call(&mut c, json!({"op": "machines"})).unwrap();
         assert_eq!(r, json!({"machines": [{"name": "client", "up": false}, {"name": "server", "up": true}]}));
+        assert!(d.log.serial_shown());
+        call(&mut c, json!({"op": "serial_stdout", "on": false})).unwrap();
+        assert!(!d.log.serial_shown());
+        let e = call(&mut c, json!({"op": "serial_stdout", "on": "no"})).unwrap_err();
+        assert_eq!((e.kind, e.message.as_str()), (Kind::Request, "argument \"on\" must be true or false"));
         call(&mut c, json!({"op": "subtest_begin", "name": "one"})).unwrap();
         assert_eq!(call(&mut c, json!({"op": "subtest_end"})).unwrap()["name"], "one");
         assert_eq!(call(&mut c, json!({"op": "subtest_end"})).unwrap_err().kind, Kind::Request);

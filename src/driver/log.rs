@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -101,6 +102,9 @@ pub struct Log {
     inner: Mutex<Inner>,
     color: bool,
     start: Instant,
+    /// Whether serial console lines reach the terminal (NixOS's
+    /// `serial_stdout_on/off`); the log file and the reports keep them.
+    serial_shown: AtomicBool,
 }
 
 impl Log {
@@ -109,6 +113,7 @@ impl Log {
             inner: Mutex::new(Inner { term, file, open: Vec::new(), done: Vec::new(), all: String::new() }),
             color,
             start: Instant::now(),
+            serial_shown: AtomicBool::new(true),
         }
     }
 
@@ -125,7 +130,9 @@ impl Log {
         let shown = format_line(elapsed, depth, machine, msg, style, self.color);
         let plain = format_line(elapsed, depth, machine, msg, style, false);
         // A terminal or file that went away must not stop the test.
-        let _ = writeln!(inner.term, "{shown}");
+        if style != Style::Serial || self.serial_shown() {
+            let _ = writeln!(inner.term, "{shown}");
+        }
         if let Some(f) = inner.file.as_mut() {
             let _ = writeln!(f, "{plain}");
         }
@@ -135,6 +142,14 @@ impl Log {
         }
         inner.all += &plain;
         inner.all.push('\n');
+    }
+
+    pub fn show_serial(&self, on: bool) {
+        self.serial_shown.store(on, Ordering::Relaxed);
+    }
+
+    pub fn serial_shown(&self) -> bool {
+        self.serial_shown.load(Ordering::Relaxed)
     }
 
     pub fn info(&self, machine: Option<&str>, msg: &str) {
@@ -250,5 +265,23 @@ mod tests {
         assert!(all.contains("before"));
         let term = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert!(term.contains("]     client: in inner"), "{term}");
+    }
+
+    #[test]
+    fn serial_lines_leave_the_terminal_but_stay_in_the_log_while_switched_off() {
+        let sink = Sink::default();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::new(Box::new(sink.clone()), false, Some(File::create(dir.path().join("log")).unwrap()));
+        log.write(Some("s"), "# one", Style::Serial);
+        log.show_serial(false);
+        log.write(Some("s"), "# two", Style::Serial);
+        log.info(Some("s"), "said while off");
+        log.show_serial(true);
+        log.write(Some("s"), "# three", Style::Serial);
+        let term = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert!(term.contains("# one") && !term.contains("# two") && term.contains("said while off") && term.contains("# three"), "{term}");
+        let file = std::fs::read_to_string(dir.path().join("log")).unwrap();
+        assert!(file.contains("# one") && file.contains("# two") && file.contains("# three"), "{file}");
+        assert!(log.records().1.contains("# two"));
     }
 }

@@ -40,8 +40,10 @@ fn with_path(python: &Path, pythonpath: &Path) -> Command {
 
 /// Checks a `.py` script before anything boots; `Err` holds the problems,
 /// one `SCRIPT:LINE: message` per line.
-pub fn precheck(python: &Path, pythonpath: &Path, script: &Path, machines: &[String]) -> anyhow::Result<Result<(), String>> {
+/// `vlans` is the value of `VMLAB_VLANS`, which the script gets too.
+pub fn precheck(python: &Path, pythonpath: &Path, script: &Path, machines: &[String], vlans: &str) -> anyhow::Result<Result<(), String>> {
     let out = with_path(python, pythonpath)
+        .env("VMLAB_VLANS", vlans)
         .arg("-m")
         .arg("vmlab.check")
         .arg(script)
@@ -97,13 +99,65 @@ mod tests {
         let py = install(&dir.path().join("py")).unwrap();
         let machines = vec!["server".to_string(), "client-1".to_string()];
         let ok = script(dir.path(), "import os\nstart_all()\nserver.succeed('true')\nclient_1.fail('false')\nwith subtest('x'):\n    retry(lambda last: True)\nmachines[0].log(os.sep)\n");
-        precheck(&python3().unwrap(), &py, &ok, &machines).unwrap().unwrap();
-        let typo = script(dir.path(), "start_all()\n\nsever.succeed('true')\n");
-        let e = precheck(&python3().unwrap(), &py, &typo, &machines).unwrap().unwrap_err();
-        assert!(e.ends_with("test.py:3: name 'sever' is not defined; did you mean 'server'? (machines: client_1, server)"), "{e}");
+        precheck(&python3().unwrap(), &py, &ok, &machines, "").unwrap().unwrap();
+        // What a NixOS testScript sees without importing it.
+        let nixos = script(
+            dir.path(),
+            "log(os.getcwd(), vlans, vlan1.nr, vlan7, machines_qemu, machines_nspawn, debug, t)\n\
+             @polling_condition(seconds_interval=1)\ndef fine():\n    return True\n\
+             def later():\n    run_tests(); test_script(); create_machine('x'); serial_stdout_off(); serial_stdout_on()\n\
+             assert isinstance(server, Machine) and isinstance(client_1, BaseMachine)\n",
+        );
+        precheck(&python3().unwrap(), &py, &nixos, &machines, "1 7").unwrap().unwrap();
+        let typo = script(dir.path(), "start_all()\n\nsever.succeed('true')\npolling_conditon\nvlan2\nmachine\n");
+        let e = precheck(&python3().unwrap(), &py, &typo, &machines, "1 7").unwrap().unwrap_err();
+        assert!(e.contains("test.py:3: name 'sever' is not defined; did you mean 'server'? (machines: client_1, server)"), "{e}");
+        assert!(e.contains("test.py:4: name 'polling_conditon' is not defined; did you mean 'polling_condition'?"), "{e}");
+        assert!(e.contains("test.py:5: name 'vlan2' is not defined"), "{e}");
+        // `machine` names the only machine, so with two it is a mistake.
+        assert!(e.contains("test.py:6: name 'machine' is not defined"), "{e}");
+        let one = script(dir.path(), "machine.succeed('true')\n");
+        precheck(&python3().unwrap(), &py, &one, &["solo".to_string()], "").unwrap().unwrap();
         let broken = script(dir.path(), "x = (\n");
-        let e = precheck(&python3().unwrap(), &py, &broken, &machines).unwrap().unwrap_err();
+        let e = precheck(&python3().unwrap(), &py, &broken, &machines, "").unwrap().unwrap_err();
         assert!(e.contains("test.py:1: syntax error"), "{e}");
+    }
+
+    /// The client's pure helpers, as tables, in Python.
+    #[test]
+    fn client_helpers_map_keys_parse_units_and_find_listening_sockets() {
+        let dir = tempfile::tempdir().unwrap();
+        let py = install(&dir.path().join("py")).unwrap();
+        let unix = dir.path().join("unix");
+        std::fs::write(
+            &unix,
+            "Num       RefCount Protocol Flags    Type St Inode Path\n\
+             0000000000000000: 00000002 00000000 00010000 0001 01 101 /run/app.sock\n\
+             0000000000000000: 00000002 00000000 00010000 0001 01 102 /run/with space\n\
+             0000000000000000: 00000003 00000000 00000000 0001 03 103 /run/connected\n\
+             0000000000000000: 00000002 00000000 00000000 0002 01 104 /dev/log\n",
+        )
+        .unwrap();
+        let check = format!(
+            r#"
+import subprocess, vmlab
+keys = {{"a": "a", "A": "shift-a", "1": "1", "!": "shift-1", " ": "spc", "\n": "ret", "_": "shift-minus",
+        '"': "shift-apostrophe", "~": "shift-grave_accent", "/": "slash", "ctrl-alt-delete": "ctrl-alt-delete"}}
+for char, name in keys.items():
+    assert vmlab.key_name(char) == name, (char, vmlab.key_name(char))
+assert vmlab.unit_properties("Id=a.service\nActiveState=active\nExecStart={{ path=/bin/x ; argv[]=/bin/x a=b }}\nnoise\n") == {{
+    "Id": "a.service", "ActiveState": "active", "ExecStart": "{{ path=/bin/x ; argv[]=/bin/x a=b }}"}}
+for path, datagram, listening in [
+    ("/run/app.sock", False, True), ("/run/with space", False, True), ("/run/connected", False, False),
+    ("/dev/log", True, True), ("/dev/log", False, False), ("/run/app.sock", True, False), ("/run/app", False, False),
+]:
+    command = vmlab.unix_socket_check(path, datagram).replace("/proc/net/unix", {unix:?})
+    assert (subprocess.run(["sh", "-c", command]).returncode == 0) == listening, (path, datagram)
+"#,
+            unix = unix.display().to_string()
+        );
+        let out = with_path(&python3().unwrap(), &py).arg("-c").arg(check).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// A NixOS-style script, unchanged, against local busybox "machines".
@@ -143,18 +197,57 @@ else:
 server.wait_for_file("{g}/page")
 server.copy_from_vm("{g}/page", "fetched")
 retry(lambda last_try: True)
+assert server.execute("echo gone; exit 4", check_return=False) == (-1, "gone\n")
+assert server.execute("touch {g}/later", check_output=False) == (-2, "")
+server.wait_for_file("{g}/later")
+import socket
+listener = socket.socket(socket.AF_UNIX)
+listener.bind("{g}/listen.sock")
+import vmlab
+server.fail(vmlab.unix_socket_check("{g}/listen.sock", False))
+listener.listen()
+server.wait_for_open_unix_socket("{g}/listen.sock", timeout=30)
+checks = []
+@polling_condition(seconds_interval=0)
+def flag_absent():
+    "no flag file"
+    checks.append(1)
+    return server.execute("test -e {g}/flag")[0] != 0
+with flag_absent:
+    server.succeed("true")
+    server.succeed("touch {g}/flag")
+    try:
+        client.succeed("true")
+    except RequestedAssertionFailed as e:
+        assert "polling condition failed: no flag file" in str(e), e
+    else:
+        raise AssertionError("the polling condition did not fail")
+assert len(checks) == 3, checks
+client.succeed("true")
+# During a long wait too: the flag appears while server waits for a file that never comes.
+server.succeed("rm {g}/flag")
+import threading
+threading.Timer(1, lambda: client.succeed("touch {g}/flag")).start()
+with polling_condition(flag_absent.fun, seconds_interval=0.5):
+    try:
+        server.wait_for_file("{g}/never", timeout=120)
+    except RequestedAssertionFailed as e:
+        assert "polling condition failed: no flag file" in str(e), e
+    else:
+        raise AssertionError("the wait outlived a failed polling condition")
 with subtest("fails"):
     client.succeed("exit 7")
 "#,
                 g = guest.display()
             ),
         );
-        let status = script_command(&python3().unwrap(), &py, &test, &driver.machine_names())
+        let run = script_command(&python3().unwrap(), &py, &test, &driver.machine_names())
             .env("VMLAB_SOCKET", &sock)
-            .stderr(std::process::Stdio::null())
-            .status()
+            .output()
             .unwrap();
-        assert_eq!(status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.trim_end().ends_with("RequestedAssertionFailed: machine client: command `exit 7` failed (exit code 7)"), "{stderr}");
+        assert_eq!(run.status.code(), Some(1));
         assert_eq!(std::fs::read_to_string(out.join("fetched/page")).unwrap(), "hello\n");
         let (subtests, _) = log.records();
         let verdicts: Vec<(&str, bool)> = subtests.iter().map(|s| (s.name.as_str(), s.failure.is_none())).collect();

@@ -149,7 +149,7 @@ impl Reports {
             (Some(why), _) => log.write(None, &format!("harness error: {why}"), Style::Bad),
         }
         let (subtests, all) = log.records();
-        let xml = junit::render(&self.suite, &junit_cases(&subtests, &self.main, took, verdict, &all));
+        let xml = junit::render(&self.suite, &junit_cases(&subtests, &self.main, took, verdict, &all), took);
         if let Some(dir) = self.junit.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
@@ -181,6 +181,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     let warn = |line: &str| log.write(None, line, Style::Bad);
     let prepared = prepare(&args.network, args.accel, args.keep_state, &say, &warn)?;
     let names: Vec<String> = prepared.plan.machines.iter().map(|m| m.name.clone()).collect();
+    let vlans = vlans_env(&prepared.plan.vlans);
     let reports = Reports {
         junit: args.junit.clone().unwrap_or_else(|| out.join("junit.xml")),
         out: out.clone(),
@@ -192,7 +193,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         None => None,
     };
     if let (Some(Script::Python(path)), Some(py), Some(pp)) = (&script, &python, &pythonpath) {
-        if let Err(problems) = python::precheck(py, pp, path, &names)? {
+        if let Err(problems) = python::precheck(py, pp, path, &names, &vlans)? {
             for line in problems.lines() {
                 log.write(None, line, Style::Bad);
             }
@@ -225,7 +226,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         (Some(Script::Executable(p)), false) => Command::new(p),
         (None, false) => unreachable!("clap requires a script unless --interactive"),
     };
-    cmd.env("VMLAB_SOCKET", &socket).env("VMLAB_OUT", &out).env("PYTHONUNBUFFERED", "1").env("PATH", script_path()?);
+    cmd.env("VMLAB_SOCKET", &socket).env("VMLAB_OUT", &out).env("VMLAB_VLANS", &vlans).env("PYTHONUNBUFFERED", "1").env("PATH", script_path()?);
     let (child, said) = if args.interactive {
         (ChildGuard::spawn_in_foreground(cmd, "the Python prompt")?, None)
     } else {
@@ -312,6 +313,12 @@ fn wait_for_end(events: &mpsc::Receiver<Event>, limit: Option<Duration>, driver:
             Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the signal thread never ends"),
         }
     }
+}
+
+/// `VMLAB_VLANS`: the network's vlan numbers, space-separated (the Python
+/// client's `vlans` and `vlanN` globals).
+fn vlans_env(vlans: &[u8]) -> String {
+    vlans.iter().map(u8::to_string).collect::<Vec<_>>().join(" ")
 }
 
 /// The script's PATH: vmlab's own directory first, so shell scripts reach

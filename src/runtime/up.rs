@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -19,7 +19,7 @@ use crate::{EXIT_HARNESS, EXIT_OK};
 
 enum Event {
     Signal(libc::c_int),
-    Ready(usize, Duration),
+    Ready(usize),
     NotReady(usize, anyhow::Error),
     Exited(usize, Exit),
 }
@@ -102,7 +102,7 @@ pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
     let to_events = events.clone();
     spawn_thread("signals".into(), move || while to_events.send(Event::Signal(signals.wait())).is_ok() {})?;
     for m in network.machines() {
-        print_console(m)?;
+        print_console(m, driver.log.clone())?;
     }
     for (i, m) in network.machines().iter().enumerate() {
         watch(i, m.clone(), driver.clone(), events.clone())?;
@@ -132,9 +132,9 @@ fn run_until_stopped(network: &Network, events: mpsc::Receiver<Event>) -> Result
                 say(&format!("{}: stopping the network", signals::name(signal).unwrap_or("signal")));
                 break;
             }
-            Event::Ready(i, after) => {
+            // The driver's log has said "backdoor shell ready" with the time.
+            Event::Ready(i) => {
                 ready[i] = true;
-                say(&format!("{}: up after {:.1} s (backdoor shell ready)", machines[i].name(), after.as_secs_f64()));
                 if ready.iter().all(|&r| r) {
                     say(&match machines.len() {
                         1 => "the machine is up; Ctrl-C stops the network".to_owned(),
@@ -170,15 +170,11 @@ fn run_until_stopped(network: &Network, events: mpsc::Receiver<Event>) -> Result
 /// QEMU's sockets), waits for its backdoor, then for its exit, reporting each.
 fn watch(i: usize, machine: Arc<Machine>, driver: Arc<Driver>, events: mpsc::Sender<Event>) -> Result<()> {
     spawn_thread(format!("watch-{}", machine.name()), move || {
-        let started = Instant::now();
         let name = machine.name().to_owned();
-        let booted = driver.with_machine(&name, |m| {
-            m.start()?;
-            say(&format!("{name}: started (pid {})", machine.pid().map_or_else(|| "gone".into(), |p| p.to_string())));
-            m.wait_for_boot_within(Duration::MAX)
-        });
+        // The driver's log says when it starts and when its backdoor is ready.
+        let booted = driver.with_machine(&name, |m| m.wait_for_boot_within(Duration::MAX));
         match booted.expect("the driver has every machine of the network") {
-            Ok(()) => _ = events.send(Event::Ready(i, started.elapsed())),
+            Ok(()) => _ = events.send(Event::Ready(i)),
             // An exit is the usual cause: the exit event says it better.
             Err(e) if machine.is_running() => _ = events.send(Event::NotReady(i, e.into())),
             Err(_) => {}
@@ -189,12 +185,13 @@ fn watch(i: usize, machine: Arc<Machine>, driver: Arc<Driver>, events: mpsc::Sen
     })
 }
 
-/// Prints the machine's serial console on standard output, `name # line`.
-fn print_console(machine: &Machine) -> Result<()> {
+/// Prints the machine's serial console on standard output, `name # line`,
+/// unless a client turned that off (`serial_stdout_off`).
+fn print_console(machine: &Machine, log: Arc<Log>) -> Result<()> {
     let lines = machine.console().subscribe();
     let name = machine.name().to_owned();
     spawn_thread(format!("print-{name}"), move || {
-        for line in lines {
+        for line in lines.into_iter().filter(|_| log.serial_shown()) {
             // A closed terminal must not take the network down with a panic.
             let _ = writeln!(std::io::stdout().lock(), "{name} # {line}");
         }

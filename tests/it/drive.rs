@@ -20,7 +20,7 @@ const PATIENCE: Duration = Duration::from_secs(300);
 
 /// The default guest with the webserver example's rc script and pages, built
 /// once for all tests of this module.
-fn guest() -> &'static Path {
+pub(crate) fn guest() -> &'static Path {
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
     GUEST.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drive-guest");
@@ -47,7 +47,7 @@ fn webserver_spec(tmp: &Path) -> PathBuf {
 }
 
 /// `vmlab test` (or `up`) with its session directory under `runs`.
-fn vmlab_in(runs: &Path) -> Command {
+pub(crate) fn vmlab_in(runs: &Path) -> Command {
     std::fs::create_dir_all(runs).unwrap();
     let mut cmd = vmlab();
     cmd.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", runs).env_remove("NO_COLOR");
@@ -55,7 +55,7 @@ fn vmlab_in(runs: &Path) -> Command {
 }
 
 /// Nothing of the runs under `runs` is left: no session directory, no process.
-fn assert_nothing_left(runs: &Path) {
+pub(crate) fn assert_nothing_left(runs: &Path) {
     let deadline = Instant::now() + PATIENCE;
     while !processes_mentioning(runs).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -65,17 +65,17 @@ fn assert_nothing_left(runs: &Path) {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// `vmlab test NETWORK SCRIPT --out OUT ARGS`, waited for.
-fn test_run(runs: &Path, network: &Path, script: &Path, out: &Path, args: &[&str]) -> Output {
+pub(crate) fn test_run(runs: &Path, network: &Path, script: &Path, out: &Path, args: &[&str]) -> Output {
     run(vmlab_in(runs).arg("test").arg(network).arg(script).arg("--out").arg(out).args(args))
 }
 
 /// The JUnit report's test cases: (name, failure message if failed).
-fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
+pub(crate) fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
     let xml = std::fs::read_to_string(path).unwrap();
     let attr = |tag: &str, name: &str| {
         let start = tag.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
@@ -92,7 +92,7 @@ fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
@@ -357,7 +357,9 @@ fn up_serves_the_control_socket_to_cli_clients_and_vmlab_shell() {
     let cwd = tmp.path().join("cwd");
     std::fs::create_dir(&cwd).unwrap();
     let mut cmd = vmlab_in(&runs);
-    cmd.arg("up").arg(&built).current_dir(&cwd).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    let consoles = tmp.path().join("consoles");
+    let stdout = std::fs::File::create(&consoles).unwrap();
+    cmd.arg("up").arg(&built).current_dir(&cwd).stdin(Stdio::null()).stdout(stdout).stderr(Stdio::piped());
     let mut up = Running(cmd.spawn().unwrap());
     let mut lines = Lines::of(up.0.stderr.take().unwrap());
     let export = lines.wait_for("vmlab: control socket: export VMLAB_SOCKET=");
@@ -377,6 +379,14 @@ fn up_serves_the_control_socket_to_cli_clients_and_vmlab_shell() {
         child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
         child.wait_with_output().unwrap()
     };
+    // Consoles leave standard output while switched off (other requests run before it is on again).
+    let console_line = |line: &str| {
+        let said = client(&["succeed", "server", "--", &format!("echo {line} > /dev/console")], "");
+        assert_eq!(said.status.code(), Some(0), "{}", text(&said.stderr));
+        assert_eq!(client(&["wait-for-console-text", "server", line], "").status.code(), Some(0));
+    };
+    assert_eq!(client(&["serial-stdout", "off"], "").status.code(), Some(0));
+    console_line("hidden-line");
     let hostname = client(&["succeed", "server", "--", "hostname"], "");
     assert_eq!((hostname.status.code(), text(&hostname.stdout)), (Some(0), "server\n".to_string()), "{}", text(&hostname.stderr));
     let failed = client(&["succeed", "server", "--", "exit 4"], "");
@@ -389,9 +399,16 @@ fn up_serves_the_control_socket_to_cli_clients_and_vmlab_shell() {
     let copied = client(&["copy-from-vm", "server", "/etc/hostname"], "");
     assert_eq!(text(&copied.stdout), format!("{}\n", cwd.join("hostname").display()));
     assert_eq!(std::fs::read_to_string(cwd.join("hostname")).unwrap(), "server\n");
+    assert_eq!(client(&["serial-stdout", "on"], "").status.code(), Some(0));
+    console_line("shown-line");
 
     let (status, stderr) = up.stop(libc::SIGTERM, lines);
     assert_eq!(status, Some(0), "{stderr}");
+    let consoles = std::fs::read_to_string(consoles).unwrap();
+    assert!(consoles.contains("server # shown-line") && !consoles.contains("hidden-line"), "{consoles}");
+    // Each boot step is said once, by the driver's log.
+    assert_eq!(stderr.matches("server: backdoor shell ready (").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("server: starting").count(), 1, "{stderr}");
     assert!(stderr.contains("server: must succeed: hostname (exit 0, "), "the log shows clients' commands: {stderr}");
     assert_nothing_left(&runs);
 }
