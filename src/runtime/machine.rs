@@ -8,6 +8,7 @@ use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,9 @@ pub struct Machine {
     console: Console,
     /// The latest QEMU process, running or exited; `None` before the first start.
     current: Mutex<Option<Arc<Incarnation>>>,
+    /// Set, under `current`'s lock, when the network stops: a request still
+    /// running then (a wait that sees its machine die) must not start it again.
+    retired: AtomicBool,
 }
 
 /// One QEMU process of a machine.
@@ -76,7 +80,7 @@ impl fmt::Display for Exit {
 impl Machine {
     /// `env` is the run script's environment on top of vmlab's (docs/design.md).
     pub(crate) fn new(name: String, script: PathBuf, env: Vec<(String, OsString)>, layout: Layout) -> Machine {
-        Machine { name, script, env, layout, console: Console::default(), current: Mutex::new(None) }
+        Machine { name, script, env, layout, console: Console::default(), current: Mutex::new(None), retired: AtomicBool::new(false) }
     }
 
     pub fn name(&self) -> &str {
@@ -116,6 +120,9 @@ impl Machine {
     /// started again.
     pub fn start(&self) -> Result<()> {
         let mut current = self.current.lock().unwrap();
+        if self.retired.load(Ordering::SeqCst) {
+            bail!("machine {:?} cannot start: its network has stopped", self.name);
+        }
         if let Some(previous) = current.take() {
             if previous.guard.exit_status().is_none() {
                 *current = Some(previous);
@@ -172,6 +179,14 @@ impl Machine {
         let current = self.current()?;
         let status = current.guard.stop(STOP_GRACE);
         Some(self.exit(&current, status))
+    }
+
+    /// Stops QEMU for good: later starts fail.
+    pub fn retire(&self) -> Option<Exit> {
+        self.retired.store(true, Ordering::SeqCst);
+        // Taking the lock waits out a start that is under way, so it is stopped below.
+        drop(self.current.lock().unwrap());
+        self.stop()
     }
 
     /// Stops QEMU at once (SIGKILL to its process group), like pulling the plug.

@@ -104,12 +104,12 @@ impl Network {
         self.machines.iter().find(|m| m.name() == name)
     }
 
-    /// Stops every machine (in parallel: each gets its grace period at the
-    /// same time), then every switch. Idempotent.
+    /// Stops every machine for good (in parallel: each gets its grace period
+    /// at the same time), then every switch. Idempotent.
     pub fn stop(&self) {
         std::thread::scope(|s| {
             for m in &self.machines {
-                s.spawn(|| m.stop());
+                s.spawn(|| m.retire());
             }
         });
         for switch in &self.switches {

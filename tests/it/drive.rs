@@ -268,6 +268,8 @@ fn the_global_timeout_stops_everything_and_names_the_step() {
     let why = "global timeout: the test ran out of its 25 s; running: server: wait_for_file path=/nonexistent timeout=900";
     assert!(stderr.contains(&format!("test failed: {why}")), "{stderr}");
     assert_eq!(junit_cases(&out.join("junit.xml")), [("stuck.py".to_string(), Some(why.to_string()))]);
+    // The wait still running sees its machine die; it must not start it again.
+    assert_eq!(stderr.matches("server: starting").count(), 1, "{stderr}");
     assert_nothing_left(&runs);
 }
 

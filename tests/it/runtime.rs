@@ -422,6 +422,9 @@ fn machines_start_restart_fail_and_hand_over_their_backdoor() {
 
     network.stop();
     assert_eq!(leftovers(&session), []);
+    // A request still running when the network stopped cannot bring a machine back.
+    assert_eq!(a.start().unwrap_err().to_string(), "machine \"a\" cannot start: its network has stopped");
+    assert_eq!(leftovers(&session), []);
     drop(network);
     assert!(!session.exists());
 }
