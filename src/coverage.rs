@@ -170,7 +170,7 @@ fn run_tool(cmd: &mut Command) -> Result<()> {
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         // lcov's Perl prints redefinition noise first; the real error is last.
-        let last = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("no output");
+        let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("no output");
         bail!("{:?} failed ({}): {last}", cmd.get_program(), out.status);
     }
     Ok(())
