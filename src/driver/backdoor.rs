@@ -8,26 +8,27 @@
 //! `shell.sock`, or a socketpair to a local shell in the tests).
 //!
 //! Why the script looks the way it does:
-//! - The command runs from a file in a private temporary directory with its
-//!   stdout and stderr redirected to files, and the shell *waits for the
-//!   process*, not for end of file: a background process that keeps stdout
-//!   open (`sleep 1000 &`, a daemon) cannot hold the reply back.
+//! - The command runs from a file in the session's private temporary
+//!   directory with its stdout and stderr redirected to files, and the shell
+//!   *waits for the process*, not for end of file: a background process that
+//!   keeps stdout open (`sleep 1000 &`, a daemon) cannot hold the reply back.
 //! - The files are sent back base64-encoded between marker lines carrying a
 //!   random per-command token; base64 never contains a space, so no output can
 //!   forge a marker, and whatever a previous, abandoned command prints late is
 //!   skipped. The markers are printed with `printf '%s out'`, so even a console
 //!   that echoes its input never shows a marker it was not sent.
-//! - The end marker carries both streams' sizes, and the command's directory
-//!   stays until the next command: QEMU drops console output while the host
-//!   end is full, and a reply that lost bytes is asked for again.
+//! - The end marker carries both streams' sizes, and the command's output
+//!   files stay until the next command: QEMU drops console output while the
+//!   host end is full, and a reply that lost bytes is asked for again.
 //! - Only POSIX sh and tools that busybox and coreutils share are used
 //!   (`mktemp -d`, `base64` and `base64 -d`, `timeout SECS PROG`, `wc -c`,
-//!   `head -c`), so the
-//!   same text drives busybox sh, bash and NixOS guests.
-//! - The command itself runs under bash when the guest has it (as the NixOS
-//!   driver does, so NixOS test scripts work unchanged), else under sh, with
-//!   `set -eu` and `pipefail` where the shell knows it, with stdin from
-//!   /dev/null so it can never eat the commands that follow it.
+//!   `head -c`), so the same text drives busybox sh, bash and NixOS guests.
+//! - Each program started costs milliseconds under emulation, so a command
+//!   starts as few as it can (see [`script`]): `true` costs one fork.
+//! - The command runs in a subshell of the backdoor shell (bash when the
+//!   guest has it, as on NixOS, so NixOS test scripts work unchanged; else
+//!   sh), with `set -eu` and `pipefail` where the shell knows it, with stdin
+//!   from /dev/null so it can never eat the commands that follow it.
 
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
@@ -133,7 +134,7 @@ fn send_reply(token: &str) -> String {
 }
 
 /// The text asking the guest shell for the previous command's reply again,
-/// marked with a new `token` (the command's directory is kept until the next one).
+/// marked with a new `token` (its output files are kept until the next one).
 pub fn resend_script(token: &str) -> String {
     format!("{}\n", send_reply(token))
 }
