@@ -752,6 +752,10 @@ mod local_shell_tests {
                 run(&mut l, cmd);
                 assert_eq!(run(&mut l, "echo alive").stdout, b"alive\n", "after {cmd:?}");
             }
+            // The session's directory is made again when it goes (a command
+            // cleaning /tmp, a reboot).
+            run(&mut l, "rm -rf \"$__vmlab_d\"");
+            assert_eq!(run(&mut l, "echo again").stdout, b"again\n");
             // Every command starts afresh: no state leaks between them.
             run(&mut l, "cd /; x=1");
             assert_eq!(run(&mut l, "echo ${x:-unset}").stdout, b"unset\n");
