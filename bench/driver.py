@@ -5,7 +5,8 @@ Usage: bench/driver.py [path/to/vmlab]   (default: target/release/vmlab)
 
 Prints:
 - through vmlab (`vmlab test` running a Python script): command round trip
-  (median and p99 of 200 `succeed("true")`), copy throughput into and out of
+  (median and p99 of 200 `succeed("true")`, then of 100 `succeed("echo
+  hello")` and 100 `succeed("true", timeout=60)`), copy throughput into and out of
   a guest (16 MiB of random bytes), and the driver's peak memory (VmHWM of
   the vmlab process at the end);
 - the raw backdoor baseline: one QEMU started from its run script, its
@@ -31,12 +32,18 @@ BANNER = b"Spawning backdoor root shell...\n"
 # Runs inside `vmlab test`: measures through the driver and prints one JSON line.
 DRIVER_SCRIPT = r"""
 import json, os, statistics, time
-times = []
-for _ in range(200):
-    start = time.perf_counter()
-    server.succeed("true")
-    times.append(time.perf_counter() - start)
-times.sort()
+def round_trips(n, *command, **kw):
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        server.succeed(*command, **kw)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median": statistics.median(times), "p99": times[int(len(times) * 0.99) - 1]}
+times = round_trips(200, "true")
+# What else a command can cost: output to encode and count, a timeout to enforce.
+text = round_trips(100, "echo hello")
+timed = round_trips(100, "true", timeout=60)
 data = os.urandom(%(size)d)
 src = os.path.join(driver.out_dir, "random.bin")
 with open(src, "wb") as f:
@@ -48,7 +55,7 @@ start = time.perf_counter()
 server.copy_from_vm("/tmp/random.bin", "back")
 copy_out = time.perf_counter() - start
 hwm = [l for l in open(f"/proc/{os.getppid()}/status") if l.startswith("VmHWM:")][0].split()[1]
-print("RESULT " + json.dumps({"median": statistics.median(times), "p99": times[int(len(times) * 0.99) - 1],
+print("RESULT " + json.dumps({**times, "text": text, "timed": timed,
       "copy_in": copy_in, "copy_out": copy_out, "hwm_kib": int(hwm)}), flush=True)
 """
 
@@ -174,6 +181,9 @@ def main():
             print(f"{name}: round trip median {r['median'] * 1000:.1f} ms, p99 {r['p99'] * 1000:.1f} ms; "
                   f"16 MiB in {r['copy_in']:.1f} s ({SIZE / MIB / r['copy_in']:.2f} MiB/s), "
                   f"out {r['copy_out']:.1f} s ({SIZE / MIB / r['copy_out']:.2f} MiB/s)")
+        for what, key in [("`echo hello`", "text"), ("`true` with a 60 s timeout", "timed")]:
+            print(f"vmlab driver: round trip of {what}: median {driver[key]['median'] * 1000:.1f} ms, "
+                  f"p99 {driver[key]['p99'] * 1000:.1f} ms")
         print(f"vmlab driver: peak memory (VmHWM) {driver['hwm_kib'] / 1024:.1f} MiB")
         web = write_spec(tmp, guest, "webserver", ["server", "client"])
         start = time.perf_counter()

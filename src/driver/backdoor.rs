@@ -8,26 +8,27 @@
 //! `shell.sock`, or a socketpair to a local shell in the tests).
 //!
 //! Why the script looks the way it does:
-//! - The command runs from a file in a private temporary directory with its
-//!   stdout and stderr redirected to files, and the shell *waits for the
-//!   process*, not for end of file: a background process that keeps stdout
-//!   open (`sleep 1000 &`, a daemon) cannot hold the reply back.
+//! - The command runs from a file in the session's private temporary
+//!   directory with its stdout and stderr redirected to files, and the shell
+//!   *waits for the process*, not for end of file: a background process that
+//!   keeps stdout open (`sleep 1000 &`, a daemon) cannot hold the reply back.
 //! - The files are sent back base64-encoded between marker lines carrying a
 //!   random per-command token; base64 never contains a space, so no output can
 //!   forge a marker, and whatever a previous, abandoned command prints late is
 //!   skipped. The markers are printed with `printf '%s out'`, so even a console
 //!   that echoes its input never shows a marker it was not sent.
-//! - The end marker carries both streams' sizes, and the command's directory
-//!   stays until the next command: QEMU drops console output while the host
-//!   end is full, and a reply that lost bytes is asked for again.
+//! - The end marker carries both streams' sizes, and the command's output
+//!   files stay until the next command: QEMU drops console output while the
+//!   host end is full, and a reply that lost bytes is asked for again.
 //! - Only POSIX sh and tools that busybox and coreutils share are used
 //!   (`mktemp -d`, `base64` and `base64 -d`, `timeout SECS PROG`, `wc -c`,
-//!   `head -c`), so the
-//!   same text drives busybox sh, bash and NixOS guests.
-//! - The command itself runs under bash when the guest has it (as the NixOS
-//!   driver does, so NixOS test scripts work unchanged), else under sh, with
-//!   `set -eu` and `pipefail` where the shell knows it, with stdin from
-//!   /dev/null so it can never eat the commands that follow it.
+//!   `head -c`), so the same text drives busybox sh, bash and NixOS guests.
+//! - Each program started costs milliseconds under emulation, so a command
+//!   starts as few as it can (see [`script`]): `true` costs one fork.
+//! - The command runs in a subshell of the backdoor shell (bash when the
+//!   guest has it, as on NixOS, so NixOS test scripts work unchanged; else
+//!   sh), with `set -eu` and `pipefail` where the shell knows it, with stdin
+//!   from /dev/null so it can never eat the commands that follow it.
 
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
@@ -82,28 +83,37 @@ pub fn new_token() -> String {
 
 /// The text sent to the guest shell to run `command`, stopped by the guest
 /// after `timeout_secs` when given.
+///
+/// Every external program costs a fork and an exec, several milliseconds
+/// each under emulation, so the common path uses shell builtins only: the
+/// session's directory and what the shell supports are settled by the first
+/// command (and again if the directory goes, e.g. after a reboot), the
+/// command is written to its file by `printf` and, without a timeout, run in
+/// a subshell of the backdoor shell (a fork, no exec); empty streams are
+/// neither encoded nor counted.
 pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<String, String> {
-    let eof = format!("{token}_EOF");
     if command.contains('\0') {
         return Err("a command cannot contain a NUL byte".into());
     }
-    if command.lines().any(|l| l == eof) {
-        return Err(format!("the command contains the line {eof}"));
-    }
-    let timeout = timeout_secs.map(|s| format!("timeout {s} ")).unwrap_or_default();
-    let newline = if command.ends_with('\n') { "" } else { "\n" };
+    // A subshell of the backdoor shell is the same shell a fresh one would
+    // be (bash on NixOS and when the guest has it, else sh) and starts from
+    // its state, which commands never change; `timeout` needs a program.
+    let run = match timeout_secs {
+        Some(s) => format!("timeout {s} \"$__vmlab_sh\" \"$__vmlab_d/c\""),
+        None => "(. \"$__vmlab_d/c\")".to_string(),
+    };
     Ok(format!(
-        "rm -rf \"${{__vmlab_d:-/dev/null/vmlab}}\"; __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab\n\
-         cat > \"$__vmlab_d/c\" <<'{eof}'\n\
-         set -eu\n\
-         (set -o pipefail) 2>/dev/null && set -o pipefail\n\
-         {command}{newline}\
-         {eof}\n\
-         if [ -f \"$__vmlab_d/c\" ]; then \
-         if command -v bash >/dev/null 2>&1; then __vmlab_sh=bash; else __vmlab_sh=sh; fi; \
-         {timeout}\"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null >\"$__vmlab_d/o\" 2>\"$__vmlab_d/e\"; \
+        "if [ ! -d \"${{__vmlab_d:-}}\" ]; then \
+         __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab; \
+         __vmlab_pf=; (set -o pipefail) 2>/dev/null && __vmlab_pf='set -o pipefail'; \
+         __vmlab_sh=sh; [ -z \"${{BASH_VERSION:-}}\" ] || __vmlab_sh=bash; fi\n\
+         __vmlab_c={command}\n\
+         if [ -d \"$__vmlab_d\" ]; then \
+         printf 'set -eu\\n%s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\"; \
+         {run} </dev/null >\"$__vmlab_d/o\" 2>\"$__vmlab_d/e\"; \
          __vmlab_s=$?; {reply}\
          else printf '%s fail %s\\n' {token} 'cannot create a temporary directory in /tmp'; fi\n",
+        command = crate::shell::quote(command),
         reply = send_reply(token)
     ))
 }
@@ -111,17 +121,20 @@ pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<S
 /// Shell text sending the reply of the command whose output is in
 /// `$__vmlab_d` and status in `$__vmlab_s`, marked with `token`: each stream
 /// in base64, then the status and the streams' sizes, so that the host sees
-/// a reply that lost bytes on the way.
+/// a reply that lost bytes on the way. An empty stream (`[ -s ]` is a
+/// builtin) needs neither `base64` nor `wc`.
 fn send_reply(token: &str) -> String {
     format!(
-        "printf '%s out\\n' {token}; base64 \"$__vmlab_d/o\"; \
-         printf '%s err\\n' {token}; base64 \"$__vmlab_d/e\"; \
-         printf '%s end %s ' {token} \"$__vmlab_s\"; echo $(wc -c \"$__vmlab_d/o\" \"$__vmlab_d/e\"); "
+        "printf '%s out\\n' {token}; [ ! -s \"$__vmlab_d/o\" ] || base64 \"$__vmlab_d/o\"; \
+         printf '%s err\\n' {token}; [ ! -s \"$__vmlab_d/e\" ] || base64 \"$__vmlab_d/e\"; \
+         printf '%s end %s ' {token} \"$__vmlab_s\"; \
+         if [ -s \"$__vmlab_d/o\" ] || [ -s \"$__vmlab_d/e\" ]; then echo $(wc -c \"$__vmlab_d/o\" \"$__vmlab_d/e\"); \
+         else echo 0 0 0; fi; "
     )
 }
 
 /// The text asking the guest shell for the previous command's reply again,
-/// marked with a new `token` (the command's directory is kept until the next one).
+/// marked with a new `token` (its output files are kept until the next one).
 pub fn resend_script(token: &str) -> String {
     format!("{}\n", send_reply(token))
 }
@@ -482,10 +495,11 @@ mod tests {
         let again = resend_script("T2");
         assert!(again.contains("base64 \"$__vmlab_d/o\"") && again.contains("printf '%s end %s ' T2 \"$__vmlab_s\""), "{again}");
         assert!(!again.contains("T2 out"), "the marker is printed, never sent");
-        // A command's directory stays for a resend until the next command.
+        // The session's directory is made once and never emptied: a command's
+        // output stays there for a resend until the next command.
         let s = script("T3", "true", None).unwrap();
-        assert!(s.starts_with("rm -rf \"${__vmlab_d:-/dev/null/vmlab}\"; __vmlab_d=$(mktemp -d"), "{s}");
-        assert!(!s.contains("rm -rf \"$__vmlab_d\""), "{s}");
+        assert!(s.starts_with("if [ ! -d \"${__vmlab_d:-}\" ]; then __vmlab_d=$(mktemp -d"), "{s}");
+        assert!(!s.contains("rm "), "{s}");
     }
 
     fn parse_in_pieces(data: &[u8], piece: usize) -> (Output, usize) {
@@ -501,13 +515,28 @@ mod tests {
     }
 
     #[test]
-    fn script_runs_the_command_from_a_quoted_heredoc() {
-        let s = script("T1", "echo '$HOME' \"`x`\"\nfalse", Some(5)).unwrap();
-        assert!(s.contains("<<'T1_EOF'\nset -eu\n(set -o pipefail) 2>/dev/null && set -o pipefail\necho '$HOME' \"`x`\"\nfalse\nT1_EOF\n"));
-        assert!(s.contains("timeout 5 \"$__vmlab_sh\""));
-        assert!(!script("T1", "true", None).unwrap().contains("timeout"));
-        // Markers are only ever printed, never sent, so an echoing console cannot fake one.
-        assert!(!s.contains("T1 out") && !s.contains("T1 end"));
+    fn script_carries_the_command_quoted_and_runs_it_with_few_programs() {
+        // (command, timeout, expected fragments of the text sent)
+        let cases: [(&str, Option<u64>, &[&str]); 3] = [
+            ("true", None, &["__vmlab_c=true\n", "(. \"$__vmlab_d/c\") </dev/null"]),
+            ("echo '$HOME' \"`x`\"\nfalse", Some(5), &[
+                "__vmlab_c='echo '\\''$HOME'\\'' \"`x`\"\nfalse'\n",
+                "timeout 5 \"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null",
+            ]),
+            // What once ended a heredoc is just text now.
+            ("cat <<x\nT1_EOF\nx", None, &["__vmlab_c='cat <<x\nT1_EOF\nx'\n"]),
+        ];
+        for (command, timeout, fragments) in cases {
+            let s = script("T1", command, timeout).unwrap();
+            for f in fragments {
+                assert!(s.contains(f), "{f:?} not in {s}");
+            }
+            assert_eq!(s.contains("timeout"), timeout.is_some(), "{s}");
+            // Markers are only ever printed, never sent, so an echoing console cannot fake one.
+            assert!(!s.contains("T1 out") && !s.contains("T1 end"), "{s}");
+            // The only programs: mktemp once per session, base64 and wc for non-empty streams.
+            assert!(!s.contains("rm ") && !s.contains("cat >"), "{s}");
+        }
     }
 
     #[test]
@@ -522,7 +551,6 @@ mod tests {
     #[test]
     fn script_refuses_what_it_cannot_carry() {
         assert!(script("T1", "a\0b", None).is_err());
-        assert!(script("T1", "cat <<x\nT1_EOF\nx", None).is_err());
     }
 
     #[test]
@@ -704,6 +732,10 @@ mod local_shell_tests {
             assert_eq!((o.status, o.timed_out), (3, false));
             let o = run(&mut l, "echo '$HOME' \"`echo x`\" \\\n  continued; cat <<EOF\nheredoc $((1+1))\nEOF");
             assert_eq!(String::from_utf8_lossy(&o.stdout), "$HOME x continued\nheredoc 2\n");
+            // Quotes, backslashes and lines that look like the framing's own.
+            let text = "it's \\ \"q\" $x `y`\n__vmlab_c='\nvmlab_EOF\nEOF";
+            let o = run(&mut l, &format!("cat <<'END'\n{text}\nEND"));
+            assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{text}\n"));
         }
     }
 
@@ -714,6 +746,16 @@ mod local_shell_tests {
             assert_eq!(run(&mut l, "false | true").status, 1);
             assert_ne!(run(&mut l, "echo $undefined_variable").status, 0);
             assert_eq!(run(&mut l, "true | true").status, 0);
+            // The command runs in a subshell: neither a syntax error nor an
+            // `exit` or `exec` ends the backdoor shell.
+            for cmd in ["if then", "exit 7", "exec true"] {
+                run(&mut l, cmd);
+                assert_eq!(run(&mut l, "echo alive").stdout, b"alive\n", "after {cmd:?}");
+            }
+            // The session's directory is made again when it goes (a command
+            // cleaning /tmp, a reboot).
+            run(&mut l, "rm -rf \"$__vmlab_d\"");
+            assert_eq!(run(&mut l, "echo again").stdout, b"again\n");
             // Every command starts afresh: no state leaks between them.
             run(&mut l, "cd /; x=1");
             assert_eq!(run(&mut l, "echo ${x:-unset}").stdout, b"unset\n");

@@ -642,8 +642,9 @@ impl Machine {
         if let Some(known) = self.shell_is_bash {
             return Ok(known);
         }
-        // Without a timeout, the command's parent is the backdoor shell itself.
-        let out = self.execute("readlink /proc/$PPID/exe", None)?;
+        // Without a timeout, the command runs in a subshell of the backdoor
+        // shell, where `$$` is the backdoor shell itself.
+        let out = self.execute("readlink /proc/$$/exe", None)?;
         let known = out.status == 0 && String::from_utf8_lossy(&out.stdout).trim_end().ends_with("/bash");
         self.shell_is_bash = Some(known);
         Ok(known)
@@ -844,7 +845,8 @@ mod local_tests {
     fn a_machine_dying_mid_command_is_reported_until_restarted() {
         let mut f = fixture();
         f.m.succeed(&cmds(&["true"]), None).unwrap();
-        let pid: i32 = String::from_utf8(f.m.succeed(&cmds(&["echo $PPID"]), None).unwrap()).unwrap().trim().parse().unwrap();
+        // `$$`: the backdoor shell (the command runs in its subshell).
+        let pid: i32 = String::from_utf8(f.m.succeed(&cmds(&["echo $$"]), None).unwrap()).unwrap().trim().parse().unwrap();
         let killer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
             unsafe { libc::kill(pid, libc::SIGKILL) };
