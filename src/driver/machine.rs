@@ -28,7 +28,10 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 /// a whole large file in one command or one reply.
 const COPY_IN_CHUNK: usize = 1024 * 1024;
 const COPY_IN_RAW_CHUNK: usize = 4 * 1024 * 1024;
-const COPY_OUT_CHUNK: u64 = 4 * 1024 * 1024;
+/// Out of the guest, smaller: QEMU drops console output while the host
+/// reads too slowly (a loaded host), and a piece that lost bytes is fetched
+/// again whole, so a small piece is likelier to come through on a retry.
+const COPY_OUT_CHUNK: u64 = 1024 * 1024;
 
 /// What the driver needs from whoever runs a machine's QEMU (the runtime).
 pub trait Vm: Send {
