@@ -77,7 +77,10 @@ impl fmt::Display for Counts {
 pub enum Report {
     /// No machine wrote any `.gcda` file.
     NoData,
-    Written { combined: Counts, machines: BTreeMap<String, Counts> },
+    Written {
+        combined: Counts,
+        machines: BTreeMap<String, Counts>,
+    },
 }
 
 impl Report {
@@ -213,7 +216,8 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
             for (_, gcno) in gcnos.iter().filter(|(j, _)| *j == i) {
                 let dest = dir.join(i.to_string()).join(gcno);
                 fs::create_dir_all(dest.parent().expect("has a parent"))?;
-                fs::copy(build.join(gcno), &dest).with_context(|| format!("cannot copy {}", build.join(gcno).display()))?;
+                fs::copy(build.join(gcno), &dest)
+                    .with_context(|| format!("cannot copy {}", build.join(gcno).display()))?;
             }
         }
         let machine_data = data.join(machine);
@@ -302,7 +306,9 @@ pub fn collect(machine: &mut Machine) -> Result<Collected, DriverError> {
         fs::rename(&copied, &target)?;
         fs::remove_dir(incoming)
     })();
-    moved.map_err(|e| DriverError::harness(format!("machine {}: moving coverage data to {}: {e}", machine.name, target.display())))?;
+    moved.map_err(|e| {
+        DriverError::harness(format!("machine {}: moving coverage data to {}: {e}", machine.name, target.display()))
+    })?;
     Ok(Collected::Files(count))
 }
 
@@ -317,9 +323,10 @@ pub fn collect_all(driver: &Driver, log: &Log) {
                 let (line, style) = match collected {
                     Ok(Collected::Files(n)) => (format!("coverage: collected {n} .gcda files"), Style::Plain),
                     Ok(Collected::Nothing | Collected::NeverStarted) => return,
-                    Ok(Collected::Lost) => {
-                        ("warning: coverage: the machine is not running at the end: its data is lost".into(), Style::Bad)
-                    }
+                    Ok(Collected::Lost) => (
+                        "warning: coverage: the machine is not running at the end: its data is lost".into(),
+                        Style::Bad,
+                    ),
                     Err(e) => (format!("warning: coverage: {e}"), Style::Bad),
                 };
                 log.write(Some(name), &line, style);

@@ -65,7 +65,9 @@ fn resolve_tool(given: Option<&Path>, field: &str, program: &str, package: &str)
         Some(path) if path.is_file() => Ok(path.to_path_buf()),
         Some(path) => bail!("{field}: {} is not a file", path.display()),
         None => which::which(program).map_err(|_| {
-            anyhow::anyhow!("{program} not found on PATH: install the Debian package {package}, or set \"{field}\" in the spec")
+            anyhow::anyhow!(
+                "{program} not found on PATH: install the Debian package {package}, or set \"{field}\" in the spec"
+            )
         }),
     }
 }
@@ -155,11 +157,7 @@ fn write_tree(out: &Path, files: &[File]) -> Result<()> {
 pub fn guest_config(plan: &Plan, m: &Machine) -> String {
     let mut s = String::from("# vmlab guest configuration\n");
     s += &format!("hostname {}\n", m.name);
-    s += &format!(
-        "interface eth0 {} {}/24\n",
-        crate::plan::addr::USER_NIC_MAC,
-        crate::plan::addr::USER_NET_GUEST_IPV4
-    );
+    s += &format!("interface eth0 {} {}/24\n", crate::plan::addr::USER_NIC_MAC, crate::plan::addr::USER_NET_GUEST_IPV4);
     for i in &m.interfaces {
         s += &format!(
             "interface {} {} {}/{} {}/{}\n",

@@ -127,7 +127,8 @@ mod tests {
     /// The real check: sh reads back exactly the string that was quoted.
     #[test]
     fn sh_reads_back_every_quoted_string() {
-        let nasty = ["", "a b", "it's", "'", "''", "$(true)", "`id`", "a\nb", "\\n", "*", "-n", "\"$x\"", "é ü", "a\tb"];
+        let nasty =
+            ["", "a b", "it's", "'", "''", "$(true)", "`id`", "a\nb", "\\n", "*", "-n", "\"$x\"", "é ü", "a\tb"];
         let script: String = nasty.iter().map(|s| format!("printf '%s\\0' {}\n", quote(s))).collect();
         let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
         let got: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().split_terminator('\0').collect();

@@ -65,7 +65,8 @@ pub fn parse(text: &str, base: &Path) -> Result<Spec> {
         fields.take("vdeSwitch").map(|v| path(v, base)).transpose().map_err(|e| anyhow!("vdeSwitch: {e}"))?;
     fields.finish()?;
 
-    let nodes_map = nodes_value.as_object().ok_or_else(|| anyhow!("nodes: expected an object, not {}", kind(nodes_value)))?;
+    let nodes_map =
+        nodes_value.as_object().ok_or_else(|| anyhow!("nodes: expected an object, not {}", kind(nodes_value)))?;
     if nodes_map.is_empty() {
         bail!("nodes: a network needs at least one machine");
     }
@@ -174,7 +175,9 @@ fn forward_ports(v: &Value) -> Result<Vec<ForwardPort>> {
         .iter()
         .enumerate()
         .map(|(i, item)| {
-            let obj = item.as_object().ok_or_else(|| anyhow!("entry {i}: expected an object {{\"host\": …, \"guest\": …}}"))?;
+            let obj = item
+                .as_object()
+                .ok_or_else(|| anyhow!("entry {i}: expected an object {{\"host\": …, \"guest\": …}}"))?;
             let mut f = Fields::new(obj, format!("entry {i}: "));
             let port = |v: Option<&Value>, which: &str| -> Result<u16> {
                 let v = v.ok_or_else(|| anyhow!("entry {i}: {which}: missing"))?;
@@ -311,14 +314,20 @@ mod tests {
             (json!({}), "nodes: missing (an object of machines)"),
             (json!({"nodes": {}}), "nodes: a network needs at least one machine"),
             (json!({"nodes": [], "name": "x"}), "nodes: expected an object, not a list"),
-            (json!({"nodes": {"a": {"kernel": k}}, "nmae": "x"}), "unknown field \"nmae\" (known: name, nodes, qemu, vdeSwitch)"),
+            (
+                json!({"nodes": {"a": {"kernel": k}}, "nmae": "x"}),
+                "unknown field \"nmae\" (known: name, nodes, qemu, vdeSwitch)",
+            ),
             (json!({"nodes": {"a": {"kernel": k}}, "name": "a b"}), "name: \"a b\" is not a valid network name"),
             (one_node(json!({"kernel": k, "vlans": [300]})), "node \"server\": vlans: 300 is out of range 0..=255"),
             (one_node(json!({"kernel": k, "vlans": [-1]})), "node \"server\": vlans: -1 is out of range 0..=255"),
             (one_node(json!({"kernel": k, "vlans": [1, 1]})), "node \"server\": vlans: vlan 1 is listed twice"),
             (one_node(json!({"kernel": k, "vlans": 1})), "node \"server\": vlans: expected a list, not a number"),
             (one_node(json!({"kernel": k, "vlans": [1.5]})), "node \"server\": vlans: 1.5 is not a whole number"),
-            (one_node(json!({"kernel": k, "memory": "1G"})), "node \"server\": memory: expected a whole number, not a string"),
+            (
+                one_node(json!({"kernel": k, "memory": "1G"})),
+                "node \"server\": memory: expected a whole number, not a string",
+            ),
             (one_node(json!({"kernel": k, "memory": 8})), "node \"server\": memory: 8 is out of range 16..=1048576"),
             (one_node(json!({"kernel": k, "cpus": 0})), "node \"server\": cpus: 0 is out of range 1..=255"),
             (one_node(json!({"kernel": k, "vlan": [1]})), "node \"server\": unknown field \"vlan\""),
@@ -326,14 +335,31 @@ mod tests {
             (one_node(json!({"kernel": ""})), "node \"server\": kernel: empty path"),
             (one_node(json!({})), "node \"server\": needs kernel (direct boot) or startScript"),
             (one_node(json!({"kernel": k, "startScript": "/s"})), "node \"server\": kernel and startScript both given"),
-            (one_node(json!({"startScript": "/s", "cmdline": "x"})), "node \"server\": initrd and cmdline go with kernel"),
-            (one_node(json!({"kernel": k, "forwardPorts": [{"host": 0, "guest": 80}]})), "node \"server\": forwardPorts: entry 0: host: 0 is out of range 1..=65535"),
-            (one_node(json!({"kernel": k, "forwardPorts": [{"host": 80}]})), "node \"server\": forwardPorts: entry 0: guest: missing"),
-            (one_node(json!({"kernel": k, "forwardPorts": [{"host": 80, "guest": 80, "proto": "udp"}]})), "node \"server\": forwardPorts: entry 0: unknown field \"proto\""),
-            (one_node(json!({"kernel": k, "qemuOptions": ["-a", 1]})), "node \"server\": qemuOptions: expected a string, not a number"),
+            (
+                one_node(json!({"startScript": "/s", "cmdline": "x"})),
+                "node \"server\": initrd and cmdline go with kernel",
+            ),
+            (
+                one_node(json!({"kernel": k, "forwardPorts": [{"host": 0, "guest": 80}]})),
+                "node \"server\": forwardPorts: entry 0: host: 0 is out of range 1..=65535",
+            ),
+            (
+                one_node(json!({"kernel": k, "forwardPorts": [{"host": 80}]})),
+                "node \"server\": forwardPorts: entry 0: guest: missing",
+            ),
+            (
+                one_node(json!({"kernel": k, "forwardPorts": [{"host": 80, "guest": 80, "proto": "udp"}]})),
+                "node \"server\": forwardPorts: entry 0: unknown field \"proto\"",
+            ),
+            (
+                one_node(json!({"kernel": k, "qemuOptions": ["-a", 1]})),
+                "node \"server\": qemuOptions: expected a string, not a number",
+            ),
             (one_node(json!("x")), "node \"server\": expected an object, not a string"),
-            (json!({"nodes": {"a": {"kernel": k, "forwardPorts": [{"host": 80, "guest": 1}]}, "b": {"kernel": k, "forwardPorts": [{"host": 80, "guest": 2}]}}}),
-             "node \"b\": forwardPorts: host port 80 is also forwarded by node \"a\""),
+            (
+                json!({"nodes": {"a": {"kernel": k, "forwardPorts": [{"host": 80, "guest": 1}]}, "b": {"kernel": k, "forwardPorts": [{"host": 80, "guest": 2}]}}}),
+                "node \"b\": forwardPorts: host port 80 is also forwarded by node \"a\"",
+            ),
             (json!({"nodes": {"-a": {"kernel": k}}}), "node \"-a\": not a valid host name"),
             (json!({"nodes": {"a.b": {"kernel": k}}}), "node \"a.b\": not a valid host name"),
             (json!({"nodes": {"": {"kernel": k}}}), "node \"\": not a valid host name"),

@@ -229,7 +229,8 @@ impl ReplyParser {
                 let State::Stderr(d) = std::mem::replace(&mut self.state, State::Seeking) else { unreachable!() };
                 d.finish()?;
                 let mut fields = m[4..].split_whitespace();
-                let status = fields.next().and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad exit status in {m:?}"))?;
+                let status =
+                    fields.next().and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad exit status in {m:?}"))?;
                 // One `wc -c O E` (one process), its lines folded by `echo`: "N O M E T total".
                 let sizes: Vec<usize> = fields.filter_map(|f| f.parse().ok()).collect();
                 if let [out, err, _total] = sizes[..] {
@@ -296,10 +297,7 @@ impl Shell {
     }
 
     fn lost(&self, what: &str) -> DriverError {
-        DriverError::new(
-            Kind::Machine,
-            format!("machine {}: {what} (QEMU exited or the guest crashed)", self.machine),
-        )
+        DriverError::new(Kind::Machine, format!("machine {}: {what} (QEMU exited or the guest crashed)", self.machine))
     }
 
     fn check(&self, alive: Alive, deadline: Option<Instant>, what: &str) -> Result<(), DriverError> {
@@ -325,7 +323,12 @@ impl Shell {
             match self.stream.read(buf) {
                 Ok(0) => return Err(self.lost("the backdoor connection closed")),
                 Ok(n) => return Ok(n),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) =>
+                {
                     self.check(alive, deadline, what)?;
                     if nudge && quiet_since.elapsed() >= NUDGE_AFTER {
                         self.write_all(b"\n", alive, deadline, what)?;
@@ -333,21 +336,36 @@ impl Shell {
                     }
                 }
                 Err(e) if is_disconnect(&e) => return Err(self.lost("the backdoor connection broke")),
-                Err(e) => return Err(DriverError::harness(format!("machine {}: reading the backdoor: {e}", self.machine))),
+                Err(e) => {
+                    return Err(DriverError::harness(format!("machine {}: reading the backdoor: {e}", self.machine)))
+                }
             }
         }
     }
 
-    fn write_all(&mut self, mut data: &[u8], alive: Alive, deadline: Option<Instant>, what: &str) -> Result<(), DriverError> {
+    fn write_all(
+        &mut self,
+        mut data: &[u8],
+        alive: Alive,
+        deadline: Option<Instant>,
+        what: &str,
+    ) -> Result<(), DriverError> {
         while !data.is_empty() {
             match self.stream.write(data) {
                 Ok(0) => return Err(self.lost("the backdoor connection closed")),
                 Ok(n) => data = &data[n..],
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) =>
+                {
                     self.check(alive, deadline, what)?
                 }
                 Err(e) if is_disconnect(&e) => return Err(self.lost("the backdoor connection broke")),
-                Err(e) => return Err(DriverError::harness(format!("machine {}: writing the backdoor: {e}", self.machine))),
+                Err(e) => {
+                    return Err(DriverError::harness(format!("machine {}: writing the backdoor: {e}", self.machine)))
+                }
             }
         }
         Ok(())
@@ -462,7 +480,10 @@ pub fn raw_append_line(token: &str, path: &str, len: usize) -> String {
 fn is_disconnect(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::NotConnected
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
     )
 }
 
@@ -486,14 +507,18 @@ mod tests {
     fn a_reply_that_lost_lines_is_an_error_and_can_be_asked_for_again() {
         let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
         let whole = String::from_utf8(reply("T1", &data, b"", 0)).unwrap();
-        let lost: String = whole.lines().filter(|l| *l != whole.lines().nth(2).unwrap()).map(|l| format!("{l}\n")).collect();
+        let lost: String =
+            whole.lines().filter(|l| *l != whole.lines().nth(2).unwrap()).map(|l| format!("{l}\n")).collect();
         let mut p = ReplyParser::new("T1");
         let e = p.feed(lost.as_bytes()).unwrap_err();
         assert_eq!(e, "243 of 300 bytes of output and 0 of 0 of standard error came back");
         // Without sizes (a guest-side line of vmlab's own), nothing is checked.
         assert_eq!(parse_in_pieces(b"T1 out\nT1 err\nT1 end 3\n", 4).0.status, 3);
         let again = resend_script("T2");
-        assert!(again.contains("base64 \"$__vmlab_d/o\"") && again.contains("printf '%s end %s ' T2 \"$__vmlab_s\""), "{again}");
+        assert!(
+            again.contains("base64 \"$__vmlab_d/o\"") && again.contains("printf '%s end %s ' T2 \"$__vmlab_s\""),
+            "{again}"
+        );
         assert!(!again.contains("T2 out"), "the marker is printed, never sent");
         // The session's directory is made once and never emptied: a command's
         // output stays there for a resend until the next command.
@@ -519,10 +544,14 @@ mod tests {
         // (command, timeout, expected fragments of the text sent)
         let cases: [(&str, Option<u64>, &[&str]); 3] = [
             ("true", None, &["__vmlab_c=true\n", "(. \"$__vmlab_d/c\") </dev/null"]),
-            ("echo '$HOME' \"`x`\"\nfalse", Some(5), &[
-                "__vmlab_c='echo '\\''$HOME'\\'' \"`x`\"\nfalse'\n",
-                "timeout 5 \"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null",
-            ]),
+            (
+                "echo '$HOME' \"`x`\"\nfalse",
+                Some(5),
+                &[
+                    "__vmlab_c='echo '\\''$HOME'\\'' \"`x`\"\nfalse'\n",
+                    "timeout 5 \"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null",
+                ],
+            ),
             // What once ended a heredoc is just text now.
             ("cat <<x\nT1_EOF\nx", None, &["__vmlab_c='cat <<x\nT1_EOF\nx'\n"]),
         ];
@@ -542,7 +571,10 @@ mod tests {
     #[test]
     fn raw_appends_read_exactly_the_data_and_reply_like_a_command() {
         let line = raw_append_line("T1", "/tmp/a b", 1000);
-        assert_eq!(line, "head -c 1000 | base64 -d >> '/tmp/a b'; printf '%s out\\n%s err\\n%s end %s\\n' T1 T1 T1 \"$?\"\n");
+        assert_eq!(
+            line,
+            "head -c 1000 | base64 -d >> '/tmp/a b'; printf '%s out\\n%s err\\n%s end %s\\n' T1 T1 T1 \"$?\"\n"
+        );
         assert!(!line.contains("T1 out"), "the marker is printed, never sent");
         let (out, _) = parse_in_pieces(b"T1 out\nT1 err\nT1 end 0\n", 5);
         assert_eq!((out.status, out.stdout.len()), (0, 0));
@@ -836,7 +868,9 @@ mod local_shell_tests {
         let mut l = spawn(false, "");
         let e = l
             .shell
-            .run("sleep 30", None, &mut || Err(DriverError::new(Kind::Machine, "machine local: QEMU exited with status 1")))
+            .run("sleep 30", None, &mut || {
+                Err(DriverError::new(Kind::Machine, "machine local: QEMU exited with status 1"))
+            })
             .unwrap_err();
         assert!(e.message.contains("QEMU exited"));
     }

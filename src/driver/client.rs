@@ -19,22 +19,57 @@ fn request(cmd: &ClientCommand) -> (Value, &Conn) {
         (json!({"op": op, "machine": a.machine, "timeout": a.timeout}), &a.conn)
     }
     let (mut v, conn) = match cmd {
-        C::Succeed(a) => (json!({"op": "succeed", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}), &a.conn),
-        C::Fail(a) => (json!({"op": "fail", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}), &a.conn),
-        C::Execute(a) => (json!({"op": "execute", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}), &a.conn),
-        C::WaitUntilSucceeds(a) => (json!({"op": "wait_until_succeeds", "machine": a.machine, "command": command(a), "timeout": a.timeout}), &a.conn),
-        C::WaitUntilFails(a) => (json!({"op": "wait_until_fails", "machine": a.machine, "command": command(a), "timeout": a.timeout}), &a.conn),
-        C::WaitForOpenPort(a) => (json!({"op": "wait_for_open_port", "machine": a.machine, "port": a.port, "addr": a.addr, "timeout": a.timeout}), &a.conn),
-        C::WaitForClosedPort(a) => (json!({"op": "wait_for_closed_port", "machine": a.machine, "port": a.port, "addr": a.addr, "timeout": a.timeout}), &a.conn),
-        C::WaitForFile(a) => (json!({"op": "wait_for_file", "machine": a.machine, "path": a.value, "timeout": a.timeout}), &a.conn),
-        C::WaitForUnit(a) => (json!({"op": "wait_for_unit", "machine": a.machine, "unit": a.value, "user": a.user, "timeout": a.timeout}), &a.conn),
-        C::WaitForConsoleText(a) => (json!({"op": "wait_for_console_text", "machine": a.machine, "regex": a.value, "timeout": a.timeout}), &a.conn),
+        C::Succeed(a) => (
+            json!({"op": "succeed", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
+            &a.conn,
+        ),
+        C::Fail(a) => (
+            json!({"op": "fail", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
+            &a.conn,
+        ),
+        C::Execute(a) => (
+            json!({"op": "execute", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
+            &a.conn,
+        ),
+        C::WaitUntilSucceeds(a) => (
+            json!({"op": "wait_until_succeeds", "machine": a.machine, "command": command(a), "timeout": a.timeout}),
+            &a.conn,
+        ),
+        C::WaitUntilFails(a) => (
+            json!({"op": "wait_until_fails", "machine": a.machine, "command": command(a), "timeout": a.timeout}),
+            &a.conn,
+        ),
+        C::WaitForOpenPort(a) => (
+            json!({"op": "wait_for_open_port", "machine": a.machine, "port": a.port, "addr": a.addr, "timeout": a.timeout}),
+            &a.conn,
+        ),
+        C::WaitForClosedPort(a) => (
+            json!({"op": "wait_for_closed_port", "machine": a.machine, "port": a.port, "addr": a.addr, "timeout": a.timeout}),
+            &a.conn,
+        ),
+        C::WaitForFile(a) => {
+            (json!({"op": "wait_for_file", "machine": a.machine, "path": a.value, "timeout": a.timeout}), &a.conn)
+        }
+        C::WaitForUnit(a) => (
+            json!({"op": "wait_for_unit", "machine": a.machine, "unit": a.value, "user": a.user, "timeout": a.timeout}),
+            &a.conn,
+        ),
+        C::WaitForConsoleText(a) => (
+            json!({"op": "wait_for_console_text", "machine": a.machine, "regex": a.value, "timeout": a.timeout}),
+            &a.conn,
+        ),
         C::CopyToVm(a) => {
             // The driver may run elsewhere than this shell's directory.
             let source = std::env::current_dir().map(|d| d.join(&a.source)).unwrap_or_else(|_| a.source.clone().into());
-            (json!({"op": "copy_to_vm", "machine": a.machine, "source": source, "dest": a.dest.clone().unwrap_or_else(|| a.source.clone())}), &a.conn)
+            (
+                json!({"op": "copy_to_vm", "machine": a.machine, "source": source, "dest": a.dest.clone().unwrap_or_else(|| a.source.clone())}),
+                &a.conn,
+            )
         }
-        C::CopyFromVm(a) => (json!({"op": "copy_from_vm", "machine": a.machine, "source": a.source, "target_dir": a.dest.clone().unwrap_or_default()}), &a.conn),
+        C::CopyFromVm(a) => (
+            json!({"op": "copy_from_vm", "machine": a.machine, "source": a.source, "target_dir": a.dest.clone().unwrap_or_default()}),
+            &a.conn,
+        ),
         C::Start(a) => machine_op("start", a),
         C::Shutdown(a) => machine_op("shutdown", a),
         C::Crash(a) => machine_op("crash", a),
@@ -42,9 +77,14 @@ fn request(cmd: &ClientCommand) -> (Value, &Conn) {
         C::Reboot(a) => machine_op("reboot", a),
         C::Block(a) => (json!({"op": "block", "machine": a.machine, "interface": a.interface}), &a.conn),
         C::Unblock(a) => (json!({"op": "unblock", "machine": a.machine, "interface": a.interface}), &a.conn),
-        C::ForwardPort(a) => (json!({"op": "forward_port", "machine": a.machine, "host_port": a.host_port, "guest_port": a.guest_port}), &a.conn),
+        C::ForwardPort(a) => (
+            json!({"op": "forward_port", "machine": a.machine, "host_port": a.host_port, "guest_port": a.guest_port}),
+            &a.conn,
+        ),
         C::Screenshot(a) => (json!({"op": "screenshot", "machine": a.machine, "name": a.value}), &a.conn),
-        C::SendMonitorCommand(a) => (json!({"op": "send_monitor_command", "machine": a.machine, "command": a.value}), &a.conn),
+        C::SendMonitorCommand(a) => {
+            (json!({"op": "send_monitor_command", "machine": a.machine, "command": a.value}), &a.conn)
+        }
         C::Sleep(a) => (json!({"op": "sleep", "machine": a.machine, "seconds": a.seconds}), &a.conn),
         C::StartAll(c) => (json!({"op": "start_all"}), c),
         C::JoinAll(c) => (json!({"op": "join_all"}), c),
@@ -97,7 +137,10 @@ pub fn client_command(cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             let status = result["status"].as_i64().unwrap_or(255);
             return Ok(ExitCode::from(u8::try_from(status).unwrap_or(255)));
         }
-        ClientCommand::Succeed(_) | ClientCommand::Fail(_) | ClientCommand::WaitUntilSucceeds(_) | ClientCommand::WaitUntilFails(_) => {
+        ClientCommand::Succeed(_)
+        | ClientCommand::Fail(_)
+        | ClientCommand::WaitUntilSucceeds(_)
+        | ClientCommand::WaitUntilFails(_) => {
             out.write_all(&bytes(&result, "stdout")).context("writing standard output")?
         }
         ClientCommand::Machines(_) => {
@@ -166,13 +209,34 @@ mod tests {
     #[test]
     fn subcommands_map_to_requests() {
         let table = [
-            (&["succeed", "server", "--", "echo", "a|b"][..], json!({"op": "succeed", "machine": "server", "command": "echo a|b", "binary": true})),
-            (&["execute", "server", "--timeout", "5", "--", "true"], json!({"op": "execute", "machine": "server", "command": "true", "timeout": 5.0, "binary": true})),
-            (&["wait-for-open-port", "server", "80"], json!({"op": "wait_for_open_port", "machine": "server", "port": 80, "addr": "localhost"})),
-            (&["wait-for-unit", "server", "nginx", "--user", "alice"], json!({"op": "wait_for_unit", "machine": "server", "unit": "nginx", "user": "alice"})),
-            (&["copy-from-vm", "server", "/etc/hosts"], json!({"op": "copy_from_vm", "machine": "server", "source": "/etc/hosts", "target_dir": ""})),
-            (&["block", "client", "--interface", "eth1"], json!({"op": "block", "machine": "client", "interface": "eth1"})),
-            (&["forward-port", "server", "8080", "80"], json!({"op": "forward_port", "machine": "server", "host_port": 8080, "guest_port": 80})),
+            (
+                &["succeed", "server", "--", "echo", "a|b"][..],
+                json!({"op": "succeed", "machine": "server", "command": "echo a|b", "binary": true}),
+            ),
+            (
+                &["execute", "server", "--timeout", "5", "--", "true"],
+                json!({"op": "execute", "machine": "server", "command": "true", "timeout": 5.0, "binary": true}),
+            ),
+            (
+                &["wait-for-open-port", "server", "80"],
+                json!({"op": "wait_for_open_port", "machine": "server", "port": 80, "addr": "localhost"}),
+            ),
+            (
+                &["wait-for-unit", "server", "nginx", "--user", "alice"],
+                json!({"op": "wait_for_unit", "machine": "server", "unit": "nginx", "user": "alice"}),
+            ),
+            (
+                &["copy-from-vm", "server", "/etc/hosts"],
+                json!({"op": "copy_from_vm", "machine": "server", "source": "/etc/hosts", "target_dir": ""}),
+            ),
+            (
+                &["block", "client", "--interface", "eth1"],
+                json!({"op": "block", "machine": "client", "interface": "eth1"}),
+            ),
+            (
+                &["forward-port", "server", "8080", "80"],
+                json!({"op": "forward_port", "machine": "server", "host_port": 8080, "guest_port": 80}),
+            ),
             (&["subtest", "end", "--failure", "boom"], json!({"op": "subtest_end", "failure": "boom"})),
             (&["start-all", "--socket", "/x"], json!({"op": "start_all"})),
             (&["serial-stdout", "off"], json!({"op": "serial_stdout", "on": false})),

@@ -48,7 +48,9 @@ fn str_arg<'a>(args: &'a Args, key: &str) -> Result<&'a str, DriverError> {
 fn opt_str<'a>(args: &'a Args, key: &str) -> Result<Option<&'a str>, DriverError> {
     match args.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_str().map(Some).ok_or_else(|| DriverError::request(format!("argument {key:?} must be a string"))),
+        Some(v) => {
+            v.as_str().map(Some).ok_or_else(|| DriverError::request(format!("argument {key:?} must be a string")))
+        }
     }
 }
 
@@ -83,10 +85,15 @@ fn wait_timeout(args: &Args) -> Result<Duration, DriverError> {
 /// `commands` (a list) or `command` (one).
 fn commands_arg(args: &Args) -> Result<Vec<String>, DriverError> {
     if let Some(list) = args.get("commands") {
-        let list = list.as_array().ok_or_else(|| DriverError::request("argument \"commands\" must be a list of strings"))?;
+        let list =
+            list.as_array().ok_or_else(|| DriverError::request("argument \"commands\" must be a list of strings"))?;
         return list
             .iter()
-            .map(|c| c.as_str().map(str::to_string).ok_or_else(|| DriverError::request("argument \"commands\" must be a list of strings")))
+            .map(|c| {
+                c.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| DriverError::request("argument \"commands\" must be a list of strings"))
+            })
             .collect();
     }
     Ok(vec![str_arg(args, "command")?.to_string()])
@@ -101,7 +108,8 @@ fn bytes_fields(out: &mut Map<String, Value>, key: &str, bytes: &[u8], binary: b
 }
 
 /// Operations that take no machine.
-const GLOBAL_OPS: [&str; 7] = ["machines", "start_all", "join_all", "log", "serial_stdout", "subtest_begin", "subtest_end"];
+const GLOBAL_OPS: [&str; 7] =
+    ["machines", "start_all", "join_all", "log", "serial_stdout", "subtest_begin", "subtest_end"];
 
 impl Driver {
     pub fn new(machines: Vec<Machine>, log: Arc<Log>) -> Self {
@@ -228,13 +236,17 @@ impl Driver {
                 Ok(json!({ "machines": list }))
             }
             "start_all" => self.each_machine(Machine::start).map(|()| json!({})),
-            "join_all" => self.each_machine(|m| m.wait_for_shutdown(Duration::from_secs(u64::from(u32::MAX)))).map(|()| json!({})),
+            "join_all" => {
+                self.each_machine(|m| m.wait_for_shutdown(Duration::from_secs(u64::from(u32::MAX)))).map(|()| json!({}))
+            }
             "log" => {
                 self.log.info(None, str_arg(req, "message")?);
                 Ok(json!({}))
             }
             "serial_stdout" => {
-                let on = arg(req, "on")?.as_bool().ok_or_else(|| DriverError::request("argument \"on\" must be true or false"))?;
+                let on = arg(req, "on")?
+                    .as_bool()
+                    .ok_or_else(|| DriverError::request("argument \"on\" must be true or false"))?;
                 self.log.show_serial(on);
                 Ok(json!({}))
             }
@@ -312,7 +324,11 @@ fn machine_op(m: &mut Machine, op: &str, req: &Args) -> Result<Value, DriverErro
             let port = port_arg(req, "port", None)?;
             let addr = opt_str(req, "addr")?.unwrap_or("localhost");
             let t = wait_timeout(req)?;
-            let r = if op == "wait_for_open_port" { m.wait_for_open_port(port, addr, t) } else { m.wait_for_closed_port(port, addr, t) };
+            let r = if op == "wait_for_open_port" {
+                m.wait_for_open_port(port, addr, t)
+            } else {
+                m.wait_for_closed_port(port, addr, t)
+            };
             r.and(empty)
         }
         "wait_for_file" => m.wait_for_file(str_arg(req, "path")?, wait_timeout(req)?).and(empty),
@@ -327,11 +343,15 @@ fn machine_op(m: &mut Machine, op: &str, req: &Args) -> Result<Value, DriverErro
             Ok(json!({ "path": path }))
         }
         "block" | "unblock" => m.set_links(op == "unblock", opt_str(req, "interface")?).and(empty),
-        "forward_port" => m.forward_port(port_arg(req, "host_port", Some(8080))?, port_arg(req, "guest_port", Some(80))?).and(empty),
+        "forward_port" => {
+            m.forward_port(port_arg(req, "host_port", Some(8080))?, port_arg(req, "guest_port", Some(80))?).and(empty)
+        }
         "screenshot" => Ok(json!({ "path": m.screenshot(str_arg(req, "name")?)? })),
         "send_monitor_command" => Ok(json!({ "output": m.send_monitor_command(str_arg(req, "command")?)? })),
         "sleep" => {
-            let secs = arg(req, "seconds")?.as_f64().ok_or_else(|| DriverError::request("argument \"seconds\" must be a number"))?;
+            let secs = arg(req, "seconds")?
+                .as_f64()
+                .ok_or_else(|| DriverError::request("argument \"seconds\" must be a number"))?;
             m.succeed(&[format!("sleep {secs}")], None).and(empty)
         }
         _ => Err(DriverError::new(Kind::Request, format!("unknown operation {op:?}"))),
@@ -341,7 +361,8 @@ fn machine_op(m: &mut Machine, op: &str, req: &Args) -> Result<Value, DriverErro
 /// Serves the control socket until the process ends; the listener thread is detached.
 pub fn serve(driver: Arc<Driver>, path: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
     std::thread::spawn(move || {
@@ -377,8 +398,9 @@ pub struct Client {
 
 impl Client {
     pub fn connect(path: &Path) -> anyhow::Result<Self> {
-        let stream = UnixStream::connect(path)
-            .with_context(|| format!("connecting to the control socket {} (is the network running?)", path.display()))?;
+        let stream = UnixStream::connect(path).with_context(|| {
+            format!("connecting to the control socket {} (is the network running?)", path.display())
+        })?;
         let writer = stream.try_clone().context("cloning the control socket")?;
         Ok(Client { reader: BufReader::new(stream), writer, next_id: 0 })
     }
@@ -450,13 +472,19 @@ mod tests {
         let r = call(&mut c, json!({"op": "succeed", "machine": "server", "commands": ["echo 1", "echo 2"]})).unwrap();
         assert_eq!(r["stdout"], "1\n2\n");
         let e = call(&mut c, json!({"op": "succeed", "machine": "server", "command": "false"})).unwrap_err();
-        assert_eq!((e.kind, e.message.as_str()), (Kind::Failed, "machine server: command `false` failed (exit code 1)"));
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (Kind::Failed, "machine server: command `false` failed (exit code 1)")
+        );
         let e = call(&mut c, json!({"op": "succeed", "machine": "sever", "command": "true"})).unwrap_err();
         assert_eq!((e.kind, e.message.as_str()), (Kind::Request, "no machine \"sever\" (machines: client, server)"));
         for (bad, want) in [
             (json!({"op": "frobnicate", "machine": "server"}), "unknown operation \"frobnicate\""),
             (json!({"op": "execute", "machine": "server"}), "missing argument \"command\""),
-            (json!({"op": "wait_for_file", "machine": "server", "path": "x", "timeout": "soon"}), "argument \"timeout\" must be a number of seconds or null"),
+            (
+                json!({"op": "wait_for_file", "machine": "server", "path": "x", "timeout": "soon"}),
+                "argument \"timeout\" must be a number of seconds or null",
+            ),
             (json!({"op": "succeed", "command": "true"}), "operation \"succeed\" needs a \"machine\""),
         ] {
             let e = call(&mut c, bad).unwrap_err();

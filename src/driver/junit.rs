@@ -38,10 +38,8 @@ pub fn render(suite: &str, cases: &[Case], wall: Duration) -> String {
     let failures = cases.iter().filter(|c| c.failure.is_some()).count();
     let total = wall.as_secs_f64();
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    out += &format!(
-        "<testsuites tests=\"{}\" failures=\"{failures}\" errors=\"0\" time=\"{total:.3}\">\n",
-        cases.len()
-    );
+    out +=
+        &format!("<testsuites tests=\"{}\" failures=\"{failures}\" errors=\"0\" time=\"{total:.3}\">\n", cases.len());
     out += &format!(
         "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"0\" skipped=\"0\" time=\"{total:.3}\">\n",
         escape(suite),

@@ -24,7 +24,14 @@ pub enum Style {
 }
 
 /// One line as shown: `[elapsed] indent machine: message`, with ANSI colour when asked.
-pub fn format_line(elapsed: Duration, depth: usize, machine: Option<&str>, msg: &str, style: Style, color: bool) -> String {
+pub fn format_line(
+    elapsed: Duration,
+    depth: usize,
+    machine: Option<&str>,
+    msg: &str,
+    style: Style,
+    color: bool,
+) -> String {
     let indent = "  ".repeat(depth);
     let time = format!("[{:7.2}s]", elapsed.as_secs_f64());
     if !color {
@@ -279,7 +286,13 @@ mod tests {
         log.show_serial(true);
         log.write(Some("s"), "# three", Style::Serial);
         let term = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-        assert!(term.contains("# one") && !term.contains("# two") && term.contains("said while off") && term.contains("# three"), "{term}");
+        assert!(
+            term.contains("# one")
+                && !term.contains("# two")
+                && term.contains("said while off")
+                && term.contains("# three"),
+            "{term}"
+        );
         let file = std::fs::read_to_string(dir.path().join("log")).unwrap();
         assert!(file.contains("# one") && file.contains("# two") && file.contains("# three"), "{file}");
         assert!(log.records().1.contains("# two"));

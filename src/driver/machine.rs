@@ -84,7 +84,10 @@ pub fn link_names(interfaces: &[(String, u8)], only: Option<&str>) -> Result<Vec
     match (only, chosen.is_empty()) {
         (Some(o), true) => {
             let names: Vec<&str> = interfaces.iter().map(|(n, _)| n.as_str()).collect();
-            Err(format!("no interface {o} (it has: {})", if names.is_empty() { "none".into() } else { names.join(", ") }))
+            Err(format!(
+                "no interface {o} (it has: {})",
+                if names.is_empty() { "none".into() } else { names.join(", ") }
+            ))
         }
         _ => Ok(chosen),
     }
@@ -168,9 +171,8 @@ impl Machine {
         // At once: QEMU drops what the guest writes to the backdoor while no
         // client is connected, and the banner is written once.
         let shell = self.wait_for_socket(&self.vm.state_dir().join("shell.sock"))?;
-        self.shell = Some(
-            Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?,
-        );
+        self.shell =
+            Some(Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?);
         Ok(())
     }
 
@@ -333,7 +335,11 @@ impl Machine {
         loop {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
             if let Some(v) = attempt(self, left)? {
-                self.log.write(Some(&self.name), &format!("done waiting for {what} ({})", secs(started.elapsed())), Style::Good);
+                self.log.write(
+                    Some(&self.name),
+                    &format!("done waiting for {what} ({})", secs(started.elapsed())),
+                    Style::Good,
+                );
                 return Ok(v);
             }
             let now = Instant::now();
@@ -354,8 +360,16 @@ impl Machine {
         })
     }
 
-    fn wait_for_status(&mut self, command: &str, want_zero: bool, what: &str, timeout: Duration) -> Result<(), DriverError> {
-        self.poll(timeout, what, |m, left| Ok(((m.execute(command, Some(left))?.status == 0) == want_zero).then_some(())))
+    fn wait_for_status(
+        &mut self,
+        command: &str,
+        want_zero: bool,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<(), DriverError> {
+        self.poll(timeout, what, |m, left| {
+            Ok(((m.execute(command, Some(left))?.status == 0) == want_zero).then_some(()))
+        })
     }
 
     pub fn wait_for_file(&mut self, path: &str, timeout: Duration) -> Result<(), DriverError> {
@@ -381,7 +395,10 @@ impl Machine {
         }
         let systemctl = match user {
             None => "systemctl".to_string(),
-            Some(u) => format!("su -l {} -s /bin/sh -c 'XDG_RUNTIME_DIR=/run/user/$(id -u) systemctl --user \"$@\"' --", quote(u)),
+            Some(u) => format!(
+                "su -l {} -s /bin/sh -c 'XDG_RUNTIME_DIR=/run/user/$(id -u) systemctl --user \"$@\"' --",
+                quote(u)
+            ),
         };
         let show = format!("{systemctl} --no-pager show {} --property=ActiveState", quote(unit));
         let jobs = format!("{systemctl} list-jobs --full 2>&1");
@@ -395,7 +412,9 @@ impl Machine {
                 "inactive" => {
                     let pending = m.execute(&jobs, Some(left))?;
                     if String::from_utf8_lossy(&pending.stdout).contains("No jobs") {
-                        return Err(m.err(Kind::Failed, format!("unit {unit} is inactive and there are no pending jobs")));
+                        return Err(
+                            m.err(Kind::Failed, format!("unit {unit} is inactive and there are no pending jobs"))
+                        );
                     }
                     Ok(None)
                 }
@@ -407,7 +426,8 @@ impl Machine {
     /// Waits for `regex` to match the serial console output since the
     /// previous match (or since the machine started).
     pub fn wait_for_console_text(&mut self, regex: &str, timeout: Duration) -> Result<String, DriverError> {
-        let re = regex::Regex::new(regex).map_err(|e| self.err(Kind::Request, format!("bad regular expression: {e}")))?;
+        let re =
+            regex::Regex::new(regex).map_err(|e| self.err(Kind::Request, format!("bad regular expression: {e}")))?;
         let path = self.vm.serial_log();
         self.poll(timeout, &format!("/{regex}/ on the console"), |m, _| {
             if let Ok(bytes) = std::fs::read(&path) {
@@ -526,7 +546,8 @@ impl Machine {
     pub fn screenshot(&mut self, name: &str) -> Result<PathBuf, DriverError> {
         let path = screenshot_path(&self.out_dir, name);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| self.err(Kind::Harness, format!("creating {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| self.err(Kind::Harness, format!("creating {}: {e}", dir.display())))?;
         }
         // QEMU resolves a relative name against its own working directory.
         let absolute = std::env::current_dir().map(|d| d.join(&path)).unwrap_or(path.clone());
@@ -541,7 +562,8 @@ impl Machine {
     pub fn copy_to_vm(&mut self, source: &Path, dest: &str) -> Result<(), DriverError> {
         let started = Instant::now();
         let tar = host_tar()?;
-        let name = source.file_name().ok_or_else(|| self.err(Kind::Request, format!("cannot copy {}", source.display())))?;
+        let name =
+            source.file_name().ok_or_else(|| self.err(Kind::Request, format!("cannot copy {}", source.display())))?;
         let parent = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let out = Command::new(&tar)
             .arg("-C")
@@ -577,7 +599,12 @@ impl Machine {
             a = quote(&archive),
             item = quote(&format!("{tmp}/{name}")),
         ))?;
-        self.say(&format!("copied {} to {dest} ({} bytes, {})", source.display(), out.stdout.len(), secs(started.elapsed())));
+        self.say(&format!(
+            "copied {} to {dest} ({} bytes, {})",
+            source.display(),
+            out.stdout.len(),
+            secs(started.elapsed())
+        ));
         Ok(())
     }
 
@@ -597,7 +624,9 @@ impl Machine {
             quote(&name.to_string_lossy())
         ));
         let size: u64 = match size {
-            Ok(out) => String::from_utf8_lossy(&out).trim().parse().map_err(|_| self.err(Kind::Harness, "bad archive size"))?,
+            Ok(out) => {
+                String::from_utf8_lossy(&out).trim().parse().map_err(|_| self.err(Kind::Harness, "bad archive size"))?
+            }
             Err(e) => {
                 let _ = self.execute(&format!("rm -f {a}"), None);
                 return Err(e);
@@ -609,13 +638,17 @@ impl Machine {
         }
         self.copy_step(&format!("rm -f {a}"))?;
         if data.len() as u64 != size {
-            return Err(self.err(Kind::Harness, format!("copy of {source} came back with {} of {size} bytes", data.len())));
+            return Err(
+                self.err(Kind::Harness, format!("copy of {source} came back with {} of {size} bytes", data.len()))
+            );
         }
         let dir = self.out_dir.join(target_dir);
-        std::fs::create_dir_all(&dir).map_err(|e| self.err(Kind::Harness, format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| self.err(Kind::Harness, format!("creating {}: {e}", dir.display())))?;
         let target = dir.join(&name);
         if target.is_dir() {
-            std::fs::remove_dir_all(&target).map_err(|e| self.err(Kind::Harness, format!("replacing {}: {e}", target.display())))?;
+            std::fs::remove_dir_all(&target)
+                .map_err(|e| self.err(Kind::Harness, format!("replacing {}: {e}", target.display())))?;
         }
         let mut child = Command::new(&tar)
             .arg("-x")
@@ -635,7 +668,11 @@ impl Machine {
             let why = String::from_utf8_lossy(&out.stderr);
             return Err(self.err(Kind::Harness, format!("unpacking into {}: {}", dir.display(), why.trim())));
         }
-        self.say(&format!("copied {source} to {} ({size} bytes of tar, {})", target.display(), secs(started.elapsed())));
+        self.say(&format!(
+            "copied {source} to {} ({size} bytes of tar, {})",
+            target.display(),
+            secs(started.elapsed())
+        ));
         Ok(target)
     }
 
@@ -701,23 +738,30 @@ mod tests {
     #[test]
     fn delays_start_fast_and_settle_at_a_second() {
         let mut d = Duration::ZERO;
-        let seq: Vec<u64> = (0..8).map(|_| {
-            d = next_delay(d);
-            d.as_millis() as u64
-        }).collect();
+        let seq: Vec<u64> = (0..8)
+            .map(|_| {
+                d = next_delay(d);
+                d.as_millis() as u64
+            })
+            .collect();
         assert_eq!(seq, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
     }
 
     #[test]
     fn port_checks_quote_the_address() {
-        assert_eq!(port_check(80, "localhost"), "nc -z localhost 80 2>/dev/null || nc -w 2 localhost 80 -e true 2>/dev/null");
+        assert_eq!(
+            port_check(80, "localhost"),
+            "nc -z localhost 80 2>/dev/null || nc -w 2 localhost 80 -e true 2>/dev/null"
+        );
         assert!(port_check(1, "a b").starts_with("nc -z 'a b' 1 "));
     }
 
     #[test]
     fn screenshot_paths_follow_nixos() {
         let out = Path::new("/out");
-        for (name, path) in [("shot", "/out/shot.png"), ("shot.ppm", "/out/shot.ppm"), ("/tmp/x/shot", "/tmp/x/shot.png")] {
+        for (name, path) in
+            [("shot", "/out/shot.png"), ("shot.ppm", "/out/shot.ppm"), ("/tmp/x/shot", "/tmp/x/shot.png")]
+        {
             assert_eq!(screenshot_path(out, name), PathBuf::from(path));
         }
     }
@@ -849,7 +893,8 @@ mod local_tests {
         let mut f = fixture();
         f.m.succeed(&cmds(&["true"]), None).unwrap();
         // `$$`: the backdoor shell (the command runs in its subshell).
-        let pid: i32 = String::from_utf8(f.m.succeed(&cmds(&["echo $$"]), None).unwrap()).unwrap().trim().parse().unwrap();
+        let pid: i32 =
+            String::from_utf8(f.m.succeed(&cmds(&["echo $$"]), None).unwrap()).unwrap().trim().parse().unwrap();
         let killer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
             unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -41,7 +41,13 @@ fn with_path(python: &Path, pythonpath: &Path) -> Command {
 /// Checks a `.py` script before anything boots; `Err` holds the problems,
 /// one `SCRIPT:LINE: message` per line.
 /// `vlans` is the value of `VMLAB_VLANS`, which the script gets too.
-pub fn precheck(python: &Path, pythonpath: &Path, script: &Path, machines: &[String], vlans: &str) -> anyhow::Result<Result<(), String>> {
+pub fn precheck(
+    python: &Path,
+    pythonpath: &Path,
+    script: &Path,
+    machines: &[String],
+    vlans: &str,
+) -> anyhow::Result<Result<(), String>> {
     let out = with_path(python, pythonpath)
         .env("VMLAB_VLANS", vlans)
         .arg("-m")
@@ -111,8 +117,14 @@ mod tests {
         precheck(&python3().unwrap(), &py, &nixos, &machines, "1 7").unwrap().unwrap();
         let typo = script(dir.path(), "start_all()\n\nsever.succeed('true')\npolling_conditon\nvlan2\nmachine\n");
         let e = precheck(&python3().unwrap(), &py, &typo, &machines, "1 7").unwrap().unwrap_err();
-        assert!(e.contains("test.py:3: name 'sever' is not defined; did you mean 'server'? (machines: client_1, server)"), "{e}");
-        assert!(e.contains("test.py:4: name 'polling_conditon' is not defined; did you mean 'polling_condition'?"), "{e}");
+        assert!(
+            e.contains("test.py:3: name 'sever' is not defined; did you mean 'server'? (machines: client_1, server)"),
+            "{e}"
+        );
+        assert!(
+            e.contains("test.py:4: name 'polling_conditon' is not defined; did you mean 'polling_condition'?"),
+            "{e}"
+        );
         assert!(e.contains("test.py:5: name 'vlan2' is not defined"), "{e}");
         // `machine` names the only machine, so with two it is a mistake.
         assert!(e.contains("test.py:6: name 'machine' is not defined"), "{e}");
@@ -246,7 +258,12 @@ with subtest("fails"):
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&run.stderr);
-        assert!(stderr.trim_end().ends_with("RequestedAssertionFailed: machine client: command `exit 7` failed (exit code 7)"), "{stderr}");
+        assert!(
+            stderr
+                .trim_end()
+                .ends_with("RequestedAssertionFailed: machine client: command `exit 7` failed (exit code 7)"),
+            "{stderr}"
+        );
         assert_eq!(run.status.code(), Some(1));
         assert_eq!(std::fs::read_to_string(out.join("fetched/page")).unwrap(), "hello\n");
         let (subtests, _) = log.records();

@@ -27,7 +27,10 @@ impl Qmp {
     /// Connects to a QMP socket and negotiates capabilities.
     pub fn connect(path: &Path, machine: &str) -> Result<Self, DriverError> {
         let stream = UnixStream::connect(path).map_err(|e| {
-            DriverError::new(super::Kind::Machine, format!("machine {machine}: cannot connect to QMP at {}: {e}", path.display()))
+            DriverError::new(
+                super::Kind::Machine,
+                format!("machine {machine}: cannot connect to QMP at {}: {e}", path.display()),
+            )
         })?;
         Self::handshake(stream, machine)
     }
@@ -37,8 +40,13 @@ impl Qmp {
         let io_err = |e: std::io::Error| DriverError::harness(format!("machine {machine}: QMP: {e}"));
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io_err)?;
         let writer = stream.try_clone().map_err(io_err)?;
-        let mut qmp =
-            Qmp { reader: BufReader::new(stream), writer, events: VecDeque::new(), next_id: 0, machine: machine.to_string() };
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: VecDeque::new(),
+            next_id: 0,
+            machine: machine.to_string(),
+        };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
             return Err(qmp.error(format!("expected a QMP greeting, got {greeting}")));

@@ -17,8 +17,8 @@ use super::control::{serve, Driver};
 use super::junit;
 use super::log::{printable, Log, Style, Subtest};
 use super::{python, Kind};
-use crate::coverage;
 use crate::cli::TestArgs;
+use crate::coverage;
 use crate::runtime::process::{describe_exit, ChildGuard, STOP_GRACE};
 use crate::runtime::signals::{self, TerminationSignals};
 use crate::runtime::{prepare, Network};
@@ -70,13 +70,21 @@ pub struct Verdict {
 /// Pure: the verdict from how the test ended, the kind of the last error a
 /// client was given, the subtests that failed, and the script's last line
 /// on standard error (where scripts and vmlab's clients say why they failed).
-pub fn verdict(ending: &Ending, last_error: Option<Kind>, failed_subtests: &[&str], last_words: Option<&str>) -> Verdict {
+pub fn verdict(
+    ending: &Ending,
+    last_error: Option<Kind>,
+    failed_subtests: &[&str],
+    last_words: Option<&str>,
+) -> Verdict {
     let fail = |code: u8, why: String| Verdict { code, failure: Some(why) };
     match ending {
-        Ending::Exited(status) if status.success() && failed_subtests.is_empty() => Verdict { code: EXIT_OK, failure: None },
-        Ending::Exited(status) if status.success() => {
-            fail(EXIT_FAILED, format!("the script exited with status 0, but subtests failed: {}", failed_subtests.join(", ")))
+        Ending::Exited(status) if status.success() && failed_subtests.is_empty() => {
+            Verdict { code: EXIT_OK, failure: None }
         }
+        Ending::Exited(status) if status.success() => fail(
+            EXIT_FAILED,
+            format!("the script exited with status 0, but subtests failed: {}", failed_subtests.join(", ")),
+        ),
         Ending::Exited(status) => {
             // The script cannot tell a harness error from a failed check; the driver can.
             let code = if last_error == Some(Kind::Harness) { EXIT_HARNESS } else { EXIT_FAILED };
@@ -101,12 +109,28 @@ pub fn verdict(ending: &Ending, last_error: Option<Kind>, failed_subtests: &[&st
 }
 
 /// Pure: the JUnit test cases: every subtest, then the main script (its log is the whole log).
-pub fn junit_cases(subtests: &[Subtest], main: &str, duration: Duration, verdict: &Verdict, all: &str) -> Vec<junit::Case> {
+pub fn junit_cases(
+    subtests: &[Subtest],
+    main: &str,
+    duration: Duration,
+    verdict: &Verdict,
+    all: &str,
+) -> Vec<junit::Case> {
     let mut cases: Vec<junit::Case> = subtests
         .iter()
-        .map(|s| junit::Case { name: s.name.clone(), duration: s.duration, failure: s.failure.clone(), log: s.log.clone() })
+        .map(|s| junit::Case {
+            name: s.name.clone(),
+            duration: s.duration,
+            failure: s.failure.clone(),
+            log: s.log.clone(),
+        })
         .collect();
-    cases.push(junit::Case { name: main.to_string(), duration, failure: verdict.failure.clone(), log: all.to_string() });
+    cases.push(junit::Case {
+        name: main.to_string(),
+        duration,
+        failure: verdict.failure.clone(),
+        log: all.to_string(),
+    });
     cases
 }
 
@@ -186,7 +210,9 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         junit: args.junit.clone().unwrap_or_else(|| out.join("junit.xml")),
         out: out.clone(),
         suite: prepared.plan.name.clone(),
-        main: script.as_ref().map_or("interactive".into(), |s| s.path().file_name().unwrap_or_default().to_string_lossy().into_owned()),
+        main: script
+            .as_ref()
+            .map_or("interactive".into(), |s| s.path().file_name().unwrap_or_default().to_string_lossy().into_owned()),
     };
     let pythonpath = match &python {
         Some(_) => Some(python::install(&prepared.session.path().join("python"))?),
@@ -197,7 +223,8 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
             for line in problems.lines() {
                 log.write(None, line, Style::Bad);
             }
-            let verdict = Verdict { code: EXIT_FAILED, failure: Some(format!("the script was checked before boot: {problems}")) };
+            let verdict =
+                Verdict { code: EXIT_FAILED, failure: Some(format!("the script was checked before boot: {problems}")) };
             reports.finish(&log, &verdict)?;
             return Ok(ExitCode::from(verdict.code));
         }
@@ -218,15 +245,27 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
                 Some(Script::Python(p)) => Some(p.as_path()),
                 _ => None,
             };
-            python::interactive_command(python.as_deref().expect("found above"), pythonpath.as_deref().expect("installed above"), &names, script)
+            python::interactive_command(
+                python.as_deref().expect("found above"),
+                pythonpath.as_deref().expect("installed above"),
+                &names,
+                script,
+            )
         }
-        (Some(Script::Python(p)), false) => {
-            python::script_command(python.as_deref().expect("found above"), pythonpath.as_deref().expect("installed above"), p, &names)
-        }
+        (Some(Script::Python(p)), false) => python::script_command(
+            python.as_deref().expect("found above"),
+            pythonpath.as_deref().expect("installed above"),
+            p,
+            &names,
+        ),
         (Some(Script::Executable(p)), false) => Command::new(p),
         (None, false) => unreachable!("clap requires a script unless --interactive"),
     };
-    cmd.env("VMLAB_SOCKET", &socket).env("VMLAB_OUT", &out).env("VMLAB_VLANS", &vlans).env("PYTHONUNBUFFERED", "1").env("PATH", script_path()?);
+    cmd.env("VMLAB_SOCKET", &socket)
+        .env("VMLAB_OUT", &out)
+        .env("VMLAB_VLANS", &vlans)
+        .env("PYTHONUNBUFFERED", "1")
+        .env("PATH", script_path()?);
     let (child, said) = if args.interactive {
         (ChildGuard::spawn_in_foreground(cmd, "the Python prompt")?, None)
     } else {
@@ -266,7 +305,11 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
                     log.info(None, &format!("coverage: data in {}; {hint}", out.join(coverage::DATA_DIR).display()));
                 }
             }
-            _ => log.write(None, "warning: coverage: not collected: the test was stopped before its script ended", Style::Bad),
+            _ => log.write(
+                None,
+                "warning: coverage: not collected: the test was stopped before its script ended",
+                Style::Bad,
+            ),
         }
     }
     network.stop();
@@ -290,7 +333,15 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     reports.finish(&log, &verdict)?;
     let (dir, kept) = (network.session().path().to_owned(), network.session().kept());
     drop(network);
-    log.info(None, &format!("reports in {}; session directory {} {}", reports.out.display(), dir.display(), if kept { "kept" } else { "removed" }));
+    log.info(
+        None,
+        &format!(
+            "reports in {}; session directory {} {}",
+            reports.out.display(),
+            dir.display(),
+            if kept { "kept" } else { "removed" }
+        ),
+    );
     Ok(ExitCode::from(verdict.code))
 }
 
@@ -389,7 +440,11 @@ fn copy_machine_logs(network: &Network, out: &Path, log: &Log) {
             let Some(name) = from.file_name() else { continue };
             if from.exists() {
                 if let Err(e) = std::fs::copy(&from, out.join(name)) {
-                    log.write(None, &format!("warning: cannot copy {} to {}: {e}", from.display(), out.display()), Style::Bad);
+                    log.write(
+                        None,
+                        &format!("warning: cannot copy {} to {}: {e}", from.display(), out.display()),
+                        Style::Bad,
+                    );
                 }
             }
         }
@@ -449,10 +504,19 @@ mod tests {
             log: format!("{name} log\n"),
         };
         let verdict = Verdict { code: 1, failure: Some("boom".into()) };
-        let cases = junit_cases(&[sub("a", None), sub("b", Some("boom"))], "test.py", Duration::from_secs(5), &verdict, "all\n");
+        let cases = junit_cases(
+            &[sub("a", None), sub("b", Some("boom"))],
+            "test.py",
+            Duration::from_secs(5),
+            &verdict,
+            "all\n",
+        );
         let summary: Vec<(&str, Option<&str>, &str)> =
             cases.iter().map(|c| (c.name.as_str(), c.failure.as_deref(), c.log.as_str())).collect();
-        assert_eq!(summary, [("a", None, "a log\n"), ("b", Some("boom"), "b log\n"), ("test.py", Some("boom"), "all\n")]);
+        assert_eq!(
+            summary,
+            [("a", None, "a log\n"), ("b", Some("boom"), "b log\n"), ("test.py", Some("boom"), "all\n")]
+        );
         assert_eq!(cases[2].duration, Duration::from_secs(5));
     }
 }

@@ -79,7 +79,11 @@ impl Vm for LocalVm {
             for line in BufReader::new(s.try_clone().unwrap()).lines() {
                 let Ok(line) = line else { return };
                 let request: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let answer = if request["execute"] == "human-monitor-command" { serde_json::json!("") } else { serde_json::json!({}) };
+                let answer = if request["execute"] == "human-monitor-command" {
+                    serde_json::json!("")
+                } else {
+                    serde_json::json!({})
+                };
                 let id = request["id"].clone();
                 // Logged before the answer, so a caller that got it sees it logged.
                 log.lock().unwrap().push(request);

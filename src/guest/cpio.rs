@@ -23,16 +23,11 @@ pub enum Entry {
 
 impl Entry {
     pub fn file(perm: u32, data: impl Into<Vec<u8>>) -> Entry {
-        Entry::File {
-            perm,
-            data: data.into(),
-        }
+        Entry::File { perm, data: data.into() }
     }
 
     pub fn symlink(target: impl Into<String>) -> Entry {
-        Entry::Symlink {
-            target: target.into(),
-        }
+        Entry::Symlink { target: target.into() }
     }
 }
 
@@ -60,8 +55,7 @@ impl Archive {
             parent.push_str(component);
             match self.entries.get(&parent) {
                 None => {
-                    self.entries
-                        .insert(parent.clone(), Entry::Dir { perm: 0o755 });
+                    self.entries.insert(parent.clone(), Entry::Dir { perm: 0o755 });
                 }
                 Some(Entry::Dir { .. }) => {}
                 Some(_) => bail!("/{path}: /{parent} is not a directory"),
@@ -80,10 +74,7 @@ impl Archive {
 
     fn has_children(&self, dir: &str) -> bool {
         let prefix = format!("{dir}/");
-        self.entries
-            .range(prefix.clone()..)
-            .next()
-            .is_some_and(|(p, _)| p.starts_with(&prefix))
+        self.entries.range(prefix.clone()..).next().is_some_and(|(p, _)| p.starts_with(&prefix))
     }
 
     /// The archive bytes: members in path order, inode numbers 1.. in that
@@ -121,15 +112,7 @@ fn normalize(path: &str) -> anyhow::Result<String> {
     Ok(parts.join("/"))
 }
 
-fn write_member(
-    out: &mut Vec<u8>,
-    ino: u32,
-    mode: u32,
-    nlink: u32,
-    rdev: (u32, u32),
-    name: &str,
-    data: &[u8],
-) {
+fn write_member(out: &mut Vec<u8>, ino: u32, mode: u32, nlink: u32, rdev: (u32, u32), name: &str, data: &[u8]) {
     let name_size = name.len() + 1;
     let fields: [usize; 13] = [
         ino as usize,
@@ -184,33 +167,18 @@ mod tests {
             assert_eq!((total - bytes.len()) % 4, 0, "member not 4-aligned");
             assert_eq!(&bytes[..6], b"070701");
             let field = |i: usize| {
-                u32::from_str_radix(
-                    std::str::from_utf8(&bytes[6 + 8 * i..14 + 8 * i]).unwrap(),
-                    16,
-                )
-                .unwrap()
+                u32::from_str_radix(std::str::from_utf8(&bytes[6 + 8 * i..14 + 8 * i]).unwrap(), 16).unwrap()
             };
             let (uid, gid, mtime, devmajor, devminor, check) =
                 (field(2), field(3), field(5), field(7), field(8), field(12));
-            assert_eq!(
-                (uid, gid, mtime, devmajor, devminor, check),
-                (0, 0, 0, 0, 0, 0)
-            );
+            assert_eq!((uid, gid, mtime, devmajor, devminor, check), (0, 0, 0, 0, 0, 0));
             let (size, namesize) = (field(6) as usize, field(11) as usize);
-            let name = std::str::from_utf8(&bytes[110..110 + namesize - 1])
-                .unwrap()
-                .to_string();
+            let name = std::str::from_utf8(&bytes[110..110 + namesize - 1]).unwrap().to_string();
             assert_eq!(bytes[110 + namesize - 1], 0, "name not NUL-terminated");
             let data_start = (110 + namesize).next_multiple_of(4);
             let next = (data_start + size).next_multiple_of(4);
-            assert!(
-                bytes[110 + namesize..data_start].iter().all(|&b| b == 0),
-                "name padding not zero"
-            );
-            assert!(
-                bytes[data_start + size..next].iter().all(|&b| b == 0),
-                "data padding not zero"
-            );
+            assert!(bytes[110 + namesize..data_start].iter().all(|&b| b == 0), "name padding not zero");
+            assert!(bytes[data_start + size..next].iter().all(|&b| b == 0), "data padding not zero");
             let member = Member {
                 name,
                 mode: field(1),
@@ -233,14 +201,7 @@ mod tests {
         vec![
             ("/bin/busybox", Entry::file(0o755, b"ELF...")),
             ("bin/sh", Entry::symlink("busybox")),
-            (
-                "/dev/console",
-                Entry::CharDev {
-                    perm: 0o600,
-                    major: 5,
-                    minor: 1,
-                },
-            ),
+            ("/dev/console", Entry::CharDev { perm: 0o600, major: 5, minor: 1 }),
             ("/tmp", Entry::Dir { perm: 0o1777 }),
             ("/etc//x/./y", Entry::file(0o644, b"1234")),
         ]
@@ -261,10 +222,8 @@ mod tests {
     #[test]
     fn members_are_sorted_with_parents_first_and_fixed_headers() {
         let members = parse(&sample().to_bytes());
-        let table: Vec<(&str, u32, u32, u32)> = members
-            .iter()
-            .map(|m| (m.name.as_str(), m.mode, m.nlink, m.ino))
-            .collect();
+        let table: Vec<(&str, u32, u32, u32)> =
+            members.iter().map(|m| (m.name.as_str(), m.mode, m.nlink, m.ino)).collect();
         assert_eq!(
             table,
             [
@@ -291,8 +250,7 @@ mod tests {
         for name_len in 1..=4 {
             for data_len in 0..=4 {
                 let name = format!("{}{}", "n".repeat(name_len), data_len);
-                a.insert(&name, Entry::file(0o644, vec![b'x'; data_len]))
-                    .unwrap();
+                a.insert(&name, Entry::file(0o644, vec![b'x'; data_len])).unwrap();
             }
         }
         let members = parse(&a.to_bytes());
@@ -326,10 +284,7 @@ mod tests {
 
         let errors = [
             ("/bin/sh/x", "/bin/sh/x: /bin/sh is not a directory"),
-            (
-                "/etc/x",
-                "/etc/x: a non-empty directory cannot be replaced by a file",
-            ),
+            ("/etc/x", "/etc/x: a non-empty directory cannot be replaced by a file"),
             ("/a/../b", "/a/../b: `..` is not allowed in archive paths"),
             ("/", "\"/\": not a path below the archive root"),
         ];

@@ -76,10 +76,7 @@ impl GuestOptions {
             Some(modules) => existing(modules, "module tree")?,
             None => {
                 let version = kernel_version(&read_head(&kernel)?).with_context(|| {
-                    format!(
-                        "cannot tell the release of kernel {} (pass --modules)",
-                        kernel.display()
-                    )
+                    format!("cannot tell the release of kernel {} (pass --modules)", kernel.display())
                 })?;
                 let modules = Path::new("/lib/modules").join(&version);
                 if !modules.join("modules.dep").is_file() {
@@ -102,25 +99,9 @@ impl GuestOptions {
             (Some(bash), false) => Some(existing(bash, "bash")?),
             (None, false) => which::which("bash-static").ok(),
         };
-        let additions = args
-            .add
-            .iter()
-            .map(|add| parse_addition(add))
-            .collect::<anyhow::Result<_>>()?;
-        let rc = args
-            .rc
-            .as_deref()
-            .map(|rc| existing(rc, "rc script"))
-            .transpose()?;
-        Ok(GuestOptions {
-            out: args.out.clone(),
-            kernel,
-            modules,
-            busybox,
-            bash,
-            additions,
-            rc,
-        })
+        let additions = args.add.iter().map(|add| parse_addition(add)).collect::<anyhow::Result<_>>()?;
+        let rc = args.rc.as_deref().map(|rc| existing(rc, "rc script")).transpose()?;
+        Ok(GuestOptions { out: args.out.clone(), kernel, modules, busybox, bash, additions, rc })
     }
 }
 
@@ -131,11 +112,7 @@ pub fn guest_command(args: &GuestArgs) -> anyhow::Result<ExitCode> {
         "wrote {} and {}{}",
         opts.out.join("kernel").display(),
         opts.out.join("initrd").display(),
-        if opts.bash.is_some() {
-            " (with bash)"
-        } else {
-            " (without bash)"
-        }
+        if opts.bash.is_some() { " (with bash)" } else { " (without bash)" }
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -145,11 +122,7 @@ pub fn guest_command(args: &GuestArgs) -> anyhow::Result<ExitCode> {
 /// half-written. The same inputs give the same bytes.
 pub fn build(opts: &GuestOptions) -> anyhow::Result<()> {
     let busybox = read_static(&opts.busybox, "busybox-static")?;
-    let bash = opts
-        .bash
-        .as_deref()
-        .map(|bash| read_static(bash, "bash-static"))
-        .transpose()?;
+    let bash = opts.bash.as_deref().map(|bash| read_static(bash, "bash-static")).transpose()?;
     let module_list = modules::resolve(
         &read_text(&opts.modules.join("modules.dep"))?,
         &read_text_if_exists(&opts.modules.join("modules.builtin"))?,
@@ -169,17 +142,11 @@ pub fn build(opts: &GuestOptions) -> anyhow::Result<()> {
     }
     let kernel = read(&opts.kernel)?;
 
-    fs::create_dir_all(&opts.out)
-        .with_context(|| format!("cannot create {}", opts.out.display()))?;
+    fs::create_dir_all(&opts.out).with_context(|| format!("cannot create {}", opts.out.display()))?;
     let staging = tempfile::Builder::new()
         .prefix(".vmlab-guest-")
         .tempdir_in(&opts.out)
-        .with_context(|| {
-            format!(
-                "cannot create a temporary directory in {}",
-                opts.out.display()
-            )
-        })?;
+        .with_context(|| format!("cannot create a temporary directory in {}", opts.out.display()))?;
     let outputs = [("kernel", kernel), ("initrd", archive.to_bytes())];
     for (name, bytes) in &outputs {
         let staged = staging.path().join(name);
@@ -187,9 +154,8 @@ pub fn build(opts: &GuestOptions) -> anyhow::Result<()> {
     }
     for (name, _) in &outputs {
         let (staged, target) = (staging.path().join(name), opts.out.join(name));
-        fs::rename(&staged, &target).with_context(|| {
-            format!("cannot rename {} to {}", staged.display(), target.display())
-        })?;
+        fs::rename(&staged, &target)
+            .with_context(|| format!("cannot rename {} to {}", staged.display(), target.display()))?;
     }
     Ok(())
 }
@@ -202,35 +168,18 @@ fn base_archive(
     module_files: Vec<(String, Vec<u8>)>,
     rc: Option<Vec<u8>>,
 ) -> anyhow::Result<Archive> {
-    let shell = if bash.is_some() {
-        "/bin/bash"
-    } else {
-        "/bin/sh"
-    };
+    let shell = if bash.is_some() { "/bin/bash" } else { "/bin/sh" };
     let mut members = vec![
         ("/init", Entry::symlink("bin/busybox")),
         ("/bin/busybox", Entry::file(0o755, busybox)),
         ("/bin/sh", Entry::symlink("busybox")),
         // The kernel opens it for init's standard streams before /dev is mounted.
-        (
-            "/dev/console",
-            Entry::CharDev {
-                perm: 0o600,
-                major: 5,
-                minor: 1,
-            },
-        ),
+        ("/dev/console", Entry::CharDev { perm: 0o600, major: 5, minor: 1 }),
         ("/etc/inittab", Entry::file(0o644, INITTAB)),
         ("/etc/vmlab/init.sh", Entry::file(0o755, INIT_SH)),
-        (
-            "/etc/vmlab/modules",
-            Entry::file(0o644, module_list_text(&module_files)),
-        ),
+        ("/etc/vmlab/modules", Entry::file(0o644, module_list_text(&module_files))),
         ("/etc/profile", Entry::file(0o644, PROFILE)),
-        (
-            "/etc/passwd",
-            Entry::file(0o644, format!("root:x:0:0:root:/root:{shell}\n")),
-        ),
+        ("/etc/passwd", Entry::file(0o644, format!("root:x:0:0:root:/root:{shell}\n"))),
         ("/etc/group", Entry::file(0o644, "root:x:0:\n")),
         // The guest has no name server: never wait for one.
         ("/etc/nsswitch.conf", Entry::file(0o644, "hosts: files\n")),
@@ -257,36 +206,21 @@ fn base_archive(
 }
 
 fn module_list_text(module_files: &[(String, Vec<u8>)]) -> String {
-    module_files
-        .iter()
-        .map(|(module, _)| format!("{module}\n"))
-        .collect()
+    module_files.iter().map(|(module, _)| format!("{module}\n")).collect()
 }
 
 /// Copies `host` to `guest`: a directory recursively in name order, keeping
 /// permission bits and symbolic links. The top-level path is followed when it
 /// is a symbolic link (`--add ./result:/srv`), links inside are kept.
-fn add_host_path(
-    archive: &mut Archive,
-    host: &Path,
-    guest: &str,
-    follow: bool,
-) -> anyhow::Result<()> {
+fn add_host_path(archive: &mut Archive, host: &Path, guest: &str, follow: bool) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = if follow {
-        fs::metadata(host)
-    } else {
-        fs::symlink_metadata(host)
-    }
-    .with_context(|| format!("cannot read {}", host.display()))?;
+    let meta = if follow { fs::metadata(host) } else { fs::symlink_metadata(host) }
+        .with_context(|| format!("cannot read {}", host.display()))?;
     let perm = meta.permissions().mode() & 0o7777;
     let file_type = meta.file_type();
     if file_type.is_symlink() {
-        let target =
-            fs::read_link(host).with_context(|| format!("cannot read link {}", host.display()))?;
-        let target = target
-            .to_str()
-            .with_context(|| format!("{}: link target is not UTF-8", host.display()))?;
+        let target = fs::read_link(host).with_context(|| format!("cannot read link {}", host.display()))?;
+        let target = target.to_str().with_context(|| format!("{}: link target is not UTF-8", host.display()))?;
         archive.insert(guest, Entry::symlink(target))
     } else if file_type.is_file() {
         archive.insert(guest, Entry::file(perm, read(host)?))
@@ -302,26 +236,20 @@ fn add_host_path(
             .with_context(|| format!("cannot list {}", host.display()))?;
         names.sort();
         for name in names {
-            let name_str = name
-                .to_str()
-                .with_context(|| format!("{}: file name {name:?} is not UTF-8", host.display()))?;
+            let name_str =
+                name.to_str().with_context(|| format!("{}: file name {name:?} is not UTF-8", host.display()))?;
             let child = format!("{}/{name_str}", guest.trim_end_matches('/'));
             add_host_path(archive, &host.join(&name), &child, false)?;
         }
         Ok(())
     } else {
-        bail!(
-            "{}: only files, directories and symbolic links can be added",
-            host.display()
-        )
+        bail!("{}: only files, directories and symbolic links can be added", host.display())
     }
 }
 
 /// `HOST_PATH:GUEST_PATH`, split at the first `:`; GUEST_PATH must be absolute.
 fn parse_addition(arg: &str) -> anyhow::Result<Addition> {
-    let (host, guest) = arg
-        .split_once(':')
-        .with_context(|| format!("--add {arg}: expected HOST_PATH:GUEST_PATH"))?;
+    let (host, guest) = arg.split_once(':').with_context(|| format!("--add {arg}: expected HOST_PATH:GUEST_PATH"))?;
     if !guest.starts_with('/') {
         bail!("--add {arg}: the guest path {guest:?} must be absolute");
     }
@@ -335,10 +263,7 @@ fn parse_addition(arg: &str) -> anyhow::Result<Addition> {
     if fs::metadata(&host).is_err() {
         bail!("--add {arg}: {} does not exist", host.display());
     }
-    Ok(Addition {
-        host,
-        guest: guest.to_string(),
-    })
+    Ok(Addition { host, guest: guest.to_string() })
 }
 
 /// The newest `vmlinuz-*` in `boot`, by version order.
@@ -346,22 +271,14 @@ fn newest_boot_kernel(boot: &Path) -> anyhow::Result<PathBuf> {
     let entries = fs::read_dir(boot).with_context(|| format!("cannot list {}", boot.display()))?;
     let mut versions = Vec::new();
     for entry in entries {
-        let name = entry
-            .with_context(|| format!("cannot list {}", boot.display()))?
-            .file_name();
+        let name = entry.with_context(|| format!("cannot list {}", boot.display()))?.file_name();
         if let Some(version) = name.to_str().and_then(|n| n.strip_prefix("vmlinuz-")) {
             versions.push(version.to_string());
         }
     }
-    let newest = versions
-        .into_iter()
-        .max_by(|a, b| version_cmp(a, b))
-        .with_context(|| {
-            format!(
-                "no kernel in {} (vmlinuz-*): install {KERNEL_PACKAGE}, or pass --kernel",
-                boot.display()
-            )
-        })?;
+    let newest = versions.into_iter().max_by(|a, b| version_cmp(a, b)).with_context(|| {
+        format!("no kernel in {} (vmlinuz-*): install {KERNEL_PACKAGE}, or pass --kernel", boot.display())
+    })?;
     Ok(boot.join(format!("vmlinuz-{newest}")))
 }
 
@@ -372,9 +289,7 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
         let mut rest = s;
         while let Some(first) = rest.chars().next() {
             let digit = first.is_ascii_digit();
-            let end = rest
-                .find(|c: char| c.is_ascii_digit() != digit)
-                .unwrap_or(rest.len());
+            let end = rest.find(|c: char| c.is_ascii_digit() != digit).unwrap_or(rest.len());
             out.push((digit, &rest[..end]));
             rest = &rest[end..];
         }
@@ -408,14 +323,8 @@ fn kernel_version(image: &[u8]) -> anyhow::Result<String> {
         bail!("not a bzImage (no HdrS setup header)");
     }
     let pointer = u16::from_le_bytes([image[0x20e], image[0x20f]]) as usize;
-    let text = image
-        .get(pointer + 0x200..)
-        .filter(|_| pointer != 0)
-        .context("bzImage has no kernel version string")?;
-    let version = text
-        .split(|&b| b == b' ' || b == 0)
-        .next()
-        .unwrap_or_default();
+    let text = image.get(pointer + 0x200..).filter(|_| pointer != 0).context("bzImage has no kernel version string")?;
+    let version = text.split(|&b| b == b' ' || b == 0).next().unwrap_or_default();
     match std::str::from_utf8(version) {
         Ok(version) if !version.is_empty() => Ok(version.to_string()),
         _ => bail!("bzImage has no readable kernel version string"),
@@ -440,15 +349,9 @@ fn is_dynamic_elf(elf: &[u8]) -> anyhow::Result<bool> {
         _ => bail!("unknown ELF byte order"),
     };
     let number = |offset: usize, size: usize| -> anyhow::Result<usize> {
-        let bytes = elf
-            .get(offset..offset + size)
-            .context("truncated ELF file")?;
+        let bytes = elf.get(offset..offset + size).context("truncated ELF file")?;
         let fold = |acc: usize, &b: &u8| acc << 8 | b as usize;
-        Ok(if big {
-            bytes.iter().fold(0, fold)
-        } else {
-            bytes.iter().rev().fold(0, fold)
-        })
+        Ok(if big { bytes.iter().fold(0, fold) } else { bytes.iter().rev().fold(0, fold) })
     };
     let (phoff, phentsize, phnum) = if wide {
         (number(0x20, 8)?, number(0x36, 2)?, number(0x38, 2)?)
@@ -541,10 +444,7 @@ mod tests {
         ] {
             fs::write(boot.path().join(name), "").unwrap();
         }
-        assert_eq!(
-            newest_boot_kernel(boot.path()).unwrap(),
-            boot.path().join("vmlinuz-6.1.0-56-cloud-amd64")
-        );
+        assert_eq!(newest_boot_kernel(boot.path()).unwrap(), boot.path().join("vmlinuz-6.1.0-56-cloud-amd64"));
     }
 
     fn bzimage(version_at: Option<usize>, text: &[u8]) -> Vec<u8> {
@@ -559,18 +459,12 @@ mod tests {
 
     #[test]
     fn kernel_version_from_setup_header() {
-        let image = bzimage(
-            Some(0x400),
-            b"6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP\0",
-        );
+        let image = bzimage(Some(0x400), b"6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP\0");
         assert_eq!(kernel_version(&image).unwrap(), "6.1.0-56-cloud-amd64");
         let cases = [
             (vec![0u8; 0x1000], "not a bzImage (no HdrS setup header)"),
             (bzimage(None, b""), "bzImage has no kernel version string"),
-            (
-                bzimage(Some(0x400), b"\0"),
-                "bzImage has no readable kernel version string",
-            ),
+            (bzimage(Some(0x400), b"\0"), "bzImage has no readable kernel version string"),
         ];
         for (image, message) in cases {
             assert_eq!(kernel_version(&image).unwrap_err().to_string(), message);
@@ -590,11 +484,7 @@ mod tests {
                 bytes[at + i] = if big { le[size - 1 - i] } else { le[i] };
             }
         };
-        let (off_at, off_size, ent_at, num_at) = if wide {
-            (0x20, 8, 0x36, 0x38)
-        } else {
-            (0x1c, 4, 0x2a, 0x2c)
-        };
+        let (off_at, off_size, ent_at, num_at) = if wide { (0x20, 8, 0x36, 0x38) } else { (0x1c, 4, 0x2a, 0x2c) };
         put(&mut bytes, off_at, off_size, phoff);
         put(&mut bytes, ent_at, 2, entsize);
         put(&mut bytes, num_at, 2, types.len());
@@ -610,24 +500,13 @@ mod tests {
         const INTERP: u32 = 3;
         for wide in [false, true] {
             for big in [false, true] {
-                assert!(
-                    !is_dynamic_elf(&elf(wide, big, &[LOAD, LOAD])).unwrap(),
-                    "wide {wide} big {big}"
-                );
-                assert!(
-                    is_dynamic_elf(&elf(wide, big, &[6, INTERP, LOAD])).unwrap(),
-                    "wide {wide} big {big}"
-                );
+                assert!(!is_dynamic_elf(&elf(wide, big, &[LOAD, LOAD])).unwrap(), "wide {wide} big {big}");
+                assert!(is_dynamic_elf(&elf(wide, big, &[6, INTERP, LOAD])).unwrap(), "wide {wide} big {big}");
             }
         }
+        assert_eq!(is_dynamic_elf(b"#!/bin/sh\n").unwrap_err().to_string(), "not an ELF executable");
         assert_eq!(
-            is_dynamic_elf(b"#!/bin/sh\n").unwrap_err().to_string(),
-            "not an ELF executable"
-        );
-        assert_eq!(
-            is_dynamic_elf(&elf(true, false, &[LOAD; 9])[..0x60])
-                .unwrap_err()
-                .to_string(),
+            is_dynamic_elf(&elf(true, false, &[LOAD; 9])[..0x60]).unwrap_err().to_string(),
             "truncated ELF file"
         );
     }
@@ -645,31 +524,13 @@ mod tests {
     #[test]
     fn addition_parsing() {
         let ok = parse_addition("/etc/hostname:/srv/name").unwrap();
-        assert_eq!(
-            ok,
-            Addition {
-                host: "/etc/hostname".into(),
-                guest: "/srv/name".into()
-            }
-        );
+        assert_eq!(ok, Addition { host: "/etc/hostname".into(), guest: "/srv/name".into() });
         let errors = [
-            (
-                "/etc/hostname",
-                "--add /etc/hostname: expected HOST_PATH:GUEST_PATH",
-            ),
-            (
-                "/etc/hostname:srv",
-                "--add /etc/hostname:srv: the guest path \"srv\" must be absolute",
-            ),
-            (
-                "/etc/hostname:/a/../b",
-                "--add /etc/hostname:/a/../b: the guest path must not contain `..`",
-            ),
+            ("/etc/hostname", "--add /etc/hostname: expected HOST_PATH:GUEST_PATH"),
+            ("/etc/hostname:srv", "--add /etc/hostname:srv: the guest path \"srv\" must be absolute"),
+            ("/etc/hostname:/a/../b", "--add /etc/hostname:/a/../b: the guest path must not contain `..`"),
             (":/srv", "--add :/srv: empty host path"),
-            (
-                "/nonexistent/x:/x",
-                "--add /nonexistent/x:/x: /nonexistent/x does not exist",
-            ),
+            ("/nonexistent/x:/x", "--add /nonexistent/x:/x: /nonexistent/x does not exist"),
         ];
         for (arg, message) in errors {
             assert_eq!(parse_addition(arg).unwrap_err().to_string(), message);
@@ -701,37 +562,20 @@ mod tests {
         for (path, entry) in expected {
             assert_eq!(archive.get(path), Some(&entry), "{path}");
         }
-        assert!(
-            matches!(archive.get("/srv/www"), Some(Entry::Dir { .. })),
-            "the top-level link is followed"
-        );
+        assert!(matches!(archive.get("/srv/www"), Some(Entry::Dir { .. })), "the top-level link is followed");
     }
 
     #[test]
     fn base_archive_layout() {
-        let modules = vec![
-            ("kernel/a.ko".to_string(), b"A".to_vec()),
-            ("kernel/b.ko.xz".to_string(), b"B".to_vec()),
-        ];
-        let with_bash = base_archive(
-            b"BB".to_vec(),
-            Some(b"BASH".to_vec()),
-            modules.clone(),
-            Some(b"rc".to_vec()),
-        )
-        .unwrap();
+        let modules = vec![("kernel/a.ko".to_string(), b"A".to_vec()), ("kernel/b.ko.xz".to_string(), b"B".to_vec())];
+        let with_bash =
+            base_archive(b"BB".to_vec(), Some(b"BASH".to_vec()), modules.clone(), Some(b"rc".to_vec())).unwrap();
         let expected = [
             ("/init", Entry::symlink("bin/busybox")),
             ("/bin/sh", Entry::symlink("busybox")),
             ("/bin/bash", Entry::file(0o755, b"BASH")),
-            (
-                "/etc/passwd",
-                Entry::file(0o644, b"root:x:0:0:root:/root:/bin/bash\n"),
-            ),
-            (
-                "/etc/vmlab/modules",
-                Entry::file(0o644, b"kernel/a.ko\nkernel/b.ko.xz\n"),
-            ),
+            ("/etc/passwd", Entry::file(0o644, b"root:x:0:0:root:/root:/bin/bash\n")),
+            ("/etc/vmlab/modules", Entry::file(0o644, b"kernel/a.ko\nkernel/b.ko.xz\n")),
             ("/lib/modules/kernel/b.ko.xz", Entry::file(0o644, b"B")),
             ("/etc/vmlab/rc", Entry::file(0o755, b"rc")),
         ];
@@ -741,9 +585,6 @@ mod tests {
         let without = base_archive(b"BB".to_vec(), None, modules, None).unwrap();
         assert_eq!(without.get("/bin/bash"), None);
         assert_eq!(without.get("/etc/vmlab/rc"), None);
-        assert_eq!(
-            without.get("/etc/passwd"),
-            Some(&Entry::file(0o644, b"root:x:0:0:root:/root:/bin/sh\n"))
-        );
+        assert_eq!(without.get("/etc/passwd"), Some(&Entry::file(0o644, b"root:x:0:0:root:/root:/bin/sh\n")));
     }
 }

@@ -19,21 +19,12 @@ pub fn resolve(modules_dep: &str, builtin: &str, wanted: &[&str]) -> anyhow::Res
         if line.trim().is_empty() {
             continue;
         }
-        let (path, rest) = line
-            .split_once(':')
-            .with_context(|| format!("modules.dep line {lineno}: no `:` in {line:?}"))?;
+        let (path, rest) =
+            line.split_once(':').with_context(|| format!("modules.dep line {lineno}: no `:` in {line:?}"))?;
         let path = path.trim().to_string();
-        deps.insert(
-            module_name(&path),
-            (path, rest.split_whitespace().map(str::to_string).collect()),
-        );
+        deps.insert(module_name(&path), (path, rest.split_whitespace().map(str::to_string).collect()));
     }
-    let builtin: BTreeSet<String> = builtin
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(module_name)
-        .collect();
+    let builtin: BTreeSet<String> = builtin.lines().map(str::trim).filter(|l| !l.is_empty()).map(module_name).collect();
 
     let mut order = Vec::new();
     let mut done = BTreeSet::new();
@@ -42,9 +33,9 @@ pub fn resolve(modules_dep: &str, builtin: &str, wanted: &[&str]) -> anyhow::Res
         if builtin.contains(&name) {
             continue;
         }
-        let (path, _) = deps.get(&name).with_context(|| {
-            format!("kernel module {name} is neither in modules.dep nor in modules.builtin")
-        })?;
+        let (path, _) = deps
+            .get(&name)
+            .with_context(|| format!("kernel module {name} is neither in modules.dep nor in modules.builtin"))?;
         visit(path, &deps, &mut done, &mut Vec::new(), &mut order)?;
     }
     Ok(order)
@@ -64,14 +55,11 @@ fn visit(
         return Ok(());
     }
     if stack.iter().any(|p| p == path) {
-        bail!(
-            "modules.dep: dependency cycle: {} -> {path}",
-            stack.join(" -> ")
-        );
+        bail!("modules.dep: dependency cycle: {} -> {path}", stack.join(" -> "));
     }
-    let (_, module_deps) = deps.get(&module_name(path)).with_context(|| {
-        format!("modules.dep: {path} is a dependency but has no line of its own")
-    })?;
+    let (_, module_deps) = deps
+        .get(&module_name(path))
+        .with_context(|| format!("modules.dep: {path} is a dependency but has no line of its own"))?;
     stack.push(path.to_string());
     // depmod lists a module's dependencies so that loading them in reverse works;
     // visiting in reverse keeps that order when the closure is flat.
@@ -92,7 +80,8 @@ pub fn unpack_zstd(path: &str, bytes: Vec<u8>) -> anyhow::Result<(String, Vec<u8
     let mut decoder = ruzstd::decoding::StreamingDecoder::new(bytes.as_slice())
         .map_err(|e| anyhow::anyhow!("kernel module {path}: not zstd: {e}"))?;
     let mut out = Vec::new();
-    std::io::Read::read_to_end(&mut decoder, &mut out).with_context(|| format!("kernel module {path}: corrupt zstd data"))?;
+    std::io::Read::read_to_end(&mut decoder, &mut out)
+        .with_context(|| format!("kernel module {path}: corrupt zstd data"))?;
     Ok((plain.to_string(), out))
 }
 
@@ -150,35 +139,17 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio.ko 
             (
                 "kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/firmware/qemu_fw_cfg.ko\n",
                 REQUIRED,
-                &[
-                    "virtio_ring",
-                    "virtio",
-                    "failover",
-                    "net_failover",
-                    "virtio_net",
-                    "virtio_console",
-                ],
+                &["virtio_ring", "virtio", "failover", "net_failover", "virtio_net", "virtio_console"],
             ),
             // `-` and `_` are the same; compressed modules keep their file names.
-            (
-                "",
-                &["virtio-rng", "virtio_console"],
-                &["virtio_ring", "virtio", "virtio_rng", "virtio_console"],
-            ),
+            ("", &["virtio-rng", "virtio_console"], &["virtio_ring", "virtio", "virtio_rng", "virtio_console"]),
         ];
         for (builtin, wanted, expected) in cases {
             let order = resolve(DEBIAN, builtin, wanted).unwrap();
-            assert_eq!(
-                short(&order),
-                *expected,
-                "builtin {builtin:?}, wanted {wanted:?}"
-            );
+            assert_eq!(short(&order), *expected, "builtin {builtin:?}, wanted {wanted:?}");
         }
         let rng = resolve(DEBIAN, "", &["virtio_rng"]).unwrap();
-        assert_eq!(
-            rng.last().unwrap(),
-            "kernel/drivers/char/hw_random/virtio-rng.ko.xz"
-        );
+        assert_eq!(rng.last().unwrap(), "kernel/drivers/char/hw_random/virtio-rng.ko.xz");
     }
 
     #[test]
@@ -194,7 +165,10 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio.ko 
         let module = b"\x7fELF a kernel module".repeat(100);
         let zstd = ruzstd::encoding::compress_to_vec(module.as_slice(), ruzstd::encoding::CompressionLevel::Fastest);
         assert_eq!(unpack_zstd("kernel/a.ko.zst", zstd).unwrap(), ("kernel/a.ko".to_string(), module.clone()));
-        assert_eq!(unpack_zstd("kernel/b.ko.xz", b"xz".to_vec()).unwrap(), ("kernel/b.ko.xz".to_string(), b"xz".to_vec()));
+        assert_eq!(
+            unpack_zstd("kernel/b.ko.xz", b"xz".to_vec()).unwrap(),
+            ("kernel/b.ko.xz".to_string(), b"xz".to_vec())
+        );
         let err = unpack_zstd("kernel/c.ko.zst", b"not zstd".to_vec()).unwrap_err().to_string();
         assert!(err.starts_with("kernel module kernel/c.ko.zst: not zstd"), "{err}");
     }
@@ -208,11 +182,7 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio.ko 
             ("a.ko\n", &["a"], "modules.dep line 1: no `:` in \"a.ko\""),
         ];
         for (dep, wanted, message) in cases {
-            assert_eq!(
-                resolve(dep, "", wanted).unwrap_err().to_string(),
-                message,
-                "{dep:?}"
-            );
+            assert_eq!(resolve(dep, "", wanted).unwrap_err().to_string(), message, "{dep:?}");
         }
     }
 }

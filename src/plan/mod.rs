@@ -96,14 +96,7 @@ pub fn plan(spec: &Spec, qemu: PathBuf, vde_switch: PathBuf) -> Plan {
     let mut vlans: Vec<u8> = spec.nodes.values().flat_map(|n| n.vlans.iter().copied()).collect();
     vlans.sort_unstable();
     vlans.dedup();
-    Plan {
-        name: spec.name.clone(),
-        vlans,
-        hosts: hosts_file(&machines),
-        machines,
-        qemu,
-        vde_switch,
-    }
+    Plan { name: spec.name.clone(), vlans, hosts: hosts_file(&machines), machines, qemu, vde_switch }
 }
 
 /// `<ipv4> <name>` then `<ipv6> <name>` for each machine with addresses, in number order.
@@ -147,14 +140,22 @@ mod tests {
             .machines
             .iter()
             .map(|m| {
-                let ifs = m.interfaces.iter().map(|i| (i.name.as_str(), i.vlan, i.mac.to_string(), i.ipv4.to_string(), i.ipv6.clone())).collect();
+                let ifs = m
+                    .interfaces
+                    .iter()
+                    .map(|i| (i.name.as_str(), i.vlan, i.mac.to_string(), i.ipv4.to_string(), i.ipv6.clone()))
+                    .collect();
                 (m.name.as_str(), m.number, ifs)
             })
             .collect();
         assert_eq!(
             summary,
             vec![
-                ("client", 1, vec![("eth1", 1, "52:54:00:12:01:01".into(), "192.168.1.1".into(), "2001:db8:1::1".into())]),
+                (
+                    "client",
+                    1,
+                    vec![("eth1", 1, "52:54:00:12:01:01".into(), "192.168.1.1".into(), "2001:db8:1::1".into())]
+                ),
                 ("lonely", 2, vec![]),
                 (
                     "server",
@@ -171,10 +172,7 @@ mod tests {
         assert_eq!((lonely.primary_ipv4, lonely.primary_ipv6.as_deref()), (None, None));
         let server = p.machine("server").unwrap();
         assert_eq!(server.primary_ipv4, Some(Ipv4Addr::new(192, 168, 2, 3)));
-        assert_eq!(
-            p.hosts,
-            "192.168.1.1 client\n2001:db8:1::1 client\n192.168.2.3 server\n2001:db8:2::3 server\n"
-        );
+        assert_eq!(p.hosts, "192.168.1.1 client\n2001:db8:1::1 client\n192.168.2.3 server\n2001:db8:2::3 server\n");
     }
 
     #[test]

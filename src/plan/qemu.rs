@@ -74,9 +74,8 @@ pub fn direct_boot(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Vec<O
 
 /// The machine's network configuration, so one guest image serves every topology.
 pub fn guest_config(m: &Machine) -> Vec<Opt> {
-    let value = Word::lit(format!("name={FW_CFG_NAME},file="))
-        .then_var(OUT_VAR)
-        .then(format!("/{}", config_path(&m.name)));
+    let value =
+        Word::lit(format!("name={FW_CFG_NAME},file=")).then_var(OUT_VAR).then(format!("/{}", config_path(&m.name)));
     vec![vec![Word::lit("-fw_cfg"), value]]
 }
 
@@ -88,9 +87,8 @@ pub fn config_path(machine: &str) -> String {
 /// The root-shell backdoor on a virtio console (the guest's hvc0) and QMP,
 /// both listening in the state directory so a driver can connect at any time.
 pub fn control_sockets() -> Vec<Opt> {
-    let listening = |prefix: &str, file: &str| {
-        Word::lit(prefix).then_var(STATE_VAR).then(format!("/{file},server=on,wait=off"))
-    };
+    let listening =
+        |prefix: &str, file: &str| Word::lit(prefix).then_var(STATE_VAR).then(format!("/{file},server=on,wait=off"));
     vec![
         // One port, the console, with an interrupt vector per queue: with the
         // default 31 ports all queues share one vector, and the interrupts the
@@ -125,10 +123,7 @@ pub fn vlan_nics(m: &Machine) -> Vec<Opt> {
     m.interfaces
         .iter()
         .flat_map(|i| {
-            [
-                vec![Word::lit("-netdev"), Word::var(netdev_var(i.vlan))],
-                opt(&["-device", &nic_device(i.vlan, i.mac)]),
-            ]
+            [vec![Word::lit("-netdev"), Word::var(netdev_var(i.vlan))], opt(&["-device", &nic_device(i.vlan, i.mac)])]
         })
         .collect()
 }
@@ -160,7 +155,13 @@ pub fn extra(options: &[String]) -> Vec<Opt> {
 }
 
 /// Everything a direct-boot machine's QEMU gets.
-pub fn direct_boot_opts(m: &Machine, kernel: &Path, initrd: Option<&Path>, cmdline: &str, options: &[String]) -> Vec<Opt> {
+pub fn direct_boot_opts(
+    m: &Machine,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    options: &[String],
+) -> Vec<Opt> {
     [
         identity(m),
         headless(),
@@ -260,19 +261,26 @@ mod tests {
         let r = render(&control_sockets());
         assert_eq!(r[1], "-chardev socket,id=shell,path=\"$state\"/shell.sock,server=on,wait=off");
         assert_eq!(r[3], "-qmp unix:\"$state\"/qmp.sock,server=on,wait=off");
-        assert_eq!(render(&guest_config(&machine(&[]))), ["-fw_cfg name=opt/vmlab/config,file=\"$out\"/config/server.conf"]);
+        assert_eq!(
+            render(&guest_config(&machine(&[]))),
+            ["-fw_cfg name=opt/vmlab/config,file=\"$out\"/config/server.conf"]
+        );
     }
 
     #[test]
     fn extra_options_keep_their_order_one_flag_a_line() {
-        let opts: Vec<String> = ["value-first", "-device", "virtio-rng-pci", "-snapshot", "-smbios", "type=1"].map(String::from).into();
+        let opts: Vec<String> =
+            ["value-first", "-device", "virtio-rng-pci", "-snapshot", "-smbios", "type=1"].map(String::from).into();
         assert_eq!(render(&extra(&opts)), ["value-first", "-device virtio-rng-pci", "-snapshot", "-smbios type=1"]);
     }
 
     #[test]
     fn start_script_leaves_out_what_nixos_brings() {
         let r = render(&start_script_opts(&machine(&[1]), &["-snapshot".into()]));
-        assert!(r.iter().all(|o| !o.starts_with("-m ") && !o.starts_with("-netdev user") && !o.starts_with("-serial")), "{r:?}");
+        assert!(
+            r.iter().all(|o| !o.starts_with("-m ") && !o.starts_with("-netdev user") && !o.starts_with("-serial")),
+            "{r:?}"
+        );
         assert_eq!(r.last().unwrap(), "-snapshot");
         assert!(r.iter().any(|o| o.starts_with("-chardev socket,id=shell")));
     }

@@ -80,7 +80,15 @@ impl fmt::Display for Exit {
 impl Machine {
     /// `env` is the run script's environment on top of vmlab's (docs/design.md).
     pub(crate) fn new(name: String, script: PathBuf, env: Vec<(String, OsString)>, layout: Layout) -> Machine {
-        Machine { name, script, env, layout, console: Console::default(), current: Mutex::new(None), retired: AtomicBool::new(false) }
+        Machine {
+            name,
+            script,
+            env,
+            layout,
+            console: Console::default(),
+            current: Mutex::new(None),
+            retired: AtomicBool::new(false),
+        }
     }
 
     pub fn name(&self) -> &str {

@@ -68,7 +68,10 @@ fn build_matches_golden_files() {
         let names = |v: &[(String, String)]| v.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
         assert_eq!(names(&got), names(&want), "{name}: files differ from tests/golden/{name}");
         for ((path, got), (_, want)) in got.iter().zip(&want) {
-            assert!(got == want, "{name}/{path} differs from its golden file (UPDATE_GOLDEN=1 to regenerate)\n--- got:\n{got}");
+            assert!(
+                got == want,
+                "{name}/{path} differs from its golden file (UPDATE_GOLDEN=1 to regenerate)\n--- got:\n{got}"
+            );
         }
     }
 }
@@ -124,8 +127,14 @@ fn emitted_scripts_are_valid_sh() {
 fn invalid_spec_is_one_line_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     for (text, want) in [
-        (r#"{"nodes": {"server": {"kernel": "/k", "vlans": [300]}}}"#, "error: node \"server\": vlans: 300 is out of range 0..=255"),
-        (r#"{"nodes": {"server": {"kernel": "/nonexistent/kernel"}}}"#, "error: node \"server\": kernel: /nonexistent/kernel is not a file"),
+        (
+            r#"{"nodes": {"server": {"kernel": "/k", "vlans": [300]}}}"#,
+            "error: node \"server\": vlans: 300 is out of range 0..=255",
+        ),
+        (
+            r#"{"nodes": {"server": {"kernel": "/nonexistent/kernel"}}}"#,
+            "error: node \"server\": kernel: /nonexistent/kernel is not a file",
+        ),
         (r#"{"nodes": {"server": {"kernel": "/k"}}, "extra": 1}"#, "error: unknown field \"extra\""),
         ("{", "error: spec is not valid JSON"),
     ] {

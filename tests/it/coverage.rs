@@ -13,9 +13,8 @@ use crate::common::{repo_root, run, vmlab};
 pub fn build_greet(build: &Path) -> PathBuf {
     fs::create_dir_all(build).unwrap();
     fs::copy(repo_root().join("examples/coverage/greet.c"), build.join("greet.c")).unwrap();
-    let out = run(Command::new("gcc")
-        .args(["--coverage", "-static", "-O0", "-o", "greet", "greet.c"])
-        .current_dir(build));
+    let out =
+        run(Command::new("gcc").args(["--coverage", "-static", "-O0", "-o", "greet", "greet.c"]).current_dir(build));
     assert!(out.status.success(), "gcc: {}", String::from_utf8_lossy(&out.stderr));
     build.join("greet")
 }
@@ -85,7 +84,8 @@ fn a_test_combines_coverage_from_every_machine() {
     let add = format!("{}:/bin/greet", greet.display());
     let built = run(vmlab().arg("guest").arg("--out").arg(&guest).args(["--no-bash", "--add", &add]));
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let node = serde_json::json!({"kernel": guest.join("kernel"), "initrd": guest.join("initrd"), "memory": 128, "vlans": []});
+    let node =
+        serde_json::json!({"kernel": guest.join("kernel"), "initrd": guest.join("initrd"), "memory": 128, "vlans": []});
     let spec = t.join("net.json");
     let nodes = serde_json::json!({"a": node, "b": node, "idle": node, "gone": node});
     fs::write(&spec, serde_json::json!({"name": "cov", "nodes": nodes}).to_string()).unwrap();
@@ -117,7 +117,10 @@ fn a_test_combines_coverage_from_every_machine() {
     let gcda = |m: &str| fs::read_dir(data.join(m)).is_ok().then(|| data.join(m));
     assert!(gcda("a").is_some() && gcda("b").is_some(), "{stderr}");
     assert_eq!((gcda("idle"), gcda("gone")), (None, None));
-    assert!(stderr.contains("gone: warning: coverage: the machine is not running at the end: its data is lost"), "{stderr}");
+    assert!(
+        stderr.contains("gone: warning: coverage: the machine is not running at the end: its data is lost"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("idle: warning"), "{stderr}");
     let (a, b, all) = (data.join("a.info"), data.join("b.info"), out.join("coverage.info"));
     assert_eq!((hits(&a, "serve"), hits(&a, "connect_to_server")), (1, 0));

@@ -26,7 +26,13 @@ pub(crate) fn guest() -> &'static Path {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drive-guest");
         let example = repo_root().join("examples/webserver");
         let www = format!("{}:/var/www", example.join("www").display());
-        let out = run(vmlab().arg("guest").arg("--out").arg(&dir).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
+        let out = run(vmlab()
+            .arg("guest")
+            .arg("--out")
+            .arg(&dir)
+            .arg("--rc")
+            .arg(example.join("rc.sh"))
+            .args(["--add", &www]));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         dir
     })
@@ -36,7 +42,8 @@ pub(crate) fn guest() -> &'static Path {
 fn spec(tmp: &Path, name: &str, names: &[&str]) -> PathBuf {
     let g = guest();
     let node = json!({"kernel": g.join("kernel"), "initrd": g.join("initrd"), "memory": 128, "cmdline": "quiet"});
-    let nodes: serde_json::Map<String, serde_json::Value> = names.iter().map(|n| (n.to_string(), node.clone())).collect();
+    let nodes: serde_json::Map<String, serde_json::Value> =
+        names.iter().map(|n| (n.to_string(), node.clone())).collect();
     let path = tmp.join(format!("{name}.json"));
     std::fs::write(&path, json!({"name": name, "nodes": nodes}).to_string()).unwrap();
     path
@@ -80,7 +87,12 @@ pub(crate) fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
     let attr = |tag: &str, name: &str| {
         let start = tag.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
         let value = &tag[start..start + tag[start..].find('"').unwrap()];
-        value.replace("&apos;", "'").replace("&quot;", "\"").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+        value
+            .replace("&apos;", "'")
+            .replace("&quot;", "\"")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
     };
     xml.split("<testcase ")
         .skip(1)
@@ -110,7 +122,8 @@ fn the_webserver_example_passes_in_python_and_in_shell_two_runs_at_once() {
     let handles: Vec<_> = ["test.py", "test.sh"]
         .into_iter()
         .map(|script| {
-            let (runs, built, script, out) = (runs.clone(), built.clone(), example.join(script), tmp.path().join(script));
+            let (runs, built, script, out) =
+                (runs.clone(), built.clone(), example.join(script), tmp.path().join(script));
             std::thread::spawn(move || (test_run(&runs, &built, &script, &out, &[]), out))
         })
         .collect();
@@ -214,7 +227,10 @@ fn machine_operations_on_real_vms_and_a_failing_script() {
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     let failure = "RequestedAssertionFailed: machine client: command `echo about to fail; exit 3` failed (exit code 3)";
-    assert!(stderr.contains(&format!("test failed: the script exited with status 1: operations.py at line 42: {failure}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("test failed: the script exited with status 1: operations.py at line 42: {failure}")),
+        "{stderr}"
+    );
     let cases = junit_cases(&out.join("junit.xml"));
     let failed: Vec<(&str, Option<&str>)> = cases.iter().map(|(n, f)| (n.as_str(), f.as_deref())).collect();
     assert_eq!(failed.len(), 6, "{failed:#?}");
@@ -235,7 +251,8 @@ fn script_problems_fail_before_anything_boots() {
     let output = test_run(&runs, &network, &typo, &out, &[]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let problem = format!("{}:3: name 'sever' is not defined; did you mean 'server'? (machines: client, server)", typo.display());
+    let problem =
+        format!("{}:3: name 'sever' is not defined; did you mean 'server'? (machines: client, server)", typo.display());
     assert!(stderr.contains(&problem), "{stderr}");
     assert!(!stderr.contains("starting"), "a machine started: {stderr}");
     let cases = junit_cases(&out.join("junit.xml"));
@@ -265,7 +282,8 @@ fn the_global_timeout_stops_everything_and_names_the_step() {
     let output = test_run(&runs, &spec(tmp.path(), "one", &["server"]), &script, &out, &["--global-timeout", "25"]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    let why = "global timeout: the test ran out of its 25 s; running: server: wait_for_file path=/nonexistent timeout=900";
+    let why =
+        "global timeout: the test ran out of its 25 s; running: server: wait_for_file path=/nonexistent timeout=900";
     assert!(stderr.contains(&format!("test failed: {why}")), "{stderr}");
     assert_eq!(junit_cases(&out.join("junit.xml")), [("stuck.py".to_string(), Some(why.to_string()))]);
     // The wait still running sees its machine die; it must not start it again.
@@ -390,7 +408,12 @@ fn up_serves_the_control_socket_to_cli_clients_and_vmlab_shell() {
     assert_eq!(client(&["serial-stdout", "off"], "").status.code(), Some(0));
     console_line("hidden-line");
     let hostname = client(&["succeed", "server", "--", "hostname"], "");
-    assert_eq!((hostname.status.code(), text(&hostname.stdout)), (Some(0), "server\n".to_string()), "{}", text(&hostname.stderr));
+    assert_eq!(
+        (hostname.status.code(), text(&hostname.stdout)),
+        (Some(0), "server\n".to_string()),
+        "{}",
+        text(&hostname.stderr)
+    );
     let failed = client(&["succeed", "server", "--", "exit 4"], "");
     assert_eq!(failed.status.code(), Some(1));
     assert_eq!(text(&failed.stderr), "error: machine server: command `exit 4` failed (exit code 4)\n");
@@ -499,7 +522,8 @@ fn life_cycle_and_qemu_operations_on_a_real_vm() {
     let runs = tmp.path().join("runs");
     let script = write_script(tmp.path(), "lifecycle.py", LIFECYCLE);
     let out = tmp.path().join("out");
-    let output = test_run(&runs, &spec(tmp.path(), "lifecycle", &["server"]), &script, &out, &["--global-timeout", "600"]);
+    let output =
+        test_run(&runs, &spec(tmp.path(), "lifecycle", &["server"]), &script, &out, &["--global-timeout", "600"]);
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     let png = std::fs::read(out.join("screen.png")).unwrap();

@@ -35,11 +35,7 @@ unknown-keyword ignored by this guest
 /// Builds a guest with `vmlab guest --out DIR ARGS`, panicking with stderr on failure.
 fn build_guest(dir: &Path, args: &[&str]) {
     let out = run(vmlab().arg("guest").arg("--out").arg(dir).args(args));
-    assert!(
-        out.status.success(),
-        "vmlab guest failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "vmlab guest failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A QEMU process in its own process group, killed with the group and reaped on drop.
@@ -98,19 +94,14 @@ impl Qemu {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
         Qemu { child, serial_log }
     }
 
     /// Panics (with the serial console's tail) if QEMU has exited.
     fn assert_alive(&mut self, waiting_for: &str) {
         if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "QEMU exited ({status}) while waiting for {waiting_for}; serial console:\n{}",
-                self.serial_tail()
-            );
+            panic!("QEMU exited ({status}) while waiting for {waiting_for}; serial console:\n{}", self.serial_tail());
         }
     }
 
@@ -161,20 +152,12 @@ impl Backdoor {
         loop {
             match UnixStream::connect(socket) {
                 Ok(stream) => {
-                    stream
-                        .set_read_timeout(Some(Duration::from_millis(200)))
-                        .unwrap();
-                    return Backdoor {
-                        stream,
-                        pending: Vec::new(),
-                    };
+                    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                    return Backdoor { stream, pending: Vec::new() };
                 }
                 Err(e) => {
                     qemu.assert_alive("the backdoor socket");
-                    assert!(
-                        Instant::now() < deadline,
-                        "cannot connect to {socket:?}: {e}"
-                    );
+                    assert!(Instant::now() < deadline, "cannot connect to {socket:?}: {e}");
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
@@ -259,44 +242,22 @@ fn assert_configured(qemu: &mut Qemu, backdoor: &mut Backdoor) {
     assert_eq!(backdoor.succeed(qemu, "hostname"), "server\n");
     for (nic, mac, ipv4, ipv6) in [
         ("eth0", "52:54:00:12:00:00", "10.0.2.15/24", None),
-        (
-            "eth1",
-            "52:54:00:12:01:02",
-            "192.168.1.2/24",
-            Some("2001:db8:1::2/64"),
-        ),
-        (
-            "eth2",
-            "52:54:00:12:02:02",
-            "192.168.2.2/24",
-            Some("2001:db8:2::2/64"),
-        ),
+        ("eth1", "52:54:00:12:01:02", "192.168.1.2/24", Some("2001:db8:1::2/64")),
+        ("eth2", "52:54:00:12:02:02", "192.168.2.2/24", Some("2001:db8:2::2/64")),
     ] {
         let mac_now = backdoor.succeed(qemu, &format!("cat /sys/class/net/{nic}/address"));
         assert_eq!(mac_now.trim(), mac, "{nic}");
         let addresses = backdoor.succeed(qemu, &format!("ip address show dev {nic}"));
-        assert!(
-            addresses.contains(&format!("inet {ipv4} ")),
-            "{nic}: {addresses}"
-        );
+        assert!(addresses.contains(&format!("inet {ipv4} ")), "{nic}: {addresses}");
         if let Some(ipv6) = ipv6 {
-            assert!(
-                addresses.contains(&format!("inet6 {ipv6} ")),
-                "{nic}: {addresses}"
-            );
+            assert!(addresses.contains(&format!("inet6 {ipv6} ")), "{nic}: {addresses}");
         }
-        assert!(
-            !addresses.contains("tentative"),
-            "{nic}: duplicate address detection is off: {addresses}"
-        );
+        assert!(!addresses.contains("tentative"), "{nic}: duplicate address detection is off: {addresses}");
         assert!(addresses.contains(",UP"), "{nic} is up: {addresses}");
     }
     // The kernel named the NICs in PCI order, the reverse of the configuration's.
     let serial = fs::read_to_string(&qemu.serial_log).unwrap();
-    assert!(
-        serial.contains("vmlabaside0: renamed from eth1"),
-        "eth1 and eth2 traded names:\n{serial}"
-    );
+    assert!(serial.contains("vmlabaside0: renamed from eth1"), "eth1 and eth2 traded names:\n{serial}");
     assert_eq!(
         backdoor.succeed(qemu, "cat /etc/hosts"),
         "127.0.0.1 localhost\n::1 localhost\n192.168.1.1 client\n2001:db8:1::1 client\n\
@@ -318,11 +279,7 @@ fn boots_with_bash_rc_and_additions_and_powers_off() {
     symlink("../index.html", w.join("www/sub/link")).unwrap();
     fs::write(w.join("note"), "a single file\n").unwrap();
     // The rc script starts a service and leaves a trace of the order it ran in.
-    fs::write(
-        w.join("rc"),
-        "#!/bin/sh\nhostname > /run/rc-saw-hostname\nhttpd -h /srv/www\n",
-    )
-    .unwrap();
+    fs::write(w.join("rc"), "#!/bin/sh\nhostname > /run/rc-saw-hostname\nhttpd -h /srv/www\n").unwrap();
     let guest = w.join("guest");
     #[rustfmt::skip]
     build_guest(&guest, &[
@@ -334,31 +291,14 @@ fn boots_with_bash_rc_and_additions_and_powers_off() {
     let q = &mut qemu;
 
     assert_configured(q, &mut backdoor);
-    assert!(
-        backdoor.succeed(q, "echo $BASH_VERSION").starts_with('5'),
-        "the backdoor shell is bash"
-    );
-    assert_eq!(
-        backdoor.succeed(q, "cat /run/rc-saw-hostname"),
-        "server\n",
-        "rc ran after the configuration"
-    );
+    assert!(backdoor.succeed(q, "echo $BASH_VERSION").starts_with('5'), "the backdoor shell is bash");
+    assert_eq!(backdoor.succeed(q, "cat /run/rc-saw-hostname"), "server\n", "rc ran after the configuration");
     assert_eq!(backdoor.succeed(q, "cat /etc/note"), "a single file\n");
-    assert_eq!(
-        backdoor.succeed(q, "stat -c '%a %F' /srv/www/sub/tool"),
-        "750 regular file\n"
-    );
+    assert_eq!(backdoor.succeed(q, "stat -c '%a %F' /srv/www/sub/tool"), "750 regular file\n");
     assert_eq!(backdoor.succeed(q, "/srv/www/sub/tool"), "tool ran\n");
-    assert_eq!(
-        backdoor.succeed(q, "readlink /srv/www/sub/link"),
-        "../index.html\n"
-    );
+    assert_eq!(backdoor.succeed(q, "readlink /srv/www/sub/link"), "../index.html\n");
     // The service rc started, fetched by name and by IPv6 literal with busybox wget.
-    for url in [
-        "http://server/",
-        "http://[2001:db8:1::2]/",
-        "http://192.168.2.2/sub/link",
-    ] {
+    for url in ["http://server/", "http://[2001:db8:1::2]/", "http://192.168.2.2/sub/link"] {
         let page = backdoor.succeed(q, &format!("wget -q -O - {url}"));
         assert_eq!(page, "hello from the guest\n", "{url}");
     }
@@ -374,15 +314,9 @@ fn boots_with_bash_rc_and_additions_and_powers_off() {
 
     backdoor.send("poweroff -f\n");
     let status = qemu.wait_for_exit();
-    assert!(
-        status.success(),
-        "QEMU exit status after poweroff: {status}"
-    );
+    assert!(status.success(), "QEMU exit status after poweroff: {status}");
     let serial = fs::read_to_string(&qemu.serial_log).unwrap();
-    assert!(
-        serial.contains("to-stderr"),
-        "stderr is on the serial console"
-    );
+    assert!(serial.contains("to-stderr"), "stderr is on the serial console");
 }
 
 /// A module tree like `MODULES/<version>` whose needed modules are
@@ -402,9 +336,7 @@ fn compressed_module_tree(tree: &Path) -> PathBuf {
     let mut compressed_dep = String::new();
     for line in dep.lines() {
         let (module, deps) = line.split_once(':').unwrap();
-        let needed = ["virtio", "failover", "qemu_fw_cfg"]
-            .iter()
-            .any(|n| module.contains(n));
+        let needed = ["virtio", "failover", "qemu_fw_cfg"].iter().any(|n| module.contains(n));
         if !needed {
             continue;
         }
@@ -414,9 +346,7 @@ fn compressed_module_tree(tree: &Path) -> PathBuf {
             let plain = fs::File::open(version.join(module)).unwrap();
             ruzstd::encoding::compress_to_vec(plain, ruzstd::encoding::CompressionLevel::Fastest)
         } else {
-            let xz = run(Command::new("xz")
-                .args(["--check=crc32", "--stdout"])
-                .arg(version.join(module)));
+            let xz = run(Command::new("xz").args(["--check=crc32", "--stdout"]).arg(version.join(module)));
             assert!(xz.status.success(), "xz {module}");
             xz.stdout
         };
@@ -435,33 +365,18 @@ fn boots_without_bash_from_compressed_modules_and_powers_off() {
     let w = work.path();
     let modules = compressed_module_tree(&w.join("modules"));
     let guest = w.join("guest");
-    build_guest(
-        &guest,
-        &["--no-bash", "--modules", modules.to_str().unwrap()],
-    );
+    build_guest(&guest, &["--no-bash", "--modules", modules.to_str().unwrap()]);
     let (mut qemu, mut backdoor) = boot(w, &guest);
     let q = &mut qemu;
 
     assert_configured(q, &mut backdoor);
-    assert_eq!(
-        backdoor.succeed(
-            q,
-            "echo \"[$BASH_VERSION]\"; test -e /bin/bash || echo no bash"
-        ),
-        "[]\nno bash\n"
-    );
+    assert_eq!(backdoor.succeed(q, "echo \"[$BASH_VERSION]\"; test -e /bin/bash || echo no bash"), "[]\nno bash\n");
     let lsmod = backdoor.succeed(q, "lsmod");
-    assert!(
-        lsmod.contains("virtio_net") && lsmod.contains("qemu_fw_cfg"),
-        "{lsmod}"
-    );
+    assert!(lsmod.contains("virtio_net") && lsmod.contains("qemu_fw_cfg"), "{lsmod}");
     // Plain poweroff: busybox init stops everything and powers off.
     backdoor.send("poweroff\n");
     let status = qemu.wait_for_exit();
-    assert!(
-        status.success(),
-        "QEMU exit status after poweroff: {status}"
-    );
+    assert!(status.success(), "QEMU exit status after poweroff: {status}");
 }
 
 #[test]
@@ -474,15 +389,9 @@ fn same_inputs_give_the_same_bytes_and_nothing_else() {
     build_guest(&a, &["--add", &add]);
     build_guest(&b, &["--add", &add]);
     for name in ["kernel", "initrd"] {
-        assert!(
-            fs::read(a.join(name)).unwrap() == fs::read(b.join(name)).unwrap(),
-            "{name} differs"
-        );
+        assert!(fs::read(a.join(name)).unwrap() == fs::read(b.join(name)).unwrap(), "{name} differs");
     }
-    let mut names: Vec<_> = fs::read_dir(&a)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let mut names: Vec<_> = fs::read_dir(&a).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["initrd", "kernel"], "no temporary files are left");
 }
@@ -500,39 +409,20 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
     fs::create_dir(w.join("empty")).unwrap();
     fs::write(w.join("text"), "not a program\n").unwrap();
     let (fake, empty, text) = (w.join("fake-kernel"), w.join("empty"), w.join("text"));
-    let (fake, empty, text) = (
-        fake.to_str().unwrap(),
-        empty.to_str().unwrap(),
-        text.to_str().unwrap(),
-    );
+    let (fake, empty, text) = (fake.to_str().unwrap(), empty.to_str().unwrap(), text.to_str().unwrap());
     let add_relative = format!("{text}:etc/x");
     // vmlab itself is dynamically linked.
     let dynamic = env!("CARGO_BIN_EXE_vmlab");
-    let dynamic_error = format!(
-        "error: {dynamic} is dynamically linked, but the guest has no shared libraries: install"
-    );
+    let dynamic_error =
+        format!("error: {dynamic} is dynamically linked, but the guest has no shared libraries: install");
     let cases: Vec<(Vec<&str>, String)> = vec![
-        (
-            vec!["--busybox", dynamic],
-            format!("{dynamic_error} busybox-static"),
-        ),
-        (
-            vec!["--bash", dynamic],
-            format!("{dynamic_error} bash-static"),
-        ),
-        (
-            vec!["--busybox", text],
-            format!("error: {text}: not an ELF executable"),
-        ),
-        (
-            vec!["--kernel", "/nonexistent/vmlinuz"],
-            "error: kernel /nonexistent/vmlinuz does not exist".into(),
-        ),
+        (vec!["--busybox", dynamic], format!("{dynamic_error} busybox-static")),
+        (vec!["--bash", dynamic], format!("{dynamic_error} bash-static")),
+        (vec!["--busybox", text], format!("error: {text}: not an ELF executable")),
+        (vec!["--kernel", "/nonexistent/vmlinuz"], "error: kernel /nonexistent/vmlinuz does not exist".into()),
         (
             vec!["--kernel", text],
-            format!(
-                "error: cannot tell the release of kernel {text} (pass --modules): not a bzImage"
-            ),
+            format!("error: cannot tell the release of kernel {text} (pass --modules): not a bzImage"),
         ),
         (
             vec!["--kernel", fake],
@@ -540,30 +430,15 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
              install linux-image-cloud-amd64, or pass --modules"
                 .into(),
         ),
-        (
-            vec!["--modules", "/nonexistent"],
-            "error: module tree /nonexistent does not exist".into(),
-        ),
-        (
-            vec!["--modules", empty],
-            format!("error: cannot read {empty}/modules.dep"),
-        ),
-        (
-            vec!["--rc", "/nonexistent/rc"],
-            "error: rc script /nonexistent/rc does not exist".into(),
-        ),
-        (
-            vec!["--add", "/nonexistent:/x"],
-            "error: --add /nonexistent:/x: /nonexistent does not exist".into(),
-        ),
+        (vec!["--modules", "/nonexistent"], "error: module tree /nonexistent does not exist".into()),
+        (vec!["--modules", empty], format!("error: cannot read {empty}/modules.dep")),
+        (vec!["--rc", "/nonexistent/rc"], "error: rc script /nonexistent/rc does not exist".into()),
+        (vec!["--add", "/nonexistent:/x"], "error: --add /nonexistent:/x: /nonexistent does not exist".into()),
         (
             vec!["--add", &add_relative],
             format!("error: --add {add_relative}: the guest path \"etc/x\" must be absolute"),
         ),
-        (
-            vec!["--add", text],
-            format!("error: --add {text}: expected HOST_PATH:GUEST_PATH"),
-        ),
+        (vec!["--add", text], format!("error: --add {text}: expected HOST_PATH:GUEST_PATH")),
     ];
     for (args, expected) in cases {
         let out_dir = w.join("out");
@@ -571,10 +446,7 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
-        assert!(
-            stderr.contains(expected.as_str()),
-            "{args:?}: expected {expected:?} in {stderr:?}"
-        );
+        assert!(stderr.contains(expected.as_str()), "{args:?}: expected {expected:?} in {stderr:?}");
         let written = fs::read_dir(&out_dir).map(|d| d.count()).unwrap_or(0);
         assert_eq!(written, 0, "{args:?}: nothing written");
     }

@@ -8,6 +8,6 @@ mod coverage;
 mod drive;
 mod guest;
 mod network;
-mod nixapi;
 mod nix;
+mod nixapi;
 mod runtime;

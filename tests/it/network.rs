@@ -18,12 +18,14 @@ fn build_on_webserver_guest(tmp: &Path, nodes: &[(&str, &[u8])]) -> std::path::P
     let example = repo_root().join("examples/webserver");
     let guest = tmp.join("guest");
     let www = format!("{}:/var/www", example.join("www").display());
-    let built = run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
+    let built =
+        run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
     let nodes: serde_json::Map<String, serde_json::Value> = nodes
         .iter()
         .map(|(name, vlans)| {
-            let node = json!({"kernel": guest.join("kernel"), "initrd": guest.join("initrd"), "memory": 128, "vlans": vlans});
+            let node =
+                json!({"kernel": guest.join("kernel"), "initrd": guest.join("initrd"), "memory": 128, "vlans": vlans});
             (name.to_string(), node)
         })
         .collect();
@@ -85,7 +87,9 @@ fn machines_reach_each_other_on_a_shared_vlan_and_never_across_vlans() {
     stdout(island, "ping -c 1 -W 5 192.168.2.1 && ping -c 1 -W 5 2001:db8:2::1");
     stdout(island, "ip addr add 192.168.1.99/24 dev eth1 && ip addr add 2001:db8:1::99/64 dev eth1");
     // A tentative address could not send, which would make the check below pass for the wrong reason.
-    island.wait_until("! ip -6 addr show dev eth1 | grep -q tentative", true, std::time::Duration::from_secs(30)).unwrap();
+    island
+        .wait_until("! ip -6 addr show dev eth1 | grep -q tentative", true, std::time::Duration::from_secs(30))
+        .unwrap();
     for target in ["192.168.1.3", "2001:db8:1::3"] {
         let out = island.execute(&format!("ping -c 2 -W 2 {target}"), None).unwrap();
         assert_ne!(out.status, 0, "island (vlan 2) reached server (vlan 1) at {target}");

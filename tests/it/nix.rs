@@ -98,7 +98,13 @@ fn every_nix_file_parses() {
         collect_nix_files(&repo_root().join(dir), &mut files);
     }
     files.push(repo_root().join("flake.nix"));
-    for expected in ["nix/default.nix", "nix/numbering.nix", "nix/guest-module.nix", "nix/nixos.nix", "examples/webserver/default.nix"] {
+    for expected in [
+        "nix/default.nix",
+        "nix/numbering.nix",
+        "nix/guest-module.nix",
+        "nix/nixos.nix",
+        "examples/webserver/default.nix",
+    ] {
         assert!(files.contains(&repo_root().join(expected)), "{expected} not found in {files:?}");
     }
     for file in &files {
@@ -134,8 +140,10 @@ impl Rng {
 /// `-` < `_`, digits), vlans from 0 to 255 in any order or none, defaults
 /// left out or given, and one network of 254 machines.
 fn generated_specs(kernel: &Path) -> Vec<Value> {
-    const NAMES: [&str; 16] =
-        ["B", "a", "a-1", "a_1", "a1", "b", "Z9", "node10", "node9", "node-10", "x_y-z", "server", "client", "C", "c0", "zz"];
+    const NAMES: [&str; 16] = [
+        "B", "a", "a-1", "a_1", "a1", "b", "Z9", "node10", "node9", "node-10", "x_y-z", "server", "client", "C", "c0",
+        "zz",
+    ];
     let mut rng = Rng(0x5eed_cafe_f00d);
     let mut specs = Vec::new();
     for i in 0..60 {
@@ -195,12 +203,14 @@ fn nix_numbering_agrees_with_vmlab_plan() {
         nix_path(&file)
     );
     let Some(mut cmd) = nix("nix-instantiate") else { return };
-    let from_nix: Vec<Value> = serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), "numbering")).unwrap();
+    let from_nix: Vec<Value> =
+        serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), "numbering")).unwrap();
     assert_eq!(from_nix.len(), specs.len());
     for (spec, nix_plan) in specs.iter().zip(from_nix) {
         let spec_file = tmp.path().join("spec.json");
         std::fs::write(&spec_file, spec.to_string()).unwrap();
-        let mut plan: Value = serde_json::from_str(&ok(run(vmlab().arg("plan").arg(&spec_file)), "vmlab plan")).unwrap();
+        let mut plan: Value =
+            serde_json::from_str(&ok(run(vmlab().arg("plan").arg(&spec_file)), "vmlab plan")).unwrap();
         let plan_fields = plan.as_object_mut().unwrap();
         plan_fields.remove("qemu");
         plan_fields.remove("vdeSwitch");
@@ -277,7 +287,10 @@ fn the_evaluated_spec_piped_to_vmlab_build_gives_the_derivations_output() {
 /// Nix-level `options` (runTest's arguments, `requiredSystemFeatures = [ ]`
 /// unless given).
 fn run_test_expr(name: &str, options: &str) -> String {
-    format!("{}.runTest ({{ name = \"{name}\"; nodes.a.memory = 128; requiredSystemFeatures = [ ]; }} // {{ {options} }})", lab())
+    format!(
+        "{}.runTest ({{ name = \"{name}\"; nodes.a.memory = 128; requiredSystemFeatures = [ ]; }} // {{ {options} }})",
+        lab()
+    )
 }
 
 /// An executable test script that fails without starting anything.
@@ -296,7 +309,10 @@ fn run_test_declares_system_features_that_builders_must_offer() {
     let overridden = run_test_expr("features", &script);
     for (expr, want) in [(&default, r#"["nixos-test","kvm"]"#), (&overridden, "[]")] {
         let Some(mut cmd) = nix("nix-instantiate") else { return };
-        let features = ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &format!("({expr}).requiredSystemFeatures")])), expr);
+        let features = ok(
+            run(cmd.args(["--eval", "--strict", "--json", "-E", &format!("({expr}).requiredSystemFeatures")])),
+            expr,
+        );
         assert_eq!(features.trim(), want, "{expr}");
     }
     // A builder without those features refuses the test before running anything.
@@ -352,7 +368,8 @@ fn run_test_keeps_a_failed_tests_output_when_asked_and_marks_it_failed() {
     let tmp = tempfile::tempdir().unwrap();
     let script = tmp.path().join("fails.py");
     std::fs::write(&script, "a.succeed(\"echo the guest ran this; false\")\n").unwrap();
-    let options = format!(r#"keepFailedOutput = true; globalTimeout = 600; accel = "tcg"; testScript = {};"#, nix_path(&script));
+    let options =
+        format!(r#"keepFailedOutput = true; globalTimeout = 600; accel = "tcg"; testScript = {};"#, nix_path(&script));
     let Some(out) = built(&run_test_expr("kept", &options)) else { return };
     let failed = std::fs::read_to_string(out.join("nix-support/failed")).unwrap();
     assert_eq!(failed, "vmlab test exited with status 1\n");
@@ -380,7 +397,8 @@ fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
         nix_path(repo_root())
     );
     let Some(mut cmd) = nix("nix-instantiate") else { return };
-    let outputs: Value = serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), "flake")).unwrap();
+    let outputs: Value =
+        serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), "flake")).unwrap();
 
     assert_eq!(outputs["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(outputs["checks"], json!(["vmlab", "vms", "webserver"]));
@@ -388,12 +406,18 @@ fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
     assert!(outputs["webserverDrv"].as_str().unwrap().ends_with("-webserver-test.drv"), "{outputs}");
     let every_system = json!(["x86_64-linux"]);
     assert_eq!(outputs["hydraJobs"], json!({"vmlab": every_system, "vms": every_system, "webserver": every_system}));
-    assert_eq!(outputs["overlayLib"], json!(["buildVirtualNetwork", "defaultGuest", "networkSpec", "numbering", "runTest"]));
+    assert_eq!(
+        outputs["overlayLib"],
+        json!(["buildVirtualNetwork", "defaultGuest", "networkSpec", "numbering", "runTest"])
+    );
     assert_eq!((&outputs["guestModule"], &outputs["devShell"]), (&json!(true), &json!(true)));
 
     // nixpkgs' tools reach the spec and `vmlab guest`.
     let spec = &outputs["vmsSpec"];
-    assert_eq!((&spec["qemu"], &spec["vdeSwitch"]), (&json!("/stub/qemu_kvm/bin/qemu-system-x86_64"), &json!("/stub/vde2/bin/vde_switch")));
+    assert_eq!(
+        (&spec["qemu"], &spec["vdeSwitch"]),
+        (&json!("/stub/qemu_kvm/bin/qemu-system-x86_64"), &json!("/stub/vde2/bin/vde_switch"))
+    );
     assert_eq!(spec["nodes"]["server"]["forwardPorts"], json!([{"host": 8081, "guest": 80}]));
     assert!(spec["nodes"]["server"]["kernel"].as_str().unwrap().ends_with("-vmlab-guest/kernel"), "{spec}");
     let args: Vec<&str> = outputs["guestArgs"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();

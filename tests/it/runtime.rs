@@ -33,9 +33,7 @@ fn fake_spec(tmp: &Path, port: u16) -> serde_json::Value {
     for file in ["kernel", "initrd"] {
         std::fs::write(tmp.join(file), "").unwrap();
     }
-    let node = |vlans: serde_json::Value, ports: serde_json::Value| {
-        json!({"kernel": tmp.join("kernel"), "initrd": tmp.join("initrd"), "vlans": vlans, "forwardPorts": ports})
-    };
+    let node = |vlans: serde_json::Value, ports: serde_json::Value| json!({"kernel": tmp.join("kernel"), "initrd": tmp.join("initrd"), "vlans": vlans, "forwardPorts": ports});
     json!({
         "name": "fake",
         "nodes": {"a": node(json!([1]), json!([{"host": port, "guest": 80}])), "b": node(json!([1, 2]), json!([]))},
@@ -52,7 +50,8 @@ fn build_webserver(tmp: &Path, port: u16) -> PathBuf {
     let example = repo_root().join("examples/webserver");
     let guest = tmp.join("guest");
     let www = format!("{}:/var/www", example.join("www").display());
-    let built = run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
+    let built =
+        run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
     let machine = json!({"kernel": guest.join("kernel"), "initrd": guest.join("initrd"), "memory": 128});
     let mut server = machine.clone();
@@ -234,7 +233,9 @@ fn a_taken_forwarded_port_fails_before_anything_starts() {
     let out = run(vmlab().arg("up").arg(&dir).env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &runs));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    let expected = format!("error: machine \"a\": cannot forward host port {port} to guest port 80: 127.0.0.1:{port} is not free: ");
+    let expected = format!(
+        "error: machine \"a\": cannot forward host port {port} to guest port 80: 127.0.0.1:{port} is not free: "
+    );
     assert!(stderr.starts_with(&expected) && stderr.lines().count() == 1, "{stderr}");
     assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 0, "a session directory was created");
 }
