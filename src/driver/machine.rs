@@ -45,6 +45,8 @@ pub trait Vm: Send {
     fn state_dir(&self) -> PathBuf;
     /// The serial console's log file (appended to while QEMU runs).
     fn serial_log(&self) -> PathBuf;
+    /// The network has stopped for good: the machine cannot start again.
+    fn retired(&self) -> bool;
 }
 
 /// The next pause of a poll loop: fast at first, then about a second.
@@ -159,6 +161,10 @@ impl Machine {
     pub fn start(&mut self) -> Result<(), DriverError> {
         if self.is_up() {
             return Ok(());
+        }
+        // A request still running when the test ended sees its machine gone.
+        if self.vm.retired() {
+            return Err(self.err(Kind::Machine, "the test is over: its network has stopped"));
         }
         self.say("starting");
         self.forget_process();

@@ -115,6 +115,10 @@ impl Vm for LocalVm {
     fn serial_log(&self) -> PathBuf {
         self.dir.join("serial.log")
     }
+
+    fn retired(&self) -> bool {
+        false
+    }
 }
 
 impl Drop for LocalVm {

@@ -391,6 +391,10 @@ impl crate::driver::machine::Vm for Arc<Machine> {
     fn serial_log(&self) -> PathBuf {
         Machine::serial_log(self)
     }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
 }
 
 enum Stopped {
