@@ -3,10 +3,23 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
-/// The vmlab binary under test.
+/// The vmlab binary under test. It gets SIGTERM when the test's thread
+/// ends (a killed or panicking test run), so a `vmlab test` or `vmlab up`
+/// never outlives the tests and keeps its machines running.
 pub fn vmlab() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vmlab"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmlab"));
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    cmd
 }
 
 pub fn repo_root() -> &'static Path {
@@ -39,4 +52,24 @@ pub fn processes_mentioning(needle: &Path) -> Vec<(u32, String)> {
         }
     }
     found
+}
+
+/// The default guest with the webserver example's rc script and pages, built
+/// once for every test that boots it.
+pub fn webserver_guest() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("webserver-guest");
+        let example = repo_root().join("examples/webserver");
+        let www = format!("{}:/var/www", example.join("www").display());
+        let out = run(vmlab()
+            .arg("guest")
+            .arg("--out")
+            .arg(&dir)
+            .arg("--rc")
+            .arg(example.join("rc.sh"))
+            .args(["--add", &www]));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
 }

@@ -8,39 +8,19 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{processes_mentioning, repo_root, run, vmlab};
+use crate::common::{processes_mentioning, repo_root, run, vmlab, webserver_guest};
 
 /// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(300);
 
-/// The default guest with the webserver example's rc script and pages, built
-/// once for all tests of this module.
-pub(crate) fn guest() -> &'static Path {
-    static GUEST: OnceLock<PathBuf> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("drive-guest");
-        let example = repo_root().join("examples/webserver");
-        let www = format!("{}:/var/www", example.join("www").display());
-        let out = run(vmlab()
-            .arg("guest")
-            .arg("--out")
-            .arg(&dir)
-            .arg("--rc")
-            .arg(example.join("rc.sh"))
-            .args(["--add", &www]));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        dir
-    })
-}
-
 /// A spec of the default guest: `names` on vlan 1, 128 MiB each.
 fn spec(tmp: &Path, name: &str, names: &[&str]) -> PathBuf {
-    let g = guest();
+    let g = webserver_guest();
     let node = json!({"kernel": g.join("kernel"), "initrd": g.join("initrd"), "memory": 128, "cmdline": "quiet"});
     let nodes: serde_json::Map<String, serde_json::Value> =
         names.iter().map(|n| (n.to_string(), node.clone())).collect();

@@ -10,17 +10,12 @@ use serde_json::json;
 use vmlab::driver::{log::Log, machine::Machine as Driven};
 use vmlab::runtime::{accel, load_plan, Network, Session};
 
-use crate::common::{processes_mentioning, repo_root, run, vmlab};
+use crate::common::{processes_mentioning, repo_root, run, vmlab, webserver_guest};
 
-/// Builds the webserver example's default guest into `tmp/guest` and the
-/// network `nodes` (name → vlans) on it into `tmp/out`.
+/// Builds the network `nodes` (name → vlans) on the webserver example's
+/// default guest into `tmp/out`.
 fn build_on_webserver_guest(tmp: &Path, nodes: &[(&str, &[u8])]) -> std::path::PathBuf {
-    let example = repo_root().join("examples/webserver");
-    let guest = tmp.join("guest");
-    let www = format!("{}:/var/www", example.join("www").display());
-    let built =
-        run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let guest = webserver_guest();
     let nodes: serde_json::Map<String, serde_json::Value> = nodes
         .iter()
         .map(|(name, vlans)| {

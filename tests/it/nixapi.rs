@@ -9,8 +9,8 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::common::run;
-use crate::drive::{assert_nothing_left, guest, junit_cases, test_run, text, write_script};
+use crate::common::{run, webserver_guest};
+use crate::drive::{assert_nothing_left, junit_cases, test_run, text, write_script};
 
 const SCRIPT: &str = r#"
 import vmlab
@@ -127,7 +127,7 @@ fn a_nixos_style_script_uses_the_rest_of_the_nixos_api() {
     // A static program: the guest has no C library.
     let cc = run(Command::new("gcc").args(["-static", "-Os", "-o"]).arg(&listener).arg(&source));
     assert!(cc.status.success(), "{}", text(&cc.stderr));
-    let g = guest();
+    let g = webserver_guest();
     let node = json!({"kernel": g.join("kernel"), "initrd": g.join("initrd"), "memory": 128, "cmdline": "quiet", "vlans": [1]});
     let network = tmp.path().join("nixapi.json");
     std::fs::write(&network, json!({"name": "nixapi", "nodes": {"solo": node}}).to_string()).unwrap();

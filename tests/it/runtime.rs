@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{fixtures, processes_mentioning, repo_root, run, vmlab};
+use crate::common::{fixtures, processes_mentioning, repo_root, run, vmlab, webserver_guest};
 
 /// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -47,12 +47,7 @@ fn build_fake(tmp: &Path, port: u16) -> PathBuf {
 
 /// The webserver example on the default guest, `server` forwarding host `port` to 80.
 fn build_webserver(tmp: &Path, port: u16) -> PathBuf {
-    let example = repo_root().join("examples/webserver");
-    let guest = tmp.join("guest");
-    let www = format!("{}:/var/www", example.join("www").display());
-    let built =
-        run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--rc").arg(example.join("rc.sh")).args(["--add", &www]));
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let guest = webserver_guest();
     let machine = json!({"kernel": guest.join("kernel"), "initrd": guest.join("initrd"), "memory": 128});
     let mut server = machine.clone();
     server["forwardPorts"] = json!([{"host": port, "guest": 80}]);
