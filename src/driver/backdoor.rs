@@ -50,12 +50,24 @@ const POLL: Duration = Duration::from_millis(200);
 const HOST_GRACE: Duration = Duration::from_secs(15);
 
 /// After this long without a byte from a running command, the host sends
-/// the shell an empty line. Under TCG, a guest sometimes misses the
+/// the shell a probe (see [`probe_line`]), then again after twice as long
+/// each time, up to [`PROBE_MAX`]. Under TCG, a guest sometimes misses the
 /// notification of a command written to its virtio console after heavy
-/// output, and sits idle with the command unread until more input arrives.
-/// The command's standard input is /dev/null, so the line waits for the shell,
-/// which reads it as an empty command once the command is done.
-const NUDGE_AFTER: Duration = Duration::from_secs(2);
+/// output, and sits idle with the command unread until more input arrives;
+/// and QEMU drops console output the host reads too slowly, which may be the
+/// reply's end marker. The command's standard input is /dev/null, so the
+/// probe waits for the shell, which runs it once the command is done.
+const PROBE_AFTER: Duration = Duration::from_secs(2);
+const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// Pure: the probe of a command marked `token`: it prints `<token> probe`
+/// once the shell is free again. Seen before the reply's end, it means the
+/// end was lost (the command is over): the reply is asked for again rather
+/// than waited for until the timeout. Seen after it, it is noise to the
+/// next reply's parser (another token).
+pub fn probe_line(token: &str) -> String {
+    format!("printf '%s probe\\n' {token}\n")
+}
 
 /// How many times a command's reply is asked for when it comes back short.
 const REPLY_ATTEMPTS: usize = 4;
@@ -245,6 +257,7 @@ impl ReplyParser {
                 return Ok(Some(status));
             }
             (Some(m), _) if m.starts_with("fail ") => return Err(format!("the guest shell says: {}", &m[5..])),
+            (Some("probe"), _) => return Err("the reply's end was lost on the console".to_string()),
             (Some(m), _) => return Err(format!("unexpected marker {m:?}")),
             (None, State::Seeking) => {}
             (None, State::Stdout(d)) => d.feed(line, &mut self.stdout)?,
@@ -309,16 +322,18 @@ impl Shell {
     }
 
     /// Reads some bytes, waking up to check liveness and the deadline. With
-    /// `nudge`, a newline goes to the shell after each [`NUDGE_AFTER`] of silence.
+    /// a `probe`, it goes to the shell after [`PROBE_AFTER`] of silence, then
+    /// after twice as long each time.
     fn read_some(
         &mut self,
         buf: &mut [u8],
         alive: Alive,
         deadline: Option<Instant>,
         what: &str,
-        nudge: bool,
+        probe: Option<&str>,
     ) -> Result<usize, DriverError> {
         let mut quiet_since = Instant::now();
+        let mut quiet_for = PROBE_AFTER;
         loop {
             match self.stream.read(buf) {
                 Ok(0) => return Err(self.lost("the backdoor connection closed")),
@@ -330,9 +345,10 @@ impl Shell {
                     ) =>
                 {
                     self.check(alive, deadline, what)?;
-                    if nudge && quiet_since.elapsed() >= NUDGE_AFTER {
-                        self.write_all(b"\n", alive, deadline, what)?;
+                    if let Some(probe) = probe.filter(|_| quiet_since.elapsed() >= quiet_for) {
+                        self.write_all(probe.as_bytes(), alive, deadline, what)?;
                         quiet_since = Instant::now();
+                        quiet_for = (quiet_for * 2).min(PROBE_MAX);
                     }
                 }
                 Err(e) if is_disconnect(&e) => return Err(self.lost("the backdoor connection broke")),
@@ -376,7 +392,7 @@ impl Shell {
         let mut scanner = BannerScanner::default();
         let mut buf = [0u8; 4096];
         loop {
-            let n = self.read_some(&mut buf, alive, deadline, "the backdoor shell did not come up in time", false)?;
+            let n = self.read_some(&mut buf, alive, deadline, "the backdoor shell did not come up in time", None)?;
             if let Some(rest) = scanner.feed(&buf[..n]) {
                 self.pending = rest;
                 return Ok(());
@@ -445,6 +461,7 @@ impl Shell {
             self.write_all(part, alive, deadline, &what)?;
         }
         let mut parser = ReplyParser::new(token);
+        let probe = probe_line(token);
         let mut data = std::mem::take(&mut self.pending);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -457,7 +474,7 @@ impl Shell {
                 Err(why) => return Ok(Err(why)),
                 Ok(None) => {}
             }
-            let n = self.read_some(&mut buf, alive, deadline, &what, true)?;
+            let n = self.read_some(&mut buf, alive, deadline, &what, Some(&probe))?;
             data.clear();
             data.extend_from_slice(&buf[..n]);
         }
@@ -671,6 +688,36 @@ mod tests {
         let out = shell.run("produce", Some(Duration::from_secs(60)), &mut || Ok(())).unwrap();
         assert_eq!((out.status, out.stdout), (0, data));
         drop(fake.join().unwrap());
+    }
+
+    /// The reply's end line is lost: without the probe, the host would wait
+    /// for the command's whole timeout (here an hour).
+    #[test]
+    fn a_lost_end_is_found_by_the_probe_and_the_reply_asked_for_again() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let mut shell = Shell::new(host, "server").unwrap();
+        let fake = std::thread::spawn(move || {
+            let first = token_of(&mut guest);
+            let whole = String::from_utf8(reply(&first, b"hello\n", b"", 0)).unwrap();
+            let without_end: String =
+                whole.lines().filter(|l| !l.contains(" end ")).map(|l| format!("{l}\n")).collect();
+            guest.write_all(without_end.as_bytes()).unwrap();
+            // What comes next is the probe, once the host has heard nothing for a while.
+            let mut probe = vec![0u8; probe_line(&first).len()];
+            guest.read_exact(&mut probe).unwrap();
+            assert_eq!(String::from_utf8(probe).unwrap(), probe_line(&first));
+            guest.write_all(format!("{first} probe\n").as_bytes()).unwrap();
+            let again = token_of(&mut guest);
+            guest.write_all(&reply(&again, b"hello\n", b"", 0)).unwrap();
+            guest
+        });
+        let started = Instant::now();
+        let out = shell.run("echo hello", Some(Duration::from_secs(3600)), &mut || Ok(())).unwrap();
+        assert_eq!((out.status, out.stdout), (0, b"hello\n".to_vec()));
+        assert!(started.elapsed() < Duration::from_secs(60), "waited {:?}", started.elapsed());
+        drop(fake.join().unwrap());
+        let mut p = ReplyParser::new("T1");
+        assert_eq!(p.feed(b"T1 out\nT1 err\nT1 probe\n").unwrap_err(), "the reply's end was lost on the console");
     }
 
     #[test]
