@@ -1,9 +1,11 @@
 //! Shared fixtures for the integration tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The vmlab binary under test. It gets SIGTERM when the test's thread
 /// ends (a killed or panicking test run), so a `vmlab test` or `vmlab up`
@@ -72,4 +74,55 @@ pub fn webserver_guest() -> &'static Path {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         dir
     })
+}
+
+/// A child's output, line by line, as it comes: what a test waits for.
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    /// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
+    const PATIENCE: Duration = Duration::from_secs(300);
+
+    pub fn of(stream: impl Read + Send + 'static) -> Lines {
+        Lines::merged(vec![(Box::new(stream), "")])
+    }
+
+    /// Several streams into one sequence, each line with its stream's prefix.
+    pub fn merged(streams: Vec<(Box<dyn Read + Send>, &'static str)>) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        for (stream, prefix) in streams {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(format!("{prefix}{line}")).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Lines { rx, seen: Vec::new() }
+    }
+
+    /// Reads until a line contains `needle`; returns that line.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Self::PATIENCE;
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            match self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!("no line with {needle:?} ({e}); output:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Everything, once the streams have ended.
+    pub fn rest(mut self) -> String {
+        self.seen.extend(self.rx.iter());
+        self.seen.join("\n")
+    }
 }

@@ -5,15 +5,14 @@
 //! Every run gets a private TMPDIR for its session directory, so a test can
 //! check that nothing of it is left: no directory, no process.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{processes_mentioning, repo_root, run, vmlab, webserver_guest};
+use crate::common::{processes_mentioning, repo_root, run, vmlab, webserver_guest, Lines};
 
 /// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(300);
@@ -269,44 +268,6 @@ fn the_global_timeout_stops_everything_and_names_the_step() {
     // The wait still running sees its machine die; it must not start it again.
     assert_eq!(stderr.matches("server: starting").count(), 1, "{stderr}");
     assert_nothing_left(&runs);
-}
-
-/// A running command's output, line by line.
-struct Lines {
-    rx: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Lines {
-    fn of(stream: impl std::io::Read + Send + 'static) -> Lines {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Lines { rx, seen: Vec::new() }
-    }
-
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            match self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => self.seen.push(line),
-                Err(e) => panic!("no line with {needle:?} ({e}):\n{}", self.seen.join("\n")),
-            }
-        }
-    }
-
-    fn rest(mut self) -> String {
-        self.seen.extend(self.rx.iter());
-        self.seen.join("\n")
-    }
 }
 
 /// Kills the child on drop, so a failing test leaves nothing running.

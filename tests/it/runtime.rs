@@ -3,7 +3,7 @@
 //! taken port, a machine that fails to start; and on real VMs (the webserver
 //! example on the default guest) for a forwarded port, SIGTERM and SIGKILL.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{fixtures, processes_mentioning, repo_root, run, vmlab, webserver_guest};
+use crate::common::{fixtures, processes_mentioning, repo_root, run, vmlab, webserver_guest, Lines};
 
 /// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -62,9 +62,8 @@ pub(crate) fn free_port() -> u16 {
 /// so a failing test leaves nothing running.
 pub(crate) struct Up {
     child: Child,
-    lines: mpsc::Receiver<String>,
-    /// Every line so far, `out: ` or `err: ` first.
-    seen: Vec<String>,
+    /// Standard output and error, each line with `out: ` or `err: ` first.
+    output: Option<Lines>,
 }
 
 impl Up {
@@ -80,24 +79,16 @@ impl Up {
         cmd.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", tmpdir);
         cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
-        let (tx, lines) = mpsc::channel();
-        forward_lines(child.stdout.take().unwrap(), "out: ", tx.clone());
-        forward_lines(child.stderr.take().unwrap(), "err: ", tx);
-        Up { child, lines, seen: Vec::new() }
+        let output = Lines::merged(vec![
+            (Box::new(child.stdout.take().unwrap()), "out: "),
+            (Box::new(child.stderr.take().unwrap()), "err: "),
+        ]);
+        Up { child, output: Some(output) }
     }
 
     /// Reads output until a line contains `needle`; returns that line.
     pub(crate) fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => self.seen.push(line),
-                Err(e) => panic!("no line with {needle:?} ({e}); output:\n{}", self.seen.join("\n")),
-            }
-        }
+        self.output.as_mut().expect("read until finish").wait_for(needle)
     }
 
     /// The session directory, as `vmlab up` announces it.
@@ -114,9 +105,7 @@ impl Up {
     /// Waits for vmlab to exit; returns its status and all its output.
     pub(crate) fn finish(mut self) -> (ExitStatus, String) {
         let status = self.child.wait().unwrap();
-        // The readers end at end of file, closing the channel.
-        self.seen.extend(self.lines.iter());
-        (status, self.seen.join("\n"))
+        (status, self.output.take().expect("finished once").rest())
     }
 }
 
@@ -127,17 +116,6 @@ impl Drop for Up {
             let _ = self.child.wait();
         }
     }
-}
-
-fn forward_lines(stream: impl Read + Send + 'static, prefix: &'static str, tx: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(format!("{prefix}{line}")).is_err() {
-                return;
-            }
-        }
-    });
 }
 
 /// How many of `processes` have `what` in their command line.
