@@ -103,6 +103,13 @@ pub fn new_token() -> String {
 /// command is written to its file by `printf` and, without a timeout, run in
 /// a subshell of the backdoor shell (a fork, no exec); empty streams are
 /// neither encoded nor counted.
+///
+/// Each command writes to files of its own (`o<n>`, `e<n>`): a background
+/// process an earlier command left running still holds that command's
+/// files open and keeps writing to them, and must never reach another
+/// command's reply. Earlier commands' files are emptied (a builtin) so that
+/// such a writer cannot fill the guest's memory with what nobody reads, and
+/// removed now and then (one `rm` every [`SWEEP_EVERY`] commands).
 pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<String, String> {
     if command.contains('\0') {
         return Err("a command cannot contain a NUL byte".into());
@@ -116,32 +123,42 @@ pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<S
     };
     Ok(format!(
         "if [ ! -d \"${{__vmlab_d:-}}\" ]; then \
-         __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab; \
+         __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab; __vmlab_n=0; \
          __vmlab_pf=; (set -o pipefail) 2>/dev/null && __vmlab_pf='set -o pipefail'; \
          __vmlab_sh=sh; [ -z \"${{BASH_VERSION:-}}\" ] || __vmlab_sh=bash; fi\n\
          __vmlab_c={command}\n\
          if [ -d \"$__vmlab_d\" ]; then \
+         for __vmlab_f in \"$__vmlab_d\"/[oe]*; do [ ! -s \"$__vmlab_f\" ] || : >\"$__vmlab_f\"; done; \
+         __vmlab_n=$((__vmlab_n+1)); case $__vmlab_n in *{sweep}) rm -f \"$__vmlab_d\"/[oe]*;; esac; \
+         __vmlab_o=$__vmlab_d/o$__vmlab_n; __vmlab_e=$__vmlab_d/e$__vmlab_n; \
          printf 'set -eu\\n%s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\"; \
-         {run} </dev/null >\"$__vmlab_d/o\" 2>\"$__vmlab_d/e\"; \
-         __vmlab_s=$?; {reply}\
+         {run} </dev/null >\"$__vmlab_o\" 2>\"$__vmlab_e\"; \
+         __vmlab_s=$?; __vmlab_so=0; __vmlab_se=0; \
+         if [ -s \"$__vmlab_o\" ] || [ -s \"$__vmlab_e\" ]; then \
+         set -- $(wc -c \"$__vmlab_o\" \"$__vmlab_e\"); __vmlab_so=$1; __vmlab_se=$3; fi; {reply}\
          else printf '%s fail %s\\n' {token} 'cannot create a temporary directory in /tmp'; fi\n",
         command = crate::shell::quote(command),
+        sweep = SWEEP_EVERY,
         reply = send_reply(token)
     ))
 }
 
+/// The last digits of the command count at which the session's old output
+/// files are removed: every hundredth command.
+const SWEEP_EVERY: &str = "00";
+
 /// Shell text sending the reply of the command whose output is in
-/// `$__vmlab_d` and status in `$__vmlab_s`, marked with `token`: each stream
-/// in base64, then the status and the streams' sizes, so that the host sees
-/// a reply that lost bytes on the way. An empty stream (`[ -s ]` is a
-/// builtin) needs neither `base64` nor `wc`.
+/// `$__vmlab_o` and `$__vmlab_e`, its status in `$__vmlab_s` and the
+/// streams' sizes, measured once when it ended, in `$__vmlab_so` and
+/// `$__vmlab_se`: each stream in base64, cut at that size (a background
+/// process may still be writing to it), then the status and the sizes, so
+/// that the host sees a reply that lost bytes on the way. An empty stream
+/// needs neither `head` nor `base64`.
 fn send_reply(token: &str) -> String {
     format!(
-        "printf '%s out\\n' {token}; [ ! -s \"$__vmlab_d/o\" ] || base64 \"$__vmlab_d/o\"; \
-         printf '%s err\\n' {token}; [ ! -s \"$__vmlab_d/e\" ] || base64 \"$__vmlab_d/e\"; \
-         printf '%s end %s ' {token} \"$__vmlab_s\"; \
-         if [ -s \"$__vmlab_d/o\" ] || [ -s \"$__vmlab_d/e\" ]; then echo $(wc -c \"$__vmlab_d/o\" \"$__vmlab_d/e\"); \
-         else echo 0 0 0; fi; "
+        "printf '%s out\\n' {token}; [ \"$__vmlab_so\" = 0 ] || head -c \"$__vmlab_so\" \"$__vmlab_o\" | base64; \
+         printf '%s err\\n' {token}; [ \"$__vmlab_se\" = 0 ] || head -c \"$__vmlab_se\" \"$__vmlab_e\" | base64; \
+         printf '%s end %s %s %s\\n' {token} \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\"; "
     )
 }
 
@@ -243,9 +260,8 @@ impl ReplyParser {
                 let mut fields = m[4..].split_whitespace();
                 let status =
                     fields.next().and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad exit status in {m:?}"))?;
-                // One `wc -c O E` (one process), its lines folded by `echo`: "N O M E T total".
                 let sizes: Vec<usize> = fields.filter_map(|f| f.parse().ok()).collect();
-                if let [out, err, _total] = sizes[..] {
+                if let [out, err] = sizes[..] {
                     if (out, err) != (self.stdout.len(), self.stderr.len()) {
                         return Err(format!(
                             "{} of {out} bytes of output and {} of {err} of standard error came back",
@@ -510,12 +526,11 @@ mod tests {
 
     fn reply(token: &str, out: &[u8], err: &[u8], status: i32) -> Vec<u8> {
         format!(
-            "{token} out\n{}{token} err\n{}{token} end {status} {} /tmp/vmlab.a/o {} /tmp/vmlab.a/e {} total\n",
+            "{token} out\n{}{token} err\n{}{token} end {status} {} {}\n",
             base64::encode_lines(out, 76),
             base64::encode_lines(err, 76),
             out.len(),
             err.len(),
-            out.len() + err.len()
         )
         .into_bytes()
     }
@@ -533,15 +548,15 @@ mod tests {
         assert_eq!(parse_in_pieces(b"T1 out\nT1 err\nT1 end 3\n", 4).0.status, 3);
         let again = resend_script("T2");
         assert!(
-            again.contains("base64 \"$__vmlab_d/o\"") && again.contains("printf '%s end %s ' T2 \"$__vmlab_s\""),
+            again.contains("head -c \"$__vmlab_so\" \"$__vmlab_o\" | base64")
+                && again.contains("printf '%s end %s %s %s\\n' T2 \"$__vmlab_s\""),
             "{again}"
         );
         assert!(!again.contains("T2 out"), "the marker is printed, never sent");
-        // The session's directory is made once and never emptied: a command's
-        // output stays there for a resend until the next command.
+        // The session's directory is made once; a command's output stays
+        // there for a resend until the next command empties it.
         let s = script("T3", "true", None).unwrap();
         assert!(s.starts_with("if [ ! -d \"${__vmlab_d:-}\" ]; then __vmlab_d=$(mktemp -d"), "{s}");
-        assert!(!s.contains("rm "), "{s}");
     }
 
     fn parse_in_pieces(data: &[u8], piece: usize) -> (Output, usize) {
@@ -580,8 +595,11 @@ mod tests {
             assert_eq!(s.contains("timeout"), timeout.is_some(), "{s}");
             // Markers are only ever printed, never sent, so an echoing console cannot fake one.
             assert!(!s.contains("T1 out") && !s.contains("T1 end"), "{s}");
-            // The only programs: mktemp once per session, base64 and wc for non-empty streams.
-            assert!(!s.contains("rm ") && !s.contains("cat >"), "{s}");
+            // The only programs: mktemp once per session, wc, head and base64
+            // for non-empty streams, and rm on every hundredth command.
+            assert!(!s.contains("cat >"), "{s}");
+            assert_eq!(s.matches("rm ").count(), 1, "{s}");
+            assert!(s.contains("case $__vmlab_n in *00) rm -f"), "{s}");
         }
     }
 
@@ -640,7 +658,7 @@ mod tests {
     /// Reads what the host sends up to the end of the line that prints the
     /// end marker; the token it prints.
     fn token_of(guest: &mut UnixStream) -> String {
-        const END: &str = "printf '%s end %s ' ";
+        const END: &str = "printf '%s end %s %s %s\\n' ";
         let mut seen = Vec::new();
         let mut byte = [0u8];
         while !(String::from_utf8_lossy(&seen).contains(END) && seen.ends_with(b"\n")) {
@@ -654,15 +672,15 @@ mod tests {
     /// The end line carries the sizes on one line, whatever `wc` prints.
     #[test]
     fn the_end_line_carries_both_sizes() {
-        let text = script("T1", "printf abc; printf de >&2; exit 4", None).unwrap();
+        let text = script("T1", "printf abc; printf de >&2; exit 4", None).unwrap() + "echo \"$__vmlab_d\"\n";
         let out = std::process::Command::new("sh").arg("-c").arg(&text).output().unwrap();
         let (reply, used) = parse_in_pieces(&out.stdout, 7);
         assert_eq!((reply.status, reply.stdout, reply.stderr), (4, b"abc".to_vec(), b"de".to_vec()));
-        let end = String::from_utf8_lossy(&out.stdout[..used]).lines().last().unwrap().to_string();
-        let numbers: Vec<usize> = end.split_whitespace().filter_map(|f| f.parse().ok()).collect();
-        assert_eq!(numbers, [4, 3, 2, 5], "{end}");
-        // Clean up the directory a next command would have removed.
-        let dir = end.split_whitespace().find(|f| f.ends_with("/o")).unwrap().trim_end_matches("/o").to_string();
+        let text = String::from_utf8_lossy(&out.stdout[..used]).into_owned();
+        assert!(text.ends_with("T1 end 4 3 2\n"), "{text}");
+        // Clean up the directory a next command would have emptied.
+        let dir = String::from_utf8_lossy(&out.stdout[used..]).trim().to_string();
+        assert!(dir.starts_with("/tmp/vmlab."), "{dir}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -869,6 +887,30 @@ mod local_shell_tests {
             let o = run(&mut l, "sleep 1000 & echo started");
             assert_eq!((o.status, o.stdout.as_slice()), (0, &b"started\n"[..]));
             assert_eq!(run(&mut l, "echo next").stdout, b"next\n");
+        }
+    }
+
+    /// A background process keeps writing to the files of the command that
+    /// started it: later commands' replies are their own all the same, and
+    /// the starting command's reply is cut where the command ended.
+    #[test]
+    fn a_background_writer_never_reaches_another_commands_output() {
+        for mut l in both() {
+            let o = run(&mut l, "echo started; (while :; do echo daemon-log; sleep 0.01; done) &");
+            assert!(o.stdout.starts_with(b"started\n"), "{:?}", String::from_utf8_lossy(&o.stdout));
+            for i in 0..10 {
+                let o = run(&mut l, &format!("sleep 0.03; echo hi{i}"));
+                assert_eq!(String::from_utf8_lossy(&o.stdout), format!("hi{i}\n"));
+                assert_eq!(o.stderr, b"");
+            }
+            // A writer as fast as the machine allows (bounded: this is the host's /tmp).
+            run(&mut l, "(yes daemon-log-line | head -c 50000000) &");
+            for i in 0..3 {
+                assert_eq!(
+                    String::from_utf8_lossy(&run(&mut l, &format!("echo fast{i}")).stdout),
+                    format!("fast{i}\n")
+                );
+            }
         }
     }
 

@@ -4,6 +4,7 @@ pub mod backdoor;
 pub mod base64;
 pub mod client;
 pub mod control;
+pub mod copy;
 pub mod junit;
 pub mod log;
 pub mod machine;

@@ -18,7 +18,7 @@ use crate::common::{processes_mentioning, repo_root, run, vmlab, webserver_guest
 const PATIENCE: Duration = Duration::from_secs(300);
 
 /// A spec of the default guest: `names` on vlan 1, 128 MiB each.
-fn spec(tmp: &Path, name: &str, names: &[&str]) -> PathBuf {
+pub(crate) fn spec(tmp: &Path, name: &str, names: &[&str]) -> PathBuf {
     let g = webserver_guest();
     let node = json!({"kernel": g.join("kernel"), "initrd": g.join("initrd"), "memory": 128, "cmdline": "quiet"});
     let nodes: serde_json::Map<String, serde_json::Value> =
