@@ -28,7 +28,7 @@ pub const GUEST_DIR: &str = "/var/lib/vmlab/coverage";
 /// Below the test's output directory: one directory of `.gcda` files and one tracefile per machine.
 pub const DATA_DIR: &str = "coverage-data";
 
-/// Lines and functions covered, from a tracefile's LF/LH/FNF/FNH records.
+/// Lines and functions found and covered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     pub lines_found: u64,
@@ -38,21 +38,57 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// Totals of an lcov tracefile (pure: the file's text in).
-    pub fn of_tracefile(text: &str) -> Counts {
-        let mut c = Counts::default();
-        for line in text.lines() {
-            let Some((key, value)) = line.split_once(':') else { continue };
-            let Ok(n) = value.trim().parse::<u64>() else { continue };
-            match key {
-                "LF" => c.lines_found += n,
-                "LH" => c.lines_hit += n,
-                "FNF" => c.functions_found += n,
-                "FNH" => c.functions_hit += n,
-                _ => {}
+    /// Totals of lcov tracefiles taken together (pure: the files' texts in).
+    /// A line is keyed by its source file and number, a function by its
+    /// source file and name, and either is covered when any record of any
+    /// tracefile ran it: a line two machines ran is one line covered, as in
+    /// genhtml's report of the merged tracefile. Counted from the DA, FN and FNDA
+    /// records, not from the LF/LH/FNF/FNH summaries: `lcov --capture` writes
+    /// none, and a merged tracefile has one per machine (test name) and file.
+    pub fn of_tracefiles<'a>(texts: impl IntoIterator<Item = &'a str>) -> Counts {
+        let mut lines: BTreeMap<(&str, u64), bool> = BTreeMap::new();
+        let mut functions: BTreeMap<(&str, &str), bool> = BTreeMap::new();
+        let ran = |count: &str| count.parse::<i64>().is_ok_and(|n| n > 0);
+        for text in texts {
+            let mut file = None;
+            for line in text.lines() {
+                let Some((key, value)) = line.split_once(':') else { continue };
+                match (key, file) {
+                    ("SF", _) => file = Some(value),
+                    // DA:<line>,<count>[,<checksum>]
+                    ("DA", Some(file)) => {
+                        let mut fields = value.split(',');
+                        if let (Some(Ok(number)), Some(count)) = (fields.next().map(str::parse), fields.next()) {
+                            *lines.entry((file, number)).or_default() |= ran(count);
+                        }
+                    }
+                    // FN:<start>,<name> (lcov 1), FN:<start>,<end>,<name> (lcov 2);
+                    // no function name starts with a digit.
+                    ("FN", Some(file)) => {
+                        if let Some((_, rest)) = value.split_once(',') {
+                            let name = match rest.split_once(',') {
+                                Some((end, name)) if !end.is_empty() && end.bytes().all(|b| b.is_ascii_digit()) => name,
+                                _ => rest,
+                            };
+                            functions.entry((file, name)).or_default();
+                        }
+                    }
+                    // FNDA:<count>,<name>
+                    ("FNDA", Some(file)) => {
+                        if let Some((count, name)) = value.split_once(',') {
+                            *functions.entry((file, name)).or_default() |= ran(count);
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
-        c
+        fn found_and_hit<K>(covered: BTreeMap<K, bool>) -> (u64, u64) {
+            (covered.len() as u64, covered.values().filter(|c| **c).count() as u64)
+        }
+        let (lines_found, lines_hit) = found_and_hit(lines);
+        let (functions_found, functions_hit) = found_and_hit(functions);
+        Counts { lines_found, lines_hit, functions_found, functions_hit }
     }
 }
 
@@ -210,6 +246,7 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
     let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
     let mut counts = BTreeMap::new();
     let mut tracefiles = Vec::new();
+    let mut texts = Vec::new();
     for machine in &machines {
         let dir = scratch.path().join(machine);
         for (i, build) in build_dirs.iter().enumerate() {
@@ -248,7 +285,8 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
         let text = relocate_sources(&text, Path::exists, &sources);
         let tracefile = data.join(format!("{machine}.info"));
         fs::write(&tracefile, &text).with_context(|| format!("cannot write {}", tracefile.display()))?;
-        counts.insert(machine.clone(), Counts::of_tracefile(&text));
+        counts.insert(machine.clone(), Counts::of_tracefiles([text.as_str()]));
+        texts.push(text);
         tracefiles.push(tracefile);
     }
 
@@ -261,9 +299,7 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
     run_tool(merge.arg("--output-file").arg(&combined_path))?;
     let html = out.join("coverage");
     run_tool(Command::new(&genhtml).args(["--quiet", "--output-directory"]).arg(&html).arg(&combined_path))?;
-    let combined = Counts::of_tracefile(
-        &fs::read_to_string(&combined_path).with_context(|| format!("cannot read {}", combined_path.display()))?,
-    );
+    let combined = Counts::of_tracefiles(texts.iter().map(String::as_str));
     Ok(Report::Written { combined, machines: counts })
 }
 
@@ -361,11 +397,52 @@ pub fn coverage_command(args: &crate::cli::CoverageArgs) -> Result<std::process:
 mod tests {
     use super::*;
 
+    // The expected figures are counted by hand from these records; `lcov -a`
+    // of the same files then `lcov --summary` (lcov 1.16, given b with lcov
+    // 1's FN records) gives the same.
+
+    /// Machine a as `lcov --capture` writes it: no LF/LH/FNF/FNH summaries.
+    /// main.c: 6 lines, 4 run (1, 2, 5, 6); main and serve run.
+    /// util.h: 2 lines, none run; log not run. Its line 2 is not main.c's.
+    const A: &str = "TN:a\nSF:/p/main.c\nFN:1,main\nFN:5,serve\nFN:9,connect\nFNDA:1,main\nFNDA:1,serve\n\
+                     FNDA:0,connect\nDA:1,1\nDA:2,1\nDA:5,1\nDA:6,3\nDA:9,0\nDA:10,0\nend_of_record\n\
+                     SF:/p/util.h\nFN:2,log\nFNDA:0,log\nDA:2,0\nDA:3,0\nend_of_record\n";
+    /// Machine b in lcov 2's style (function end lines, line checksums) with
+    /// summaries: main.c's lines 1, 2, 9, 10 run; main and connect run.
+    const B: &str = "TN:b\nSF:/p/main.c\nFN:1,3,main\nFN:5,7,serve\nFN:9,11,connect\nFNDA:1,main\nFNDA:0,serve\n\
+                     FNDA:2,connect\nFNF:3\nFNH:2\nDA:1,1,x1\nDA:2,1,x2\nDA:5,0,x5\nDA:6,0,x6\nDA:9,2,x9\nDA:10,2,x10\n\
+                     LF:6\nLH:4\nend_of_record\n";
+    /// Machine c: a file no other machine has; `unused` has no FNDA record.
+    const C: &str = "TN:c\nSF:/p/other.c\nFN:1,other\nFN:4,unused\nFNDA:1,other\nDA:1,1\nDA:2,0\nLF:2\nLH:1\n\
+                     end_of_record\n";
+
     #[test]
-    fn counts_add_up_every_record() {
-        let text = "TN:a\nSF:/x.c\nFNF:3\nFNH:2\nLF:10\nLH:7\nend_of_record\nSF:/y.c\nFNF:1\nFNH:0\nLF:4\nLH:1\nend_of_record\n";
-        let c = Counts::of_tracefile(text);
-        assert_eq!(c, Counts { lines_found: 14, lines_hit: 8, functions_found: 4, functions_hit: 2 });
+    fn counts_take_a_line_or_function_once_however_many_records_ran_it() {
+        let counts = |lines_hit, lines_found, functions_hit, functions_found| Counts {
+            lines_found,
+            lines_hit,
+            functions_found,
+            functions_hit,
+        };
+        let ab = format!("{A}{B}");
+        for (name, tracefiles, want) in [
+            ("nothing", vec![], counts(0, 0, 0, 0)),
+            ("a, without summaries", vec![A], counts(4, 8, 2, 4)),
+            ("b, with summaries", vec![B], counts(4, 6, 2, 3)),
+            ("c, a function with no FNDA", vec![C], counts(1, 2, 1, 2)),
+            ("a twice: the same lines, not twice as many", vec![A, A], counts(4, 8, 2, 4)),
+            ("a and b overlap: all of main.c ran", vec![A, B], counts(6, 8, 3, 4)),
+            ("a and b in one tracefile, main.c in two TN records", vec![&ab], counts(6, 8, 3, 4)),
+            ("a and c are disjoint", vec![A, C], counts(5, 10, 3, 6)),
+            ("a, b and c", vec![A, B, C], counts(7, 10, 4, 6)),
+        ] {
+            assert_eq!(Counts::of_tracefiles(tracefiles), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn counts_as_text() {
+        let c = Counts { lines_found: 14, lines_hit: 8, functions_found: 4, functions_hit: 2 };
         assert_eq!(c.to_string(), "lines 57.1% (8/14), functions 50.0% (2/4)");
         assert_eq!(Counts::default().to_string(), "lines 0.0% (0/0), functions 0.0% (0/0)");
     }

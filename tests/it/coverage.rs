@@ -35,27 +35,61 @@ pub fn hits(path: &Path, function: &str) -> u64 {
     tracefile_functions(path).iter().filter(|(f, _)| f == function).map(|(_, n)| n).sum()
 }
 
+/// The numbers in parentheses, in order: lcov's "(14 of 16 lines)" and
+/// vmlab's "(14/16)" both give 14, 16.
+fn figures(text: &str) -> Vec<u64> {
+    text.split('(')
+        .skip(1)
+        .filter_map(|s| s.split_once(')'))
+        .flat_map(|(inside, _)| inside.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()))
+        .collect()
+}
+
+/// Checks vmlab's summary line (`coverage: <figures>; <machine>: <figures>; …`)
+/// against the figures wanted, [lines hit, lines, functions hit, functions],
+/// of all machines together and of each, and against what `lcov --summary`
+/// counts in the merged tracefile and in each machine's own.
+fn check_summary(line: &str, out: &Path, all: [u64; 4], machines: &[(&str, [u64; 4])]) {
+    let summary = &line[line.find("coverage: lines ").unwrap_or_else(|| panic!("no summary in {line:?}"))..];
+    let parts: Vec<&str> = summary.split("; ").collect();
+    assert_eq!(parts.len(), 1 + machines.len(), "{summary}");
+    let wanted = std::iter::once(("coverage", out.join("coverage.info"), all))
+        .chain(machines.iter().map(|(m, want)| (*m, out.join(format!("coverage-data/{m}.info")), *want)));
+    for (part, (name, tracefile, want)) in parts.iter().zip(wanted) {
+        assert!(part.starts_with(&format!("{name}: ")), "{name} in {summary}");
+        assert_eq!(figures(part), want, "{name} in {summary}");
+        let lcov = run(Command::new("lcov").arg("--summary").arg(&tracefile));
+        let lcov = String::from_utf8_lossy(&lcov.stdout);
+        assert_eq!(figures(&lcov), want, "{}: lcov --summary says {lcov}", tracefile.display());
+    }
+}
+
+/// Three machines, one role of greet each. gcc -O0 puts 16 lines of
+/// greet.c in its line table: serve's 3, connect_to_server's 3, main's 10.
+/// `server` runs serve's and 4 of main's, `client` connect_to_server's and 5
+/// of main's, `other` 6 of main's; together all but the 2 of the usage
+/// message. Summed, they would be 21 of 48 lines and 5 of 9 functions.
 #[test]
 fn per_machine_and_combined_reports() {
     let tmp = tempfile::tempdir().unwrap();
     let build = tmp.path().join("build");
     let greet = build_greet(&build);
     let out = tmp.path().join("out");
-    for (machine, role) in [("a", "server"), ("b", "client")] {
+    for (machine, role, code) in [("a", "server", 0), ("b", "client", 0), ("c", "other", 2)] {
         let prefix = out.join("coverage-data").join(machine);
         let status = Command::new(&greet).arg(role).env("GCOV_PREFIX", &prefix).status().unwrap();
-        assert!(status.success());
+        assert_eq!(status.code(), Some(code), "greet {role}");
     }
     let result = run(vmlab().arg("coverage").arg(&out).arg("--build-dir").arg(&build));
     let stdout = String::from_utf8_lossy(&result.stdout);
     assert!(result.status.success(), "{stdout}{}", String::from_utf8_lossy(&result.stderr));
-    assert!(stdout.starts_with("coverage: lines "), "{stdout}");
-    assert!(stdout.contains("; a: lines") && stdout.contains("; b: lines"), "{stdout}");
+    let machines = [("a", [7, 16, 2, 3]), ("b", [8, 16, 2, 3]), ("c", [6, 16, 1, 3])];
+    check_summary(stdout.trim_end(), &out, [14, 16, 3, 3], &machines);
 
     let (a, b, all) = (out.join("coverage-data/a.info"), out.join("coverage-data/b.info"), out.join("coverage.info"));
     assert_eq!((hits(&a, "serve"), hits(&a, "connect_to_server")), (1, 0));
     assert_eq!((hits(&b, "serve"), hits(&b, "connect_to_server")), (0, 1));
-    assert_eq!((hits(&all, "serve"), hits(&all, "connect_to_server"), hits(&all, "main")), (1, 1, 2));
+    assert_eq!((hits(&all, "serve"), hits(&all, "connect_to_server"), hits(&all, "main")), (1, 1, 3));
     assert!(out.join("coverage/index.html").is_file());
 }
 
@@ -128,7 +162,8 @@ fn a_test_combines_coverage_from_every_machine() {
     assert_eq!((hits(&all, "serve"), hits(&all, "connect_to_server"), hits(&all, "main")), (1, 1, 2));
     assert!(out.join("coverage/index.html").is_file());
     let summary = stderr.lines().find(|l| l.contains("coverage: lines ")).unwrap_or_else(|| panic!("{stderr}"));
-    assert!(summary.contains("; a: lines") && summary.contains("; b: lines"), "{summary}");
+    // main's lines that both ran count once: 12 of 16, not 15 of 32.
+    check_summary(summary, &out, [12, 16, 3, 3], &[("a", [7, 16, 2, 3]), ("b", [8, 16, 2, 3])]);
     let log = fs::read_to_string(out.join("vmlab.log")).unwrap();
     assert!(log.contains(summary.split_once("coverage: ").unwrap().1), "the summary is not in the log");
     assert_eq!(crate::common::processes_mentioning(&runs), []);
