@@ -135,6 +135,14 @@ fn invalid_spec_is_one_line_and_writes_nothing() {
             r#"{"nodes": {"server": {"kernel": "/nonexistent/kernel"}}}"#,
             "error: node \"server\": kernel: /nonexistent/kernel is not a file",
         ),
+        (
+            r#"{"nodes": {"server": {"kernel": "/k"}, "server": {"kernel": "/k"}}}"#,
+            "error: spec: key \"server\" is given twice in one object",
+        ),
+        (
+            r#"{"nodes": {"server": {"kernel": "/k", "cmdline": "quiet\u0000"}}}"#,
+            "error: node \"server\": cmdline: contains a NUL byte",
+        ),
         (r#"{"nodes": {"server": {"kernel": "/k"}}, "extra": 1}"#, "error: unknown field \"extra\""),
         ("{", "error: spec is not valid JSON"),
     ] {
