@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cli::{BuildArgs, PlanArgs};
 use crate::plan::qemu::{self, Opt};
@@ -22,17 +22,22 @@ pub struct Loaded {
     pub plan: Plan,
 }
 
+/// The largest spec read. Real specs are kilobytes; the cap makes a wrong
+/// path (`/dev/zero`, a disk image) a quick error rather than all the memory.
+pub const MAX_SPEC_BYTES: u64 = 16 << 20;
+
 /// Reads the spec (`-` is standard input), validates it, checks the files it
 /// names exist, and plans it.
 pub fn load(path: &Path) -> Result<Loaded> {
     let (text, base) = if path == Path::new("-") {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("cannot read the spec from standard input")?;
+        let text = read_spec(std::io::stdin().lock(), "the spec on standard input")?;
         (text, std::env::current_dir().context("cannot find the current directory")?)
     } else {
-        let text = fs::read_to_string(path).with_context(|| format!("cannot read spec {}", path.display()))?;
+        let what = format!("spec {path:?}");
+        let file = fs::File::open(path).with_context(|| format!("cannot read {what}"))?;
+        let text = read_spec(file, &what)?;
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let base = fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+        let base = fs::canonicalize(dir).with_context(|| format!("cannot resolve {dir:?}"))?;
         (text, base)
     };
     let spec = spec::parse(&text, &base)?;
@@ -45,6 +50,17 @@ pub fn load(path: &Path) -> Result<Loaded> {
     Ok(Loaded { spec, plan })
 }
 
+/// Reads all of `source` as text, refusing more than [`MAX_SPEC_BYTES`]:
+/// one byte more is read to tell a spec of exactly that size from a bigger one.
+fn read_spec(source: impl Read, what: &str) -> Result<String> {
+    let mut bytes = Vec::new();
+    source.take(MAX_SPEC_BYTES + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {what}"))?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        bail!("{what} is larger than {} MiB, the most a spec may be", MAX_SPEC_BYTES >> 20);
+    }
+    String::from_utf8(bytes).map_err(|e| anyhow!("{what} is not UTF-8 text: {}", e.utf8_error()))
+}
+
 fn check_files(name: &str, node: &Node) -> Result<()> {
     let files: Vec<(&str, &Path)> = match &node.boot {
         Boot::Kernel { kernel, initrd, .. } => {
@@ -54,7 +70,7 @@ fn check_files(name: &str, node: &Node) -> Result<()> {
     };
     for (field, path) in files {
         if !path.is_file() {
-            bail!("node {name:?}: {field}: {} is not a file", path.display());
+            bail!("node {name:?}: {field}: {path:?} is not a file");
         }
     }
     Ok(())
@@ -63,11 +79,9 @@ fn check_files(name: &str, node: &Node) -> Result<()> {
 fn resolve_tool(given: Option<&Path>, field: &str, program: &str, package: &str) -> Result<PathBuf> {
     match given {
         Some(path) if path.is_file() => Ok(path.to_path_buf()),
-        Some(path) => bail!("{field}: {} is not a file", path.display()),
+        Some(path) => bail!("{field}: {path:?} is not a file"),
         None => which::which(program).map_err(|_| {
-            anyhow::anyhow!(
-                "{program} not found on PATH: install the Debian package {package}, or set \"{field}\" in the spec"
-            )
+            anyhow!("{program} not found on PATH: install the Debian package {package}, or set \"{field}\" in the spec")
         }),
     }
 }
@@ -118,38 +132,38 @@ pub fn files(loaded: &Loaded, vmlab: &Path) -> Vec<File> {
 /// directory first, renamed into place at the end, so a failure leaves nothing half-written.
 fn write_tree(out: &Path, files: &[File]) -> Result<()> {
     if out.exists() {
-        let empty = fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?.next().is_none();
+        let empty = fs::read_dir(out).with_context(|| format!("cannot read {out:?}"))?.next().is_none();
         if !empty {
-            bail!("output directory {} is not empty", out.display());
+            bail!("output directory {out:?} is not empty");
         }
     }
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {parent:?}"))?;
     let staging = tempfile::Builder::new()
         .prefix(".vmlab-build-")
         .tempdir_in(parent)
-        .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
+        .with_context(|| format!("cannot create a directory in {parent:?}"))?;
     for file in files {
         let path = staging.path().join(&file.path);
         fs::create_dir_all(path.parent().expect("files are inside the tree"))
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        fs::write(&path, &file.contents).with_context(|| format!("cannot write {}", path.display()))?;
+            .with_context(|| format!("cannot create {path:?}"))?;
+        fs::write(&path, &file.contents).with_context(|| format!("cannot write {path:?}"))?;
         let mode = if file.executable { 0o755 } else { 0o644 };
         fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+            .with_context(|| format!("cannot set the mode of {path:?}"))?;
     }
     fs::set_permissions(staging.path(), fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot set the mode of {}", staging.path().display()))?;
+        .with_context(|| format!("cannot set the mode of {:?}", staging.path()))?;
     if out.exists() {
-        fs::remove_dir(out).with_context(|| format!("cannot replace {}", out.display()))?;
+        fs::remove_dir(out).with_context(|| format!("cannot replace {out:?}"))?;
     }
     let staged = staging.keep();
     fs::rename(&staged, out).or_else(|err| {
         let _ = fs::remove_dir_all(&staged);
-        Err(err).with_context(|| format!("cannot move {} to {}", staged.display(), out.display()))
+        Err(err).with_context(|| format!("cannot move {staged:?} to {out:?}"))
     })
 }
 
@@ -180,22 +194,19 @@ fn render_opts(opts: &[Opt]) -> String {
 /// `bin/run-<name>-vm`: a readable POSIX sh script that starts one machine.
 pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
     let script_name = format!("run-{}-vm", m.name);
-    let default_state = format!("vmlab-{}-{}", plan.name, m.name);
     let mut s = format!(
         "#!/bin/sh\n\
          # Generated by vmlab: starts machine {name:?} (number {number}) of network {network:?}.\n\
          # Environment (docs/design.md): VMLAB_STATE_DIR, QEMU_VDE_SOCKET_<vlan>,\n\
          # VMLAB_ACCEL (kvm, tcg, auto), QEMU_OPTS, QEMU_KERNEL_PARAMS.\n\
          set -eu\n\
-         {out}=$(cd \"$(dirname \"$0\")/..\" && pwd)\n\
-         {state}=${{VMLAB_STATE_DIR:-${{XDG_RUNTIME_DIR:-${{TMPDIR:-/tmp}}}}/{default_state}}}\n",
+         {out}=$(cd \"$(dirname \"$0\")/..\" && pwd)\n",
         name = m.name,
         number = m.number,
         network = plan.name,
         out = qemu::OUT_VAR,
-        state = qemu::STATE_VAR,
-        default_state = quote(&default_state),
     );
+    s += &state_dir_preamble(plan, m, &script_name);
     let mut comma_checked = format!("${}${}", qemu::OUT_VAR, qemu::STATE_VAR);
     for i in &m.interfaces {
         let env = format!("QEMU_VDE_SOCKET_{}", i.vlan);
@@ -217,9 +228,7 @@ pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
     s += &format!(
         "case \"{comma_checked}\" in\n  \
            *,*) echo \"{script_name}: QEMU cannot take paths with ',': $out, $state\" >&2; exit 2 ;;\n\
-         esac\n\
-         mkdir -p \"${state}\"\n",
-        state = qemu::STATE_VAR,
+         esac\n",
     );
     match &node.boot {
         Boot::Kernel { kernel, initrd, cmdline } => {
@@ -258,6 +267,38 @@ pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
     s
 }
 
+/// The run script's lines that set the state directory (docs/design.md,
+/// security notes). It holds the backdoor socket, a root shell in the guest,
+/// so whoever can write to it can take that socket's place: a given
+/// `VMLAB_STATE_DIR` must be ours and writable by no one else, and without
+/// one the script makes a fresh private directory rather than trusting a
+/// predictable name that another user may have made first.
+fn state_dir_preamble(plan: &Plan, m: &Machine, script_name: &str) -> String {
+    let template = format!("vmlab-{}-{}-XXXXXX", plan.name, m.name);
+    format!(
+        "if [ -n \"${{VMLAB_STATE_DIR-}}\" ]; then\n  \
+           # Absolute: a start script runs in it (cd) and QEMU gets paths inside it.\n  \
+           case $VMLAB_STATE_DIR in /*) {state}=$VMLAB_STATE_DIR ;; *) {state}=$PWD/$VMLAB_STATE_DIR ;; esac\n  \
+           mkdir -p -m 0700 \"${state}\"\n  \
+           if [ -z \"$(find \"${state}\" -prune -type d -user \"$(id -u)\" ! -perm -g+w ! -perm -o+w)\" ]; then\n    \
+             echo \"{script_name}: refusing VMLAB_STATE_DIR ${state}: it must be a directory of ours that no one else can write to\" >&2\n    \
+             exit 2\n  \
+           fi\n\
+         else\n  \
+           {state}=$(mktemp -d \"${{XDG_RUNTIME_DIR:-${{TMPDIR:-/tmp}}}}\"/{template})\n  \
+           echo \"{script_name}: state directory: ${state} (removed when QEMU exits)\" >&2\n  \
+           # QEMU takes this shell's place (exec), so a helper removes the directory once\n  \
+           # QEMU has exited: it reads a FIFO whose writing end only QEMU holds (fd 9).\n  \
+           mkfifo \"${state}\"/qemu-alive\n  \
+           (trap '' HUP INT TERM; cat \"${state}\"/qemu-alive; rm -rf \"${state}\") >/dev/null 2>&1 &\n  \
+           exec 9>\"${state}\"/qemu-alive\n  \
+           rm \"${state}\"/qemu-alive\n\
+         fi\n",
+        state = qemu::STATE_VAR,
+        template = quote(&template),
+    )
+}
+
 /// `bin/run-vms`: the whole network, by `vmlab up` on this directory.
 pub fn run_vms_script(plan: &Plan, vmlab: &Path) -> String {
     format!(
@@ -270,4 +311,31 @@ pub fn run_vms_script(plan: &Plan, vmlab: &Path) -> String {
         name = plan.name,
         vmlab = quote(&vmlab.to_string_lossy()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_spec_limits() {
+        let spaces = |n: u64| Box::new(std::io::repeat(b' ').take(n)) as Box<dyn Read>;
+        let bytes = |b: &'static [u8]| Box::new(b) as Box<dyn Read>;
+        for (source, want) in [
+            (bytes(b"{}"), Ok(2)),
+            (spaces(MAX_SPEC_BYTES), Ok(MAX_SPEC_BYTES as usize)),
+            (spaces(MAX_SPEC_BYTES + 1), Err("spec x is larger than 16 MiB, the most a spec may be")),
+            (Box::new(std::io::repeat(0)), Err("spec x is larger than 16 MiB")),
+            (
+                bytes(b"{\"a\": \"\xe9\"}"),
+                Err("spec x is not UTF-8 text: invalid utf-8 sequence of 1 bytes from index 7"),
+            ),
+        ] {
+            match (read_spec(source, "spec x"), want) {
+                (Ok(text), Ok(len)) => assert_eq!(text.len(), len),
+                (Err(e), Err(want)) => assert!(e.to_string().starts_with(want), "got: {e}\nwant: {want}"),
+                (got, want) => panic!("got {:?}, want {want:?}", got.map(|t| t.len())),
+            }
+        }
+    }
 }

@@ -5,9 +5,12 @@
 //! and unknown keys are rejected with their place.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::error::Category;
 use serde_json::{Map, Value};
 
 use crate::plan::addr::MAX_MACHINES;
@@ -52,7 +55,10 @@ pub struct ForwardPort {
 /// Parses and validates a spec. Relative paths are taken relative to `base`
 /// (the spec file's directory) and made absolute, so the run scripts work from anywhere.
 pub fn parse(text: &str, base: &Path) -> Result<Spec> {
-    let value: Value = serde_json::from_str(text).map_err(|e| anyhow!("spec is not valid JSON: {e}"))?;
+    let UniqueKeys(value) = serde_json::from_str(text).map_err(|e| match e.classify() {
+        Category::Data => anyhow!("spec: {e}"),
+        _ => anyhow!("spec is not valid JSON: {e}"),
+    })?;
     let top = value.as_object().ok_or_else(|| anyhow!("spec must be a JSON object, not {}", kind(&value)))?;
     let mut fields = Fields::new(top, String::new());
     let name = match fields.take("name") {
@@ -81,6 +87,72 @@ pub fn parse(text: &str, base: &Path) -> Result<Spec> {
     }
     check_host_ports_unique(&nodes)?;
     Ok(Spec { name, nodes, qemu, vde_switch })
+}
+
+/// A JSON value whose objects each have every key once: serde_json would keep
+/// the last of two equal keys silently, and a second node of the same name
+/// would replace the first unseen. The only data error it raises is a
+/// duplicate key (the rest are syntax errors).
+struct UniqueKeys(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeysVisitor)
+    }
+}
+
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(Value::Null))
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(b.into()))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(n.into()))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(n.into()))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(n.into()))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<UniqueKeys, E> {
+        Ok(UniqueKeys(s.into()))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueKeys, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(UniqueKeys(Value::Array(items)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueKeys, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(de::Error::custom(format_args!("key {key:?} is given twice in one object")));
+            }
+            let UniqueKeys(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(UniqueKeys(Value::Object(object)))
+    }
 }
 
 /// Takes known keys out of a JSON object; whatever is left is an unknown key.
@@ -140,7 +212,9 @@ fn node(name: &str, value: &Value, base: &Path) -> Result<Node> {
     };
     let qemu_options = match f.take("qemuOptions") {
         None => Vec::new(),
-        Some(v) => list(v)?.iter().map(string).collect::<Result<_>>().map_err(|e| err("qemuOptions", e))?,
+        Some(v) => {
+            list(v).and_then(|l| l.iter().map(string).collect::<Result<_>>()).map_err(|e| err("qemuOptions", e))?
+        }
     };
     f.finish()?;
 
@@ -245,7 +319,13 @@ fn list(v: &Value) -> Result<&Vec<Value>> {
 }
 
 fn string(v: &Value) -> Result<String> {
-    v.as_str().map(str::to_string).ok_or_else(|| anyhow!("expected a string, not {}", kind(v)))
+    let s = v.as_str().ok_or_else(|| anyhow!("expected a string, not {}", kind(v)))?;
+    // Every string ends up in a run script or an argument of QEMU, and
+    // neither can carry a NUL: a shell would cut or drop it.
+    if s.contains('\0') {
+        bail!("contains a NUL byte, which no script or command line can carry");
+    }
+    Ok(s.to_owned())
 }
 
 fn int_in(v: &Value, lo: u32, hi: u32) -> Result<u32> {
@@ -355,6 +435,19 @@ mod tests {
                 one_node(json!({"kernel": k, "qemuOptions": ["-a", 1]})),
                 "node \"server\": qemuOptions: expected a string, not a number",
             ),
+            (
+                one_node(json!({"kernel": k, "qemuOptions": "-a"})),
+                "node \"server\": qemuOptions: expected a list, not a string",
+            ),
+            (
+                one_node(json!({"kernel": k, "qemuOptions": ["-a", "b\0"]})),
+                "node \"server\": qemuOptions: contains a NUL byte",
+            ),
+            (one_node(json!({"kernel": k, "cmdline": "quiet\0x"})), "node \"server\": cmdline: contains a NUL byte"),
+            (one_node(json!({"kernel": "/k\0"})), "node \"server\": kernel: contains a NUL byte"),
+            (one_node(json!({"startScript": "/s\0"})), "node \"server\": startScript: contains a NUL byte"),
+            (json!({"nodes": {"a": {"kernel": k}}, "vdeSwitch": "/v\0"}), "vdeSwitch: contains a NUL byte"),
+            (json!({"nodes": {"a": {"kernel": k}}, "name": "n\0"}), "name: contains a NUL byte"),
             (one_node(json!("x")), "node \"server\": expected an object, not a string"),
             (
                 json!({"nodes": {"a": {"kernel": k, "forwardPorts": [{"host": 80, "guest": 1}]}, "b": {"kernel": k, "forwardPorts": [{"host": 80, "guest": 2}]}}}),
@@ -375,6 +468,22 @@ mod tests {
         let err = parse("{\"nodes\": ", Path::new("/")).unwrap_err().to_string();
         assert!(err.starts_with("spec is not valid JSON: EOF while parsing"), "{err}");
         assert!(!err.contains('\n'));
+    }
+
+    /// serde_json alone would keep the last of two equal keys.
+    #[test]
+    fn a_key_given_twice_in_any_object_is_refused() {
+        for (text, key) in [
+            (r#"{"nodes": {"a": {"kernel": "/k"}, "a": {"kernel": "/j"}}}"#, "a"),
+            (r#"{"name": "x", "nodes": {"a": {"kernel": "/k"}}, "name": "y"}"#, "name"),
+            (r#"{"nodes": {"a": {"kernel": "/k", "kernel": "/j"}}}"#, "kernel"),
+            (r#"{"nodes": {"a": {"kernel": "/k", "forwardPorts": [{"host": 1, "guest": 2, "host": 3}]}}}"#, "host"),
+            (r#"{"nodes": {"a": {"kernel": "/k"}}, "x": [[{"y": {"z": 1, "z": 1}}]]}"#, "z"),
+        ] {
+            let err = parse(text, Path::new("/")).unwrap_err().to_string();
+            let want = format!("spec: key {key:?} is given twice in one object at line 1 column");
+            assert!(err.starts_with(&want), "{text}\n  got:  {err}\n  want: {want}");
+        }
     }
 
     #[test]

@@ -137,14 +137,14 @@ pub fn junit_cases(
 /// Checks the script exists and can run, before anything starts; an
 /// absolute path, since the script may change directory.
 fn resolve_script(path: &Path) -> Result<Script> {
-    let meta = std::fs::metadata(path).with_context(|| format!("test script {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("test script {path:?}"))?;
     if !meta.is_file() {
-        bail!("test script {} is not a file", path.display());
+        bail!("test script {path:?} is not a file");
     }
-    let absolute = std::fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    let absolute = std::fs::canonicalize(path).with_context(|| format!("cannot resolve {path:?}"))?;
     let script = Script::of(&absolute);
     if matches!(script, Script::Executable(_)) && meta.permissions().mode() & 0o111 == 0 {
-        bail!("test script {} is not executable (chmod +x it, or name a Python script *.py)", path.display());
+        bail!("test script {path:?} is not executable (chmod +x it, or name a Python script *.py)");
     }
     Ok(script)
 }
@@ -175,9 +175,9 @@ impl Reports {
         let (subtests, all) = log.records();
         let xml = junit::render(&self.suite, &junit_cases(&subtests, &self.main, took, verdict, &all), took);
         if let Some(dir) = self.junit.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {dir:?}"))?;
         }
-        std::fs::write(&self.junit, xml).with_context(|| format!("cannot write {}", self.junit.display()))
+        std::fs::write(&self.junit, xml).with_context(|| format!("cannot write {:?}", self.junit))
     }
 }
 
@@ -195,10 +195,10 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         (Some(Script::Python(_)), _) | (_, true) => Some(python::python3()?),
         _ => None,
     };
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let out = std::fs::canonicalize(&args.out).with_context(|| format!("cannot resolve {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {:?}", args.out))?;
+    let out = std::fs::canonicalize(&args.out).with_context(|| format!("cannot resolve {:?}", args.out))?;
     let log_path = out.join("vmlab.log");
-    let log_file = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log_file = File::create(&log_path).with_context(|| format!("cannot create {log_path:?}"))?;
     let log = Arc::new(Log::stderr(Some(log_file)));
 
     let say = |line: &str| log.info(None, line);

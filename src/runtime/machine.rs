@@ -138,8 +138,6 @@ impl Machine {
             }
             previous.guard.stop(STOP_GRACE);
         }
-        let state_dir = self.state_dir();
-        std::fs::create_dir_all(&state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
         let serial_log = append(&self.serial_log())?;
         let qemu_log = append(&self.qemu_log())?;
         let qemu_log_offset =

@@ -127,11 +127,9 @@ impl Drop for Network {
 /// Reads `DIR/plan.json`, as written by `vmlab build`.
 pub fn load_plan(dir: &Path) -> Result<Plan> {
     let path = dir.join("plan.json");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!("cannot read {} (is {} a directory written by `vmlab build`?)", path.display(), dir.display())
-    })?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a plan written by this version of vmlab", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {path:?} (is {dir:?} a directory written by `vmlab build`?)"))?;
+    serde_json::from_str(&text).with_context(|| format!("{path:?} is not a plan written by this version of vmlab"))
 }
 
 /// Fails, naming the machine and port, when a forwarded host port cannot be

@@ -133,7 +133,15 @@ fn invalid_spec_is_one_line_and_writes_nothing() {
         ),
         (
             r#"{"nodes": {"server": {"kernel": "/nonexistent/kernel"}}}"#,
-            "error: node \"server\": kernel: /nonexistent/kernel is not a file",
+            "error: node \"server\": kernel: \"/nonexistent/kernel\" is not a file",
+        ),
+        (
+            r#"{"nodes": {"server": {"kernel": "/k"}, "server": {"kernel": "/k"}}}"#,
+            "error: spec: key \"server\" is given twice in one object",
+        ),
+        (
+            r#"{"nodes": {"server": {"kernel": "/k", "cmdline": "quiet\u0000"}}}"#,
+            "error: node \"server\": cmdline: contains a NUL byte",
         ),
         (r#"{"nodes": {"server": {"kernel": "/k"}}, "extra": 1}"#, "error: unknown field \"extra\""),
         ("{", "error: spec is not valid JSON"),
@@ -149,6 +157,48 @@ fn invalid_spec_is_one_line_and_writes_nothing() {
         assert!(!out_dir.exists(), "{text}: output directory was created");
         let leftovers: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers, ["spec.json"], "{text}: something was left behind");
+    }
+}
+
+/// What is not a spec at all: a one-line error naming the path, quoted so
+/// that it stays one line, and soon (vmlab runs under a memory limit here,
+/// so a read without end fails rather than swapping).
+#[test]
+fn unreadable_specs_are_one_line_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let odd = tmp.path().join("two\nlines");
+    fs::create_dir(&odd).unwrap();
+    let not_utf8 = tmp.path().join("latin1.json");
+    fs::write(&not_utf8, b"{\"name\": \"caf\xe9\"}").unwrap();
+    for (path, want) in [
+        (
+            PathBuf::from("/dev/zero"),
+            "error: spec \"/dev/zero\" is larger than 16 MiB, the most a spec may be".to_owned(),
+        ),
+        (
+            odd.join("spec.json"),
+            format!("error: cannot read spec {:?}: No such file or directory", odd.join("spec.json")),
+        ),
+        (odd.clone(), format!("error: cannot read spec {odd:?}: Is a directory")),
+        (not_utf8.clone(), format!("error: spec {not_utf8:?} is not UTF-8 text")),
+    ] {
+        let mut cmd = vmlab();
+        cmd.arg("plan").arg(&path);
+        // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                let limit = libc::rlimit { rlim_cur: 512 << 20, rlim_max: 512 << 20 };
+                match libc::setrlimit(libc::RLIMIT_AS, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+        let result = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(2), "{path:?}: {stderr}");
+        assert!(stderr.starts_with(&want), "{path:?}\n  got:  {stderr}\n  want: {want}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
 

@@ -243,7 +243,7 @@ fn script_problems_fail_before_anything_boots() {
     let not_executable = write_script(tmp.path(), "test.sh", "true\n");
     for (script, message) in [
         (tmp.path().join("missing.py"), "error: test script ".to_string()),
-        (not_executable.clone(), format!("error: test script {} is not executable", not_executable.display())),
+        (not_executable.clone(), format!("error: test script {not_executable:?} is not executable")),
     ] {
         let output = test_run(&runs, &network, &script, &out, &[]);
         assert_eq!(output.status.code(), Some(2));

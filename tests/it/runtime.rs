@@ -2,9 +2,11 @@
 //! behind real run scripts and real vde_switches) for signals, SIGKILL, a
 //! taken port, a machine that fails to start; and on real VMs (the webserver
 //! example on the default guest) for a forwarded port, SIGTERM and SIGKILL.
+//! Also a run script alone, on a stand-in machine: its state directory.
 
 use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -211,6 +213,78 @@ fn a_taken_forwarded_port_fails_before_anything_starts() {
     );
     assert!(stderr.starts_with(&expected) && stderr.lines().count() == 1, "{stderr}");
     assert_eq!(std::fs::read_dir(&runs).unwrap().count(), 0, "a session directory was created");
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// The state directory holds the backdoor socket, a root shell: a run script
+/// starts no QEMU in a VMLAB_STATE_DIR that another user owns or can write
+/// to (there they could put a listener in the socket's place), and makes a
+/// missing one private. QEMU stands in with FAKE_QEMU_FAIL: reached, it
+/// exits at once with status 3.
+#[test]
+fn a_run_script_refuses_a_state_directory_others_own_or_can_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = build_fake(tmp.path(), free_port()).join("bin/run-a-vm");
+    let dir = |name: &str, mode: u32, owner: Option<u32>| {
+        let path = tmp.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&path, owner, None).unwrap();
+        path
+    };
+    let refused = "it must be a directory of ours that no one else can write to";
+    for (state, status, stderr) in [
+        (dir("nobodys", 0o700, Some(65534)), 2, refused),
+        (dir("open", 0o777, None), 2, refused),
+        (dir("group-writable", 0o770, None), 2, refused),
+        (dir("ours", 0o755, None), 3, "fake failure of a"),
+        (tmp.path().join("missing/state"), 3, "fake failure of a"),
+    ] {
+        let out = run(Command::new(&script).env("VMLAB_STATE_DIR", &state).env("FAKE_QEMU_FAIL", "a"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(status), "{state:?}: {err}");
+        assert!(err.lines().any(|l| l.contains(stderr)), "{state:?}: {err}");
+        if status == 2 {
+            let line = format!("run-a-vm: refusing VMLAB_STATE_DIR {}: {refused}", state.display());
+            assert_eq!(err.lines().last(), Some(line.as_str()));
+            assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "{state:?} was used");
+        }
+    }
+    assert_eq!(mode(&tmp.path().join("missing/state")), 0o700);
+}
+
+/// Alone (no VMLAB_STATE_DIR), a run script makes a fresh private state
+/// directory under the runtime directory, never the predictable name that
+/// another user may have made first, says where it is on standard error,
+/// and removes it once QEMU has exited.
+#[test]
+fn a_run_script_alone_makes_a_private_state_directory_and_removes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = build_fake(tmp.path(), free_port()).join("bin/run-a-vm");
+    let runtime_dir = tmp.path().join("runtime");
+    let predictable = runtime_dir.join("vmlab-fake-a");
+    std::fs::create_dir_all(&predictable).unwrap();
+    std::fs::set_permissions(&predictable, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut vm = Up::spawn(Command::new(&script), &runtime_dir, &[]);
+    vm.wait_for("out: a booted");
+    assert_eq!(std::fs::read_dir(&predictable).unwrap().count(), 0, "the predictable directory was used");
+    let line = vm.wait_for("err: run-a-vm: state directory: ");
+    let state = PathBuf::from(line.split_once("state directory: ").unwrap().1.split_once(" (").unwrap().0);
+    assert_eq!(state.parent(), Some(runtime_dir.as_path()), "{line}");
+    assert!(state.file_name().unwrap().to_str().unwrap().starts_with("vmlab-fake-a-"), "{line}");
+    assert_eq!(mode(&state), 0o700);
+    assert!(state.join("shell.sock").exists());
+    vm.signal(libc::SIGTERM);
+    let (status, output) = vm.finish();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM), "{output}");
+    let deadline = Instant::now() + PATIENCE;
+    while state.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!state.exists(), "{state:?} is left after QEMU exited");
 }
 
 #[test]
