@@ -17,13 +17,15 @@ use serde_json::{json, Map, Value};
 
 use super::base64;
 use super::log::{Log, Style};
-use super::machine::{Machine, DEFAULT_TIMEOUT};
+use super::machine::{CrashHandle, Machine, DEFAULT_TIMEOUT};
 use super::{DriverError, Kind};
 use crate::runtime::Network;
 
 /// Every machine, each behind its own lock, and the test's log.
 pub struct Driver {
     machines: BTreeMap<String, Mutex<Machine>>,
+    /// Each machine's crash, which must not wait for a request holding the machine.
+    crashes: BTreeMap<String, CrashHandle>,
     pub log: Arc<Log>,
     /// Requests being served, by serial number: what the report names when
     /// the global timeout fires.
@@ -114,6 +116,7 @@ const GLOBAL_OPS: [&str; 7] =
 impl Driver {
     pub fn new(machines: Vec<Machine>, log: Arc<Log>) -> Self {
         Driver {
+            crashes: machines.iter().map(|m| (m.name.clone(), m.crash_handle())).collect(),
             machines: machines.into_iter().map(|m| (m.name.clone(), Mutex::new(m))).collect(),
             log,
             in_flight: Mutex::new(BTreeMap::new()),
@@ -201,6 +204,9 @@ impl Driver {
                 let lock = self.machines.get(name).ok_or_else(|| {
                     DriverError::request(format!("no machine {name:?} (machines: {})", self.machine_names().join(", ")))
                 })?;
+                if op == "crash" {
+                    self.crashes[name].crash();
+                }
                 let mut m = lock.lock().unwrap_or_else(|e| e.into_inner());
                 machine_op(&mut m, op, req)
             }
@@ -502,6 +508,44 @@ mod tests {
         assert_eq!(call(&mut c, json!({"op": "subtest_end"})).unwrap_err().kind, Kind::Request);
         // Garbage gets an answer too, with a null id.
         assert!(d.handle_line("nonsense").contains(r#""id":null"#));
+        d.release_all();
+    }
+
+    /// `crash` does not wait for the command that holds the machine: that
+    /// command fails at once, saying why, and the machine starts again.
+    #[test]
+    fn a_crash_stops_the_running_command_on_the_same_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path(), &["m"]);
+        let path = dir.path().join("control.sock");
+        serve(d.clone(), &path).unwrap();
+        call(&mut Client::connect(&path).unwrap(), json!({"op": "start_all"})).unwrap();
+        let sleeper = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                call(
+                    &mut Client::connect(&path).unwrap(),
+                    json!({"op": "succeed", "machine": "m", "command": "sleep 30"}),
+                )
+            })
+        };
+        let started = Instant::now();
+        while d.running_steps().is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mut c = Client::connect(&path).unwrap();
+        call(&mut c, json!({"op": "crash", "machine": "m"})).unwrap();
+        // Had the crash waited for the command, the command would have succeeded.
+        let e = sleeper.join().unwrap().unwrap_err();
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (Kind::Machine, "machine m: crashed on request (crash()) while this ran")
+        );
+        assert_eq!(call(&mut c, json!({"op": "machines"})).unwrap()["machines"][0]["up"], false);
+        let r = call(&mut c, json!({"op": "succeed", "machine": "m", "command": "echo back"})).unwrap();
+        assert_eq!(r["stdout"], "back\n");
         d.release_all();
     }
 

@@ -40,12 +40,33 @@ pub trait Vm: Send {
     fn exited(&mut self) -> Option<String>;
     /// Stops QEMU at once and reaps it.
     fn kill(&mut self);
+    /// Stops QEMU at once from any thread, without the machine (which a
+    /// running command holds): the command then sees QEMU gone.
+    fn killer(&self) -> Killer;
     /// Where QEMU puts `shell.sock` and `qmp.sock`.
     fn state_dir(&self) -> PathBuf;
     /// The serial console's log file (appended to while QEMU runs).
     fn serial_log(&self) -> PathBuf;
     /// The network has stopped for good: the machine cannot start again.
     fn retired(&self) -> bool;
+}
+
+/// Stops a machine's current QEMU from any thread.
+pub type Killer = Arc<dyn Fn() + Send + Sync>;
+
+/// `crash()` while another request holds the machine: QEMU is stopped at
+/// once, and the request that was running learns why.
+#[derive(Clone)]
+pub struct CrashHandle {
+    kill: Killer,
+    requested: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CrashHandle {
+    pub fn crash(&self) {
+        self.requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        (self.kill)();
+    }
 }
 
 /// The next pause of a poll loop: fast at first, then about a second.
@@ -109,6 +130,7 @@ pub struct Machine {
     shell_is_bash: Option<bool>,
     /// Why QEMU ended when nobody asked it to; commands fail until `start`.
     died: Option<String>,
+    crash: CrashHandle,
     /// Serial console text not yet consumed by `wait_for_console_text`.
     console: String,
     console_offset: u64,
@@ -122,9 +144,11 @@ fn secs(d: Duration) -> String {
 
 impl Machine {
     pub fn new(name: &str, interfaces: Vec<(String, u8)>, vm: Box<dyn Vm>, out_dir: &Path, log: Arc<Log>) -> Self {
+        let crash = CrashHandle { kill: vm.killer(), requested: Default::default() };
         Machine {
             name: name.to_string(),
             interfaces,
+            crash,
             vm,
             running: false,
             ever_started: false,
@@ -146,6 +170,16 @@ impl Machine {
 
     fn err(&self, kind: Kind, msg: impl std::fmt::Display) -> DriverError {
         DriverError::new(kind, format!("machine {}: {msg}", self.name))
+    }
+
+    /// Crashes the machine from any thread, even while it runs a command.
+    pub fn crash_handle(&self) -> CrashHandle {
+        self.crash.clone()
+    }
+
+    /// Whether QEMU was stopped by [`CrashHandle::crash`] since this was last asked.
+    fn crash_requested(&self) -> bool {
+        self.crash.requested.swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn ever_started(&self) -> bool {
@@ -213,6 +247,12 @@ impl Machine {
 
     /// QEMU ended unexpectedly: remember why, so later commands say so.
     fn mark_dead(&mut self, error: DriverError) -> DriverError {
+        if self.crash_requested() {
+            // Asked for: the machine is stopped, not dead, and starts again on demand.
+            self.vm.kill();
+            self.forget_process();
+            return self.err(Kind::Machine, "crashed on request (crash()) while this ran");
+        }
         let how = self.vm.exited().unwrap_or_else(|| {
             self.vm.kill();
             "stopped (the backdoor broke)".into()
@@ -484,6 +524,8 @@ impl Machine {
 
     /// Stops QEMU at once, like pulling the power cord.
     pub fn crash(&mut self) -> Result<(), DriverError> {
+        // Served now: a later failure is not this crash's doing.
+        self.crash_requested();
         if !self.running {
             return Ok(());
         }

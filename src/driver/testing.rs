@@ -16,6 +16,8 @@ pub struct LocalVm {
     dir: PathBuf,
     bin: PathBuf,
     child: Option<Child>,
+    /// The shell's process group, for [`Vm::killer`] (0: none).
+    group: Arc<std::sync::atomic::AtomicI32>,
     /// QMP commands received, for assertions.
     pub qmp_log: Arc<Mutex<Vec<serde_json::Value>>>,
 }
@@ -23,7 +25,13 @@ pub struct LocalVm {
 impl LocalVm {
     /// `dir` holds the sockets and `serial.log`; `bin` is a PATH directory.
     pub fn new(dir: &Path, bin: &Path) -> Self {
-        LocalVm { dir: dir.to_path_buf(), bin: bin.to_path_buf(), child: None, qmp_log: Default::default() }
+        LocalVm {
+            dir: dir.to_path_buf(),
+            bin: bin.to_path_buf(),
+            child: None,
+            group: Default::default(),
+            qmp_log: Default::default(),
+        }
     }
 }
 
@@ -63,6 +71,7 @@ impl Vm for LocalVm {
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()?;
+        self.group.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
         self.child = Some(child);
         let shell = UnixListener::bind(self.dir.join("shell.sock"))?;
         std::thread::spawn(move || {
@@ -106,6 +115,16 @@ impl Vm for LocalVm {
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
         }
+    }
+
+    fn killer(&self) -> super::machine::Killer {
+        let group = self.group.clone();
+        Arc::new(move || match group.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => {}
+            g => unsafe {
+                libc::kill(-g, libc::SIGKILL);
+            },
+        })
     }
 
     fn state_dir(&self) -> PathBuf {

@@ -382,6 +382,13 @@ impl crate::driver::machine::Vm for Arc<Machine> {
         Machine::kill(self);
     }
 
+    fn killer(&self) -> crate::driver::machine::Killer {
+        let machine = self.clone();
+        Arc::new(move || {
+            Machine::kill(&machine);
+        })
+    }
+
     fn state_dir(&self) -> PathBuf {
         Machine::state_dir(self)
     }

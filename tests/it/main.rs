@@ -7,7 +7,7 @@ mod build;
 mod coverage;
 mod drive;
 mod guest;
-mod hostile;
+mod abuse;
 mod network;
 mod nix;
 mod nixapi;

@@ -1,12 +1,14 @@
-//! A guest is hostile: what comes out of it never gains privileges on the
-//! host nor lands outside its target, and a process it leaves running never
-//! reaches another command's output. On a real VM (the default guest, whose
-//! commands run as root), with host-side checks in the test script itself.
+//! vmlab used as an attacker or a careless user would. A guest is hostile:
+//! what comes out of it never gains privileges on the host nor lands outside
+//! its target, and a process it leaves running never reaches another
+//! command's output. A crash from another thread does not wait for a
+//! running command. On a real VM (the default guest, whose commands run as
+//! root), with host-side checks in the test script itself.
 
 use crate::drive::{assert_nothing_left, junit_cases, test_run, text, write_script};
 
 const SCRIPT: &str = r#"
-import io, os, stat, tarfile
+import io, os, stat, tarfile, threading
 
 start_all()
 out = driver.out_dir
@@ -78,10 +80,23 @@ with subtest("a background writer never reaches a later command's output"):
     machine.succeed("(sleep 1; yes daemon-log-line | head -c 20000000) &")
     for i in range(10):
         assert machine.succeed(f"sleep 0.2; echo fast{i}", timeout=60) == f"fast{i}\n"
+
+with subtest("a crash from another thread stops the running command at once"):
+    crasher = threading.Timer(1.0, machine.crash)
+    crasher.start()
+    try:
+        # Had the crash waited for it, this would succeed after 60 s.
+        machine.succeed("sleep 60")
+    except MachineError as e:
+        assert str(e) == "machine machine: crashed on request (crash()) while this ran", e
+    else:
+        raise AssertionError("the command outlived the crash")
+    crasher.join()
+    assert machine.succeed("echo restarted") == "restarted\n"
 "#;
 
 #[test]
-fn a_hostile_guest_cannot_plant_files_or_mix_output() {
+fn a_hostile_guest_cannot_plant_files_or_mix_output_and_a_crash_is_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
     let script = write_script(tmp.path(), "hostile.py", SCRIPT);
@@ -91,7 +106,7 @@ fn a_hostile_guest_cannot_plant_files_or_mix_output() {
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     let cases = junit_cases(&out.join("junit.xml"));
-    assert_eq!(cases.len(), 4, "{cases:?}");
+    assert_eq!(cases.len(), 5, "{cases:?}");
     assert!(stderr.contains("warning: copy of /tmp/tools: left out \"tools/disk\" (a block device)"), "{stderr}");
     assert!(stderr.contains("left out \"tools/pipe\" (a FIFO)"), "{stderr}");
     assert_nothing_left(&runs);
