@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,9 @@ use super::log::{printable, Log, Style, Subtest};
 use super::{python, Kind};
 use crate::cli::TestArgs;
 use crate::coverage;
-use crate::runtime::process::{describe_exit, ChildGuard, STOP_GRACE};
-use crate::runtime::signals::{self, TerminationSignals};
+use crate::runtime::process::{describe_exit, ChildGuard};
+use crate::runtime::reaper::Reaped;
+use crate::runtime::signals::{self, BlockedSignals};
 use crate::runtime::{prepare, Network};
 use crate::{EXIT_FAILED, EXIT_HARNESS, EXIT_OK};
 
@@ -183,7 +184,7 @@ impl Reports {
 
 pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     // Before any thread exists, so that every thread inherits the mask.
-    let signals = TerminationSignals::block()?;
+    let signals = BlockedSignals::block(&signals::TERMINATION)?;
     if !(args.global_timeout.is_finite() && args.global_timeout > 0.0) {
         bail!("--global-timeout must be a positive number of seconds, not {}", args.global_timeout);
     }
@@ -267,10 +268,9 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         .env("PYTHONUNBUFFERED", "1")
         .env("PATH", script_path()?);
     let (child, said) = if args.interactive {
-        (ChildGuard::spawn_in_foreground(cmd, "the Python prompt")?, None)
+        (Reaped::spawn_in_foreground(&cmd, "the Python prompt")?, None)
     } else {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let child = ChildGuard::spawn(cmd, format!("test script {}", reports.main))?;
+        let child = Reaped::spawn(&cmd, format!("test script {}", reports.main))?;
         let said = capture_output(&child, log.clone());
         (child, Some(said))
     };
@@ -295,7 +295,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     // and switch. In between, the machines still run for anything to be
     // fetched from them at the end (through `driver.with_machine`).
     driver.close();
-    child.stop(STOP_GRACE);
+    child.stop();
     if args.coverage {
         match &ending {
             Ending::Exited(_) => {

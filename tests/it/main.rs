@@ -11,3 +11,4 @@ mod network;
 mod nix;
 mod nixapi;
 mod runtime;
+mod script;

@@ -1,0 +1,67 @@
+//! What a test script can rely on around it: nothing it starts outlives
+//! the test. None of these scripts touches a machine, so none boots.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use crate::common::{processes_mentioning, Lines};
+use crate::drive::{
+    assert_no_process_left, assert_nothing_left, spec, test_run, text, vmlab_in, write_script, Running,
+};
+
+/// A number no other process has on its command line: `sleep MARKER` is
+/// how a test finds the processes its script started.
+fn marker(test: u32) -> PathBuf {
+    PathBuf::from(format!("1234.{}{test}", std::process::id()))
+}
+
+/// A script starting `sleep MARKER` three ways: a child it does not wait
+/// for, one in a new session, and one a shell leaves behind (a double fork).
+fn script_leaving_sleepers(dir: &Path, marker: &Path, then: &str) -> PathBuf {
+    let m = marker.display();
+    let text = format!(
+        "import subprocess, sys, time\n\
+         subprocess.Popen(['sleep', '{m}'])\n\
+         subprocess.Popen(['sleep', '{m}'], start_new_session=True)\n\
+         subprocess.Popen(['sh', '-c', 'sleep {m} &']).wait()\n\
+         {then}\n"
+    );
+    write_script(dir, "sleepers.py", &text)
+}
+
+fn sleepers(marker: &Path) -> Vec<(u32, String)> {
+    processes_mentioning(marker).into_iter().filter(|(_, cmdline)| cmdline.starts_with("sleep ")).collect()
+}
+
+#[test]
+fn a_killed_vmlab_test_leaves_none_of_the_scripts_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let marker = marker(1);
+    let script = script_leaving_sleepers(tmp.path(), &marker, "print('started', flush=True)\ntime.sleep(1000)");
+    let mut cmd = vmlab_in(&runs);
+    cmd.arg("test").arg(spec(tmp.path(), "one", &["server"])).arg(&script).arg("--out").arg(tmp.path().join("out"));
+    let mut child = Running(cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    let mut lines = Lines::of(child.0.stderr.take().unwrap());
+    lines.wait_for("] started");
+    assert_eq!(sleepers(&marker).len(), 3, "{:?}", sleepers(&marker));
+    let (status, stderr) = child.stop(libc::SIGKILL, lines);
+    assert_eq!(status, None, "{stderr}");
+    assert_no_process_left(&marker);
+    assert_no_process_left(&runs);
+}
+
+#[test]
+fn a_script_that_exits_leaves_none_of_its_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let marker = marker(2);
+    let script = script_leaving_sleepers(tmp.path(), &marker, "sys.exit(0)");
+    let output = test_run(&runs, &spec(tmp.path(), "one", &["server"]), &script, &tmp.path().join("out"), &[]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("] test passed ("), "{stderr}");
+    // Gone before vmlab ended, not only killed: reaped.
+    assert_eq!(sleepers(&marker), [], "{stderr}");
+    assert_nothing_left(&runs);
+}
