@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus};
@@ -198,6 +199,8 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     };
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let out = std::fs::canonicalize(&args.out).with_context(|| format!("cannot resolve {}", args.out.display()))?;
+    // Before anything is written there: two runs would mix their reports.
+    let _out_lock = lock_out_dir(&out)?;
     let log_path = out.join("vmlab.log");
     let log_file = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let log = Arc::new(Log::stderr(Some(log_file)));
@@ -343,6 +346,21 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         ),
     );
     Ok(ExitCode::from(verdict.code))
+}
+
+/// Takes the output directory for this run until vmlab ends (an flock,
+/// which goes with the process, however it ends), or says another run has it.
+fn lock_out_dir(dir: &Path) -> Result<File> {
+    let file = File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    // SAFETY: plain system call on a descriptor the File owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            bail!("output directory {} is in use by another vmlab test", dir.display());
+        }
+        return Err(e).with_context(|| format!("cannot lock {}", dir.display()));
+    }
+    Ok(file)
 }
 
 /// Waits for the script to end, a signal or the global timeout.
@@ -492,6 +510,27 @@ mod tests {
         ];
         for (ending, last, failed, words, want) in cases {
             assert_eq!(verdict(&ending, last, failed, words), want, "{ending:?} {last:?} {failed:?}");
+        }
+    }
+
+    #[test]
+    fn an_output_directory_is_one_runs_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let held = lock_out_dir(out).unwrap();
+        let in_use = format!("output directory {} is in use by another vmlab test", out.display());
+        assert_eq!(format!("{:#}", lock_out_dir(out).unwrap_err()), in_use);
+        drop(held);
+        let missing = out.join("missing");
+        let cases = [
+            (out.to_path_buf(), None),
+            (
+                missing.clone(),
+                Some(format!("cannot open {}: No such file or directory (os error 2)", missing.display())),
+            ),
+        ];
+        for (dir, error) in cases {
+            assert_eq!(lock_out_dir(&dir).err().map(|e| format!("{e:#}")), error, "{}", dir.display());
         }
     }
 

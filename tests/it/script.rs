@@ -1,6 +1,8 @@
 //! What a test script can rely on around it: nothing it starts outlives
-//! the test. None of these scripts touches a machine, so none boots.
+//! the test; its output directory is its own. None of these scripts
+//! touches a machine, so none boots.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -63,5 +65,28 @@ fn a_script_that_exits_leaves_none_of_its_processes() {
     assert!(stderr.contains("] test passed ("), "{stderr}");
     // Gone before vmlab ended, not only killed: reaped.
     assert_eq!(sleepers(&marker), [], "{stderr}");
+    assert_nothing_left(&runs);
+}
+
+#[test]
+fn an_output_directory_another_run_holds_is_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let network = spec(tmp.path(), "one", &["server"]);
+    let script = write_script(tmp.path(), "pass.py", "log('passing')\n");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("vmlab.log"), "the other run's log\n").unwrap();
+    // As a run holds it.
+    let held = std::fs::File::open(&out).unwrap();
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let output = test_run(&runs, &network, &script, &out, &[]);
+    let out_path = std::fs::canonicalize(&out).unwrap();
+    let in_use = format!("error: output directory {} is in use by another vmlab test\n", out_path.display());
+    assert_eq!((output.status.code(), text(&output.stderr)), (Some(2), in_use));
+    assert_eq!(std::fs::read_to_string(out.join("vmlab.log")).unwrap(), "the other run's log\n");
+    drop(held);
+    let output = test_run(&runs, &network, &script, &out, &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert_nothing_left(&runs);
 }
