@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::control::{serve, Driver};
-use super::junit;
-use super::log::{printable, Log, Style, Subtest};
+use super::log::{printable, Log, LogFile, Style, Subtest};
+use super::{atomic, junit};
 use super::{python, Kind};
 use crate::cli::TestArgs;
 use crate::coverage;
@@ -165,21 +165,29 @@ struct Reports {
 }
 
 impl Reports {
-    /// Closes what is open, logs the verdict and writes the JUnit report.
-    fn finish(&self, log: &Log, verdict: &Verdict) -> Result<()> {
+    /// Closes what is open and writes the reports: copies of `logs` (files
+    /// elsewhere), the JUnit report, and the log file to disk. Only then is
+    /// the verdict said: a run whose reports are not safe ends with the
+    /// error saying which and why (exit 2) instead.
+    fn finish(&self, log: &Log, verdict: &Verdict, logs: &[PathBuf]) -> Result<()> {
         log.close_open_subtests(verdict.failure.as_deref());
         let took = log.elapsed();
-        match (&verdict.failure, verdict.code) {
-            (None, _) => log.write(None, &format!("test passed ({:.2}s)", took.as_secs_f64()), Style::Good),
-            (Some(why), EXIT_FAILED) => log.write(None, &format!("test failed: {why}"), Style::Bad),
-            (Some(why), _) => log.write(None, &format!("harness error: {why}"), Style::Bad),
+        for from in logs {
+            atomic::copy(from, &self.out.join(from.file_name().unwrap_or_default()))?;
         }
         let (subtests, all) = log.records();
         let xml = junit::render(&self.suite, &junit_cases(&subtests, &self.main, took, verdict, &all), took);
         if let Some(dir) = self.junit.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        std::fs::write(&self.junit, xml).with_context(|| format!("cannot write {}", self.junit.display()))
+        atomic::write(&self.junit, xml.as_bytes())?;
+        log.sync_file()?;
+        match (&verdict.failure, verdict.code) {
+            (None, _) => log.write(None, &format!("test passed ({:.2}s)", took.as_secs_f64()), Style::Good),
+            (Some(why), EXIT_FAILED) => log.write(None, &format!("test failed: {why}"), Style::Bad),
+            (Some(why), _) => log.write(None, &format!("harness error: {why}"), Style::Bad),
+        }
+        Ok(())
     }
 }
 
@@ -201,9 +209,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     let out = std::fs::canonicalize(&args.out).with_context(|| format!("cannot resolve {}", args.out.display()))?;
     // Before anything is written there: two runs would mix their reports.
     let _out_lock = lock_out_dir(&out)?;
-    let log_path = out.join("vmlab.log");
-    let log_file = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
-    let log = Arc::new(Log::stderr(Some(log_file)));
+    let log = Arc::new(Log::stderr(Some(LogFile::create(&out.join("vmlab.log"))?)));
 
     let say = |line: &str| log.info(None, line);
     let warn = |line: &str| log.write(None, line, Style::Bad);
@@ -229,7 +235,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
             }
             let verdict =
                 Verdict { code: EXIT_FAILED, failure: Some(format!("the script was checked before boot: {problems}")) };
-            reports.finish(&log, &verdict)?;
+            reports.finish(&log, &verdict, &[])?;
             return Ok(ExitCode::from(verdict.code));
         }
     }
@@ -332,8 +338,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
             Err(e) => log.write(None, &format!("error: coverage report: {e:#}"), Style::Bad),
         }
     }
-    copy_machine_logs(&network, &reports.out, &log);
-    reports.finish(&log, &verdict)?;
+    reports.finish(&log, &verdict, &machine_logs(&network))?;
     let (dir, kept) = (network.session().path().to_owned(), network.session().kept());
     drop(network);
     log.info(
@@ -451,22 +456,9 @@ fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Said {
     Said { last_stderr_line: last, done: finished }
 }
 
-/// Copies each machine's serial console log and QEMU messages into the reports.
-fn copy_machine_logs(network: &Network, out: &Path, log: &Log) {
-    for m in network.machines() {
-        for from in [m.serial_log(), m.qemu_log()] {
-            let Some(name) = from.file_name() else { continue };
-            if from.exists() {
-                if let Err(e) = std::fs::copy(&from, out.join(name)) {
-                    log.write(
-                        None,
-                        &format!("warning: cannot copy {} to {}: {e}", from.display(), out.display()),
-                        Style::Bad,
-                    );
-                }
-            }
-        }
-    }
+/// Each machine's serial console log and QEMU messages, those there are.
+fn machine_logs(network: &Network) -> Vec<PathBuf> {
+    network.machines().iter().flat_map(|m| [m.serial_log(), m.qemu_log()]).filter(|log| log.exists()).collect()
 }
 
 #[cfg(test)]

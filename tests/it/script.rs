@@ -4,7 +4,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use crate::common::{processes_mentioning, Lines};
 use crate::drive::{
@@ -88,5 +88,70 @@ fn an_output_directory_another_run_holds_is_refused_before_anything_starts() {
     drop(held);
     let output = test_run(&runs, &network, &script, &out, &[]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert_nothing_left(&runs);
+}
+
+/// A tmpfs mounted on a directory while it lives.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` where mounting is not permitted (not root): said, and only
+    /// outside CI, where the test must run.
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let mount =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).output();
+        let why = match mount {
+            Ok(out) if out.status.success() => return Some(Tmpfs(dir.to_owned())),
+            Ok(out) => text(&out.stderr),
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "cannot mount a tmpfs: {why}");
+        eprintln!("skipped: cannot mount a tmpfs on {}: {}", dir.display(), why.trim());
+        None
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The script fills the output directory's disk: the reports cannot be
+/// written, which is the run's error, said with the file; no verdict is
+/// said, no empty or partial report left; the log file's failure is said
+/// when it happens.
+#[test]
+fn reports_that_cannot_be_written_are_the_runs_error_and_no_verdict_is_said() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let Some(disk) = Tmpfs::mount(&tmp.path().join("out"), "1m") else { return };
+    let fill = "import os\n\
+                with open(os.path.join(os.environ['VMLAB_OUT'], 'filler'), 'wb', buffering=0) as f:\n    \
+                    try:\n        \
+                        while True:\n            \
+                            f.write(b'x' * 65536)\n    \
+                    except OSError as e:\n        \
+                        print('filled:', e)\n\
+                # More than the log file's last page holds.\n\
+                for i in range(200):\n    \
+                    print('after the disk filled', i)\n";
+    let script = write_script(tmp.path(), "fill.py", fill);
+    let output = test_run(&runs, &spec(tmp.path(), "one", &["server"]), &script, &disk.0, &[]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let out = std::fs::canonicalize(&disk.0).unwrap();
+    let full = "No space left on device (os error 28)";
+    let warning = format!("warning: cannot write {}: {full}; the log file ends here", out.join("vmlab.log").display());
+    assert_eq!(stderr.matches(&warning).count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(format!("error: cannot write {}: {full}", out.join("junit.xml").display()).as_str())
+    );
+    assert!(!stderr.contains("test passed"), "{stderr}");
+    let mut left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["filler", "vmlab.log"]);
     assert_nothing_left(&runs);
 }
