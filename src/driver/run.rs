@@ -422,8 +422,8 @@ struct Said {
 
 impl Said {
     /// The last non-blank line the script wrote on standard error, once both
-    /// streams are closed (or a moment has passed: something the script
-    /// started in a new session may hold them open).
+    /// streams are closed (or a moment has passed: should a process the
+    /// reaper could not kill still hold them open).
     fn last_words(self) -> Option<String> {
         for _ in 0..2 {
             let _ = self.done.recv_timeout(Duration::from_secs(2));
