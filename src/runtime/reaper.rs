@@ -17,7 +17,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use super::process::{die_with_parent, ChildGuard, STOP_GRACE};
 use super::signals::BlockedSignals;
@@ -86,7 +86,7 @@ fn under_reaper(script: &Command) -> Command {
 
 /// `vmlab reap -- PROGRAM ARGS…`: the reaper's side (see the module's comment).
 pub fn reap_command(command: &[OsString]) -> Result<ExitCode> {
-    let Some((program, args)) = command.split_first() else { bail!("reap: no program given") };
+    let (program, args) = command.split_first().expect("clap requires a program");
     // First, while this is the only thread: a signal that comes before the
     // loop below waits for it is kept, not acted on.
     let signals = BlockedSignals::block(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT])?;

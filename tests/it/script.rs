@@ -5,6 +5,7 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::common::{processes_mentioning, Lines};
 use crate::drive::{
@@ -46,6 +47,11 @@ fn a_killed_vmlab_test_leaves_none_of_the_scripts_processes() {
     let mut child = Running(cmd.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
     let mut lines = Lines::of(child.0.stderr.take().unwrap());
     lines.wait_for("] started");
+    // The shell's child may not have become `sleep` yet.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sleepers(&marker).len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(sleepers(&marker).len(), 3, "{:?}", sleepers(&marker));
     let (status, stderr) = child.stop(libc::SIGKILL, lines);
     assert_eq!(status, None, "{stderr}");
