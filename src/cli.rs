@@ -1,5 +1,6 @@
 //! Command line. The doc comments here are the `--help` text.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -56,6 +57,10 @@ pub enum Command {
     Coverage(CoverageArgs),
     #[command(flatten)]
     Client(ClientCommand),
+    /// Runs a program so that nothing it starts outlives it: how `vmlab test`
+    /// runs a test script (src/runtime/reaper.rs).
+    #[command(hide = true)]
+    Reap(ReapArgs),
 }
 
 /// How a client reaches the driver.
@@ -379,6 +384,13 @@ pub struct CoverageArgs {
     pub build_dirs: Vec<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct ReapArgs {
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<OsString>,
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Plan(args) => crate::emit::plan_command(&args),
@@ -388,5 +400,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Guest(args) => crate::guest::guest_command(&args),
         Command::Client(cmd) => crate::driver::client::client_command(cmd),
         Command::Coverage(args) => crate::coverage::coverage_command(&args),
+        Command::Reap(args) => crate::runtime::reaper::reap_command(&args.command),
     }
 }

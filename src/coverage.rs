@@ -17,6 +17,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::driver::atomic;
 use crate::driver::control::Driver;
 use crate::driver::log::{Log, Style};
 use crate::driver::machine::Machine;
@@ -284,7 +285,7 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
         let text = fs::read_to_string(&raw).with_context(|| format!("cannot read {}", raw.display()))?;
         let text = relocate_sources(&text, Path::exists, &sources);
         let tracefile = data.join(format!("{machine}.info"));
-        fs::write(&tracefile, &text).with_context(|| format!("cannot write {}", tracefile.display()))?;
+        atomic::write(&tracefile, text.as_bytes())?;
         counts.insert(machine.clone(), Counts::of_tracefiles([text.as_str()]));
         texts.push(text);
         tracefiles.push(tracefile);
@@ -296,7 +297,10 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
     for t in &tracefiles {
         merge.arg("--add-tracefile").arg(t);
     }
-    run_tool(merge.arg("--output-file").arg(&combined_path))?;
+    // lcov writes as it goes: the report is put in place whole.
+    let merged = scratch.path().join("coverage.info");
+    run_tool(merge.arg("--output-file").arg(&merged))?;
+    atomic::copy(&merged, &combined_path)?;
     let html = out.join("coverage");
     run_tool(Command::new(&genhtml).args(["--quiet", "--output-directory"]).arg(&html).arg(&combined_path))?;
     let combined = Counts::of_tracefiles(texts.iter().map(String::as_str));

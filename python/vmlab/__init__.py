@@ -451,7 +451,8 @@ def subtest(name):
     try:
         yield
     except BaseException as e:
-        _conn().call("subtest_end", failure=f"{type(e).__name__}: {e}")
+        # sys.exit(0) ends the script well, and so the subtest it ends in.
+        _conn().call("subtest_end", failure=_failure(e))
         raise
     _conn().call("subtest_end")
 
@@ -662,11 +663,35 @@ def run_script(path, names):
     try:
         bind(names, path)
         test_script()
+    except SystemExit as e:
+        # As in the NixOS driver, where the script's sys.exit() ends the driver.
+        status, why = _exit_status(e.code)
+        if why is not None:
+            sys.stderr.write(f"{_where(e, path)}: {why}\n")
+        return status
     except BaseException as e:  # noqa: BLE001 — any error in a test script fails the test
         _report(e, path)
         # vmlab makes this 2 when the last driver error was a harness error.
         return 1
     return 0
+
+
+def _exit_status(code):
+    """The exit status and failure message of `sys.exit(code)`: `None` and 0
+    pass; another number fails with it as the status (1 when no status can
+    carry it); anything else is a message, failing with status 1."""
+    if code is None or code == 0:
+        return 0, None
+    if isinstance(code, int):
+        return (code if 0 < code < 256 else 1), f"sys.exit({code})"
+    return 1, str(code)
+
+
+def _failure(error):
+    """Why an exception ends a subtest as failed, or None when it does not."""
+    if isinstance(error, SystemExit):
+        return _exit_status(error.code)[1]
+    return f"{type(error).__name__}: {error}"
 
 
 def interactive(path, names):
@@ -682,7 +707,13 @@ def _report(error, path):
     script's last line on standard error as the reason it failed."""
     import traceback
 
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == path]
-    where = f" at line {frames[-1].lineno}" if frames else ""
     sys.stderr.write("".join(traceback.format_exception(error)))
-    sys.stderr.write(f"{os.path.basename(path)}{where}: {type(error).__name__}: {error}\n")
+    sys.stderr.write(f"{_where(error, path)}: {_failure(error)}\n")
+
+
+def _where(error, path):
+    """`test.py at line 12`: the script's innermost line the error passed."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == path]
+    return os.path.basename(path) + (f" at line {frames[-1].lineno}" if frames else "")

@@ -4,9 +4,12 @@
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
 
 use super::DriverError;
 
@@ -96,9 +99,43 @@ struct Open {
     log: String,
 }
 
+/// The log file, written as the test goes: the first error writing it ends
+/// the writing, and is kept to be said.
+pub struct LogFile {
+    path: PathBuf,
+    file: File,
+    error: Option<String>,
+}
+
+impl LogFile {
+    pub fn create(path: &Path) -> anyhow::Result<LogFile> {
+        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(LogFile { path: path.to_owned(), file, error: None })
+    }
+
+    /// Appends a line; the error, the first time one comes.
+    fn line(&mut self, line: &str) -> Option<String> {
+        if self.error.is_some() {
+            return None;
+        }
+        let e = writeln!(self.file, "{line}").err()?;
+        let error = format!("cannot write {}: {e}", self.path.display());
+        self.error = Some(error.clone());
+        Some(error)
+    }
+
+    /// All that was written is on disk (a full disk may say so only now), or why not.
+    fn sync(&self) -> anyhow::Result<()> {
+        if let Some(error) = &self.error {
+            bail!("{error}");
+        }
+        self.file.sync_all().with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
 struct Inner {
     term: Box<dyn Write + Send>,
-    file: Option<File>,
+    file: Option<LogFile>,
     open: Vec<Open>,
     done: Vec<Subtest>,
     /// Everything, plain: the main script's JUnit log.
@@ -115,7 +152,7 @@ pub struct Log {
 }
 
 impl Log {
-    pub fn new(term: Box<dyn Write + Send>, color: bool, file: Option<File>) -> Self {
+    pub fn new(term: Box<dyn Write + Send>, color: bool, file: Option<LogFile>) -> Self {
         Log {
             inner: Mutex::new(Inner { term, file, open: Vec::new(), done: Vec::new(), all: String::new() }),
             color,
@@ -125,7 +162,7 @@ impl Log {
     }
 
     /// Logs to standard error, coloured when it is a terminal.
-    pub fn stderr(file: Option<File>) -> Self {
+    pub fn stderr(file: Option<LogFile>) -> Self {
         let color = want_color(std::io::stderr().is_terminal(), std::env::var("NO_COLOR").ok().as_deref());
         Self::new(Box::new(std::io::stderr()), color, file)
     }
@@ -140,15 +177,24 @@ impl Log {
         if style != Style::Serial || self.serial_shown() {
             let _ = writeln!(inner.term, "{shown}");
         }
-        if let Some(f) = inner.file.as_mut() {
-            let _ = writeln!(f, "{plain}");
-        }
+        let failed = inner.file.as_mut().and_then(|f| f.line(&plain));
         for open in inner.open.iter_mut() {
             open.log += &plain;
             open.log.push('\n');
         }
         inner.all += &plain;
         inner.all.push('\n');
+        drop(inner);
+        if let Some(error) = failed {
+            // Once: the file takes no more lines.
+            self.write(None, &format!("warning: {error}; the log file ends here"), Style::Bad);
+        }
+    }
+
+    /// What the log file has is on disk, or why it is not (said as it happened).
+    pub fn sync_file(&self) -> anyhow::Result<()> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.file.as_ref().map_or(Ok(()), LogFile::sync)
     }
 
     pub fn show_serial(&self, on: bool) {
@@ -278,7 +324,7 @@ mod tests {
     fn serial_lines_leave_the_terminal_but_stay_in_the_log_while_switched_off() {
         let sink = Sink::default();
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::new(Box::new(sink.clone()), false, Some(File::create(dir.path().join("log")).unwrap()));
+        let log = Log::new(Box::new(sink.clone()), false, Some(LogFile::create(&dir.path().join("log")).unwrap()));
         log.write(Some("s"), "# one", Style::Serial);
         log.show_serial(false);
         log.write(Some("s"), "# two", Style::Serial);
@@ -296,5 +342,22 @@ mod tests {
         let file = std::fs::read_to_string(dir.path().join("log")).unwrap();
         assert!(file.contains("# one") && file.contains("# two") && file.contains("# three"), "{file}");
         assert!(log.records().1.contains("# two"));
+        log.sync_file().unwrap();
+    }
+
+    /// A full disk, as /dev/full has it.
+    #[test]
+    fn a_log_file_that_cannot_be_written_is_said_once_and_then_again_at_the_end() {
+        let sink = Sink::default();
+        let log = Log::new(Box::new(sink.clone()), false, Some(LogFile::create(Path::new("/dev/full")).unwrap()));
+        log.info(Some("s"), "one");
+        log.info(Some("s"), "two");
+        let error = "cannot write /dev/full: No space left on device (os error 28)";
+        let warning = format!("warning: {error}; the log file ends here");
+        let term = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = term.lines().map(|l| l.split_once("] ").unwrap().1).collect();
+        assert_eq!(lines, ["s: one", &warning, "s: two"]);
+        assert!(log.records().1.contains(&warning));
+        assert_eq!(format!("{:#}", log.sync_file().unwrap_err()), error);
     }
 }

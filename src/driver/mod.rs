@@ -1,5 +1,6 @@
 //! Driving machines: the backdoor shell, machine operations, the control socket.
 
+pub mod atomic;
 pub mod backdoor;
 pub mod base64;
 pub mod client;

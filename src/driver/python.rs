@@ -172,6 +172,49 @@ for path, datagram, listening in [
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// A driver of `machines` serving its control socket in `dir`.
+    fn served(dir: &Path, machines: Vec<Machine>, log: Arc<Log>) -> (Arc<Driver>, PathBuf) {
+        let driver = Arc::new(Driver::new(machines, log));
+        let sock = dir.join("control.sock");
+        serve(driver.clone(), &sock).unwrap();
+        (driver, sock)
+    }
+
+    /// `sys.exit()` ends a script as in the NixOS driver: with nothing or 0 it
+    /// passes, otherwise it fails, saying where and why; so does the subtest
+    /// it ends in.
+    #[test]
+    fn sys_exit_ends_the_script_passing_only_without_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Log::new(Box::new(std::io::sink()), false, None));
+        let (driver, sock) = served(dir.path(), vec![], log.clone());
+        let py = install(&dir.path().join("py")).unwrap();
+        let cases = [
+            ("sys.exit(0)", 0, None),
+            ("sys.exit()", 0, None),
+            ("sys.exit(None)", 0, None),
+            ("exit()", 0, None),
+            ("sys.exit(3)", 3, Some("sys.exit(3)")),
+            ("sys.exit(256)", 1, Some("sys.exit(256)")),
+            ("sys.exit('the server is down')", 1, Some("the server is down")),
+        ];
+        for (statement, status, why) in cases {
+            let text =
+                format!("import sys\nwith subtest('ends'):\n    {statement}\nraise AssertionError('not ended')\n");
+            let run = script_command(&python3().unwrap(), &py, &script(dir.path(), &text), &[])
+                .env("VMLAB_SOCKET", &sock)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&run.stderr);
+            assert_eq!(run.status.code(), Some(status), "{statement}: {stderr}");
+            let said = why.map(|why| format!("test.py at line 3: {why}"));
+            assert_eq!(stderr.lines().last().map(str::to_string), said, "{statement}");
+            let (subtests, _) = log.records();
+            assert_eq!(subtests.last().unwrap().failure.as_deref(), why, "{statement}");
+        }
+        driver.release_all();
+    }
+
     /// A NixOS-style script, unchanged, against local busybox "machines".
     #[test]
     fn nixos_style_script_runs_through_the_client() {
@@ -183,9 +226,7 @@ for path, datagram, listening in [
             .iter()
             .map(|n| Machine::new(n, vec![], Box::new(LocalVm::new(&dir.path().join(n), &bin)), &out, log.clone()))
             .collect();
-        let driver = Arc::new(Driver::new(machines, log.clone()));
-        let sock = dir.path().join("control.sock");
-        serve(driver.clone(), &sock).unwrap();
+        let (driver, sock) = served(dir.path(), machines, log.clone());
         let py = install(&dir.path().join("py")).unwrap();
         let guest = dir.path().join("guest");
         let test = script(

@@ -5,22 +5,24 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::process::{Command, ExitCode, ExitStatus};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use super::control::{serve, Driver};
-use super::junit;
-use super::log::{printable, Log, Style, Subtest};
+use super::log::{printable, Log, LogFile, Style, Subtest};
+use super::{atomic, junit};
 use super::{python, Kind};
 use crate::cli::TestArgs;
 use crate::coverage;
-use crate::runtime::process::{describe_exit, ChildGuard, STOP_GRACE};
-use crate::runtime::signals::{self, TerminationSignals};
+use crate::runtime::process::{describe_exit, ChildGuard};
+use crate::runtime::reaper::Reaped;
+use crate::runtime::signals::{self, BlockedSignals};
 use crate::runtime::{prepare, Network};
 use crate::{EXIT_FAILED, EXIT_HARNESS, EXIT_OK};
 
@@ -163,27 +165,35 @@ struct Reports {
 }
 
 impl Reports {
-    /// Closes what is open, logs the verdict and writes the JUnit report.
-    fn finish(&self, log: &Log, verdict: &Verdict) -> Result<()> {
+    /// Closes what is open and writes the reports: copies of `logs` (files
+    /// elsewhere), the JUnit report, and the log file to disk. Only then is
+    /// the verdict said: a run whose reports are not safe ends with the
+    /// error saying which and why (exit 2) instead.
+    fn finish(&self, log: &Log, verdict: &Verdict, logs: &[PathBuf]) -> Result<()> {
         log.close_open_subtests(verdict.failure.as_deref());
         let took = log.elapsed();
-        match (&verdict.failure, verdict.code) {
-            (None, _) => log.write(None, &format!("test passed ({:.2}s)", took.as_secs_f64()), Style::Good),
-            (Some(why), EXIT_FAILED) => log.write(None, &format!("test failed: {why}"), Style::Bad),
-            (Some(why), _) => log.write(None, &format!("harness error: {why}"), Style::Bad),
+        for from in logs {
+            atomic::copy(from, &self.out.join(from.file_name().unwrap_or_default()))?;
         }
         let (subtests, all) = log.records();
         let xml = junit::render(&self.suite, &junit_cases(&subtests, &self.main, took, verdict, &all), took);
         if let Some(dir) = self.junit.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {dir:?}"))?;
         }
-        std::fs::write(&self.junit, xml).with_context(|| format!("cannot write {:?}", self.junit))
+        atomic::write(&self.junit, xml.as_bytes())?;
+        log.sync_file()?;
+        match (&verdict.failure, verdict.code) {
+            (None, _) => log.write(None, &format!("test passed ({:.2}s)", took.as_secs_f64()), Style::Good),
+            (Some(why), EXIT_FAILED) => log.write(None, &format!("test failed: {why}"), Style::Bad),
+            (Some(why), _) => log.write(None, &format!("harness error: {why}"), Style::Bad),
+        }
+        Ok(())
     }
 }
 
 pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     // Before any thread exists, so that every thread inherits the mask.
-    let signals = TerminationSignals::block()?;
+    let signals = BlockedSignals::block(&signals::TERMINATION)?;
     if !(args.global_timeout.is_finite() && args.global_timeout > 0.0) {
         bail!("--global-timeout must be a positive number of seconds, not {}", args.global_timeout);
     }
@@ -197,9 +207,9 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     };
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {:?}", args.out))?;
     let out = std::fs::canonicalize(&args.out).with_context(|| format!("cannot resolve {:?}", args.out))?;
-    let log_path = out.join("vmlab.log");
-    let log_file = File::create(&log_path).with_context(|| format!("cannot create {log_path:?}"))?;
-    let log = Arc::new(Log::stderr(Some(log_file)));
+    // Before anything is written there: two runs would mix their reports.
+    let _out_lock = lock_out_dir(&out)?;
+    let log = Arc::new(Log::stderr(Some(LogFile::create(&out.join("vmlab.log"))?)));
 
     let say = |line: &str| log.info(None, line);
     let warn = |line: &str| log.write(None, line, Style::Bad);
@@ -225,7 +235,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
             }
             let verdict =
                 Verdict { code: EXIT_FAILED, failure: Some(format!("the script was checked before boot: {problems}")) };
-            reports.finish(&log, &verdict)?;
+            reports.finish(&log, &verdict, &[])?;
             return Ok(ExitCode::from(verdict.code));
         }
     }
@@ -267,10 +277,9 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         .env("PYTHONUNBUFFERED", "1")
         .env("PATH", script_path()?);
     let (child, said) = if args.interactive {
-        (ChildGuard::spawn_in_foreground(cmd, "the Python prompt")?, None)
+        (Reaped::spawn_in_foreground(&cmd, "the Python prompt")?, None)
     } else {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let child = ChildGuard::spawn(cmd, format!("test script {}", reports.main))?;
+        let child = Reaped::spawn(&cmd, format!("test script {}", reports.main))?;
         let said = capture_output(&child, log.clone());
         (child, Some(said))
     };
@@ -295,7 +304,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     // and switch. In between, the machines still run for anything to be
     // fetched from them at the end (through `driver.with_machine`).
     driver.close();
-    child.stop(STOP_GRACE);
+    child.stop();
     if args.coverage {
         match &ending {
             Ending::Exited(_) => {
@@ -329,8 +338,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
             Err(e) => log.write(None, &format!("error: coverage report: {e:#}"), Style::Bad),
         }
     }
-    copy_machine_logs(&network, &reports.out, &log);
-    reports.finish(&log, &verdict)?;
+    reports.finish(&log, &verdict, &machine_logs(&network))?;
     let (dir, kept) = (network.session().path().to_owned(), network.session().kept());
     drop(network);
     log.info(
@@ -343,6 +351,21 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         ),
     );
     Ok(ExitCode::from(verdict.code))
+}
+
+/// Takes the output directory for this run until vmlab ends (an flock,
+/// which goes with the process, however it ends), or says another run has it.
+fn lock_out_dir(dir: &Path) -> Result<File> {
+    let file = File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    // SAFETY: plain system call on a descriptor the File owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            bail!("output directory {} is in use by another vmlab test", dir.display());
+        }
+        return Err(e).with_context(|| format!("cannot lock {}", dir.display()));
+    }
+    Ok(file)
 }
 
 /// Waits for the script to end, a signal or the global timeout.
@@ -399,8 +422,8 @@ struct Said {
 
 impl Said {
     /// The last non-blank line the script wrote on standard error, once both
-    /// streams are closed (or a moment has passed: something the script
-    /// started in a new session may hold them open).
+    /// streams are closed (or a moment has passed: should a process the
+    /// reaper could not kill still hold them open).
     fn last_words(self) -> Option<String> {
         for _ in 0..2 {
             let _ = self.done.recv_timeout(Duration::from_secs(2));
@@ -433,22 +456,9 @@ fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Said {
     Said { last_stderr_line: last, done: finished }
 }
 
-/// Copies each machine's serial console log and QEMU messages into the reports.
-fn copy_machine_logs(network: &Network, out: &Path, log: &Log) {
-    for m in network.machines() {
-        for from in [m.serial_log(), m.qemu_log()] {
-            let Some(name) = from.file_name() else { continue };
-            if from.exists() {
-                if let Err(e) = std::fs::copy(&from, out.join(name)) {
-                    log.write(
-                        None,
-                        &format!("warning: cannot copy {} to {}: {e}", from.display(), out.display()),
-                        Style::Bad,
-                    );
-                }
-            }
-        }
-    }
+/// Each machine's serial console log and QEMU messages, those there are.
+fn machine_logs(network: &Network) -> Vec<PathBuf> {
+    network.machines().iter().flat_map(|m| [m.serial_log(), m.qemu_log()]).filter(|log| log.exists()).collect()
 }
 
 #[cfg(test)]
@@ -493,6 +503,20 @@ mod tests {
         for (ending, last, failed, words, want) in cases {
             assert_eq!(verdict(&ending, last, failed, words), want, "{ending:?} {last:?} {failed:?}");
         }
+    }
+
+    #[test]
+    fn an_output_directory_is_one_runs_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let held = lock_out_dir(out).unwrap();
+        let in_use = format!("output directory {} is in use by another vmlab test", out.display());
+        assert_eq!(format!("{:#}", lock_out_dir(out).unwrap_err()), in_use);
+        drop(held);
+        drop(lock_out_dir(out).unwrap());
+        let missing = out.join("missing");
+        let no_dir = format!("cannot open {}: No such file or directory (os error 2)", missing.display());
+        assert_eq!(format!("{:#}", lock_out_dir(&missing).unwrap_err()), no_dir);
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod accel;
 mod console;
 mod machine;
 pub mod process;
+pub mod reaper;
 pub mod session;
 pub mod signals;
 mod switch;

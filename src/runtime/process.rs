@@ -3,7 +3,8 @@
 //! Every child runs in its own process group with `PR_SET_PDEATHSIG=SIGKILL`
 //! and is owned by a [`ChildGuard`] that kills the group and reaps it on drop.
 //! The death signal covers SIGKILL of vmlab, which no destructor sees; it
-//! reaches the direct child only, which is why run scripts `exec` QEMU.
+//! reaches the direct child only, which is why run scripts `exec` QEMU, and
+//! why a test script runs under a reaper ([`super::reaper`]).
 
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -62,32 +63,10 @@ impl ChildGuard {
     }
 
     fn spawn_in(mut cmd: Command, what: String, own_group: bool) -> Result<ChildGuard> {
-        let parent = std::process::id() as libc::pid_t;
         if own_group {
             cmd.process_group(0);
         }
-        // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe system calls, allocating nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // vmlab may have died between fork and prctl: then no signal would come.
-                if libc::getppid() != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                // The mask survives exec, and vmlab blocks the termination
-                // signals (signals.rs): the child must not inherit that.
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                let r = libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                if r != 0 {
-                    return Err(io::Error::from_raw_os_error(r));
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let program = cmd.get_program().to_owned();
         let child = spawn_on_spawner_thread(cmd)
             .with_context(|| format!("cannot start {what} ({})", program.to_string_lossy()))?;
@@ -190,6 +169,35 @@ impl ChildGuard {
         drop(child);
         // Some after a successful reap; a failed one leaves only the signal we sent.
         self.exit_status().unwrap_or_else(|| ExitStatus::from_raw(libc::SIGKILL))
+    }
+}
+
+/// Makes the process `cmd` starts get SIGKILL when the thread that spawns
+/// it ends (for vmlab's children, the spawner thread, which lives as long as
+/// vmlab), and start with no signal blocked.
+pub(super) fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls, allocating nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then no signal would come.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            // The mask survives exec, and vmlab blocks the termination
+            // signals (signals.rs): the child must not inherit that.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            let r = libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r));
+            }
+            Ok(())
+        });
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use super::signals::{self, TerminationSignals};
+use super::signals::{self, BlockedSignals};
 use super::{accel, check_forwarded_ports, load_plan, spawn_thread, Exit, Machine, Network, Session};
 use crate::cli::{Accel, UpArgs};
 use crate::driver::control::{serve, Driver};
@@ -88,7 +88,7 @@ pub fn prepare(
 
 pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
     // Before any thread exists, so that every thread inherits the mask.
-    let signals = TerminationSignals::block()?;
+    let signals = BlockedSignals::block(&signals::TERMINATION)?;
     let warn = |line: &str| eprintln!("{line}");
     let network = prepare(&args.dir, args.accel, args.keep_state, &say, &warn)?.start()?;
     // Copies and screenshots clients ask for land where `vmlab up` was started.

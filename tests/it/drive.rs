@@ -40,13 +40,19 @@ pub(crate) fn vmlab_in(runs: &Path) -> Command {
     cmd
 }
 
-/// Nothing of the runs under `runs` is left: no session directory, no process.
-pub(crate) fn assert_nothing_left(runs: &Path) {
+/// No process mentions `needle`, at once or after a while (a killed
+/// process may take a moment to go).
+pub(crate) fn assert_no_process_left(needle: &Path) {
     let deadline = Instant::now() + PATIENCE;
-    while !processes_mentioning(runs).is_empty() && Instant::now() < deadline {
+    while !processes_mentioning(needle).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(processes_mentioning(runs), [], "processes left behind");
+    assert_eq!(processes_mentioning(needle), [], "processes left behind");
+}
+
+/// Nothing of the runs under `runs` is left: no session directory, no process.
+pub(crate) fn assert_nothing_left(runs: &Path) {
+    assert_no_process_left(runs);
     let left: Vec<_> = std::fs::read_dir(runs).unwrap().flatten().map(|e| e.path()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
@@ -271,11 +277,11 @@ fn the_global_timeout_stops_everything_and_names_the_step() {
 }
 
 /// Kills the child on drop, so a failing test leaves nothing running.
-struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Running {
     /// Sends `signal`, waits; the exit status and all of `lines`.
-    fn stop(&mut self, signal: libc::c_int, lines: Lines) -> (Option<i32>, String) {
+    pub(crate) fn stop(&mut self, signal: libc::c_int, lines: Lines) -> (Option<i32>, String) {
         assert_eq!(unsafe { libc::kill(self.0.id() as libc::pid_t, signal) }, 0);
         let status = self.0.wait().unwrap();
         (status.code(), lines.rest())

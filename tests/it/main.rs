@@ -3,12 +3,13 @@
 
 mod common;
 
+mod abuse;
 mod build;
 mod coverage;
 mod drive;
 mod guest;
-mod abuse;
 mod network;
 mod nix;
 mod nixapi;
 mod runtime;
+mod script;
