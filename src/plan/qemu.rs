@@ -23,9 +23,12 @@ pub const KERNEL_PARAMS_VAR: &str = "QEMU_KERNEL_PARAMS";
 /// /sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config/raw.
 pub const FW_CFG_NAME: &str = "opt/vmlab/config";
 /// Kernel parameters every direct-boot machine gets: the console on the
-/// serial port (logged), and a panic exits QEMU at once (with -no-reboot)
-/// rather than leaving a dead guest behind.
-pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1";
+/// serial port (logged); a panic exits QEMU at once (with -no-reboot)
+/// rather than leaving a dead guest behind; and no timer check: the kernel
+/// counts timer ticks during a short busy wait, and an emulated CPU that
+/// the host starves (many guests per core under TCG) sees too few, decides
+/// "IO-APIC + timer doesn't work!" and panics.
+pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 no_timer_check";
 
 /// The netdev option of vlan `vlan`, chosen by the script: the switch when
 /// `QEMU_VDE_SOCKET_<vlan>` is set, else a private hub.
@@ -226,10 +229,10 @@ mod tests {
         let opts = render(&direct_boot(Path::new("/k"), Some(Path::new("/i")), "  quiet  "));
         assert_eq!(
             opts,
-            ["-kernel /k", "-initrd /i", "-append 'console=ttyS0 panic=-1 quiet '\"$QEMU_KERNEL_PARAMS\""]
+            ["-kernel /k", "-initrd /i", "-append 'console=ttyS0 panic=-1 no_timer_check quiet '\"$QEMU_KERNEL_PARAMS\""]
         );
         let opts = render(&direct_boot(Path::new("/my kernel"), None, ""));
-        assert_eq!(opts, ["-kernel '/my kernel'", "-append 'console=ttyS0 panic=-1 '\"$QEMU_KERNEL_PARAMS\""]);
+        assert_eq!(opts, ["-kernel '/my kernel'", "-append 'console=ttyS0 panic=-1 no_timer_check '\"$QEMU_KERNEL_PARAMS\""]);
     }
 
     #[test]

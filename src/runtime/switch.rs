@@ -63,7 +63,9 @@ impl Switch {
 /// seccomp filter refuses setuid and setgid modes), and the session
 /// directory is private to this user anyway.
 fn args(dir: &Path, machines: usize) -> Vec<OsString> {
-    let ports = machines.max(MIN_PORTS).to_string();
+    // vde_switch never hands out port 0: `--numports N` plugs N - 1 machines,
+    // and one more waits, QEMU blocked in its netdev before the guest starts.
+    let ports = (machines + 1).max(MIN_PORTS).to_string();
     let mut args = vec![OsString::from("--sock"), dir.into()];
     args.extend(["--dirmode", "0700", "--hub", "--numports", &ports].map(OsString::from));
     args
@@ -75,7 +77,7 @@ mod tests {
 
     #[test]
     fn switch_arguments() {
-        let cases = [(1, "32"), (32, "32"), (254, "254")];
+        let cases = [(1, "32"), (31, "32"), (32, "33"), (254, "255")];
         for (machines, ports) in cases {
             assert_eq!(
                 args(Path::new("/s/vlan1"), machines),

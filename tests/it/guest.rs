@@ -62,7 +62,7 @@ impl Qemu {
             "-name", "server", "-accel", &accel, "-m", "192", "-smp", "1",
             "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-vga", "std", "-serial", "stdio",
             "-kernel", &path(&guest.join("kernel")), "-initrd", &path(&guest.join("initrd")),
-            "-append", "console=ttyS0 panic=-1",
+            "-append", "console=ttyS0 panic=-1 no_timer_check",
             "-fw_cfg", &format!("name=opt/vmlab/config,file={}", path(config)),
             "-device", "virtio-serial",
             "-chardev", &format!("socket,id=shell,path={},server=on,wait=off", socket("shell.sock")),
