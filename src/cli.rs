@@ -305,6 +305,12 @@ pub struct UpArgs {
     /// Keep the session directory (logs, sockets' directory) after the network stops.
     #[arg(long)]
     pub keep_state: bool,
+    /// Seconds a booting machine may show no sign of life (nothing on its
+    /// serial console, no backdoor banner) before it is reported, with what
+    /// QEMU says of it, and stopped [default: 60 under TCG, 20 with KVM, more
+    /// with many machines per core].
+    #[arg(long, value_name = "SECS", value_parser = positive_secs)]
+    pub boot_silence: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -327,6 +333,12 @@ pub struct TestArgs {
     /// Keep the session directory (logs, sockets' directory) after the test.
     #[arg(long)]
     pub keep_state: bool,
+    /// Seconds a booting machine may show no sign of life (nothing on its
+    /// serial console, no backdoor banner) before it is reported, with what
+    /// QEMU says of it, and stopped [default: 60 under TCG, 20 with KVM, more
+    /// with many machines per core].
+    #[arg(long, value_name = "SECS", value_parser = positive_secs)]
+    pub boot_silence: Option<std::time::Duration>,
     /// A Python prompt with the machines bound, instead of a test run (with a
     /// `.py` SCRIPT, `test_script()` runs it there); no global timeout.
     #[arg(long)]
@@ -401,5 +413,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Client(cmd) => crate::driver::client::client_command(cmd),
         Command::Coverage(args) => crate::coverage::coverage_command(&args),
         Command::Reap(args) => crate::runtime::reaper::reap_command(&args.command),
+    }
+}
+
+/// A positive number of seconds.
+fn positive_secs(text: &str) -> Result<std::time::Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(std::time::Duration::from_secs_f64(s)),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
     }
 }

@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 
 use super::base64;
 use super::log::{Log, Style};
-use super::machine::{CrashHandle, Machine, DEFAULT_TIMEOUT};
+use super::machine::{boot_silence_limit, CrashHandle, Machine, DEFAULT_TIMEOUT};
 use super::{DriverError, Kind};
 use crate::runtime::Network;
 
@@ -128,7 +128,12 @@ impl Driver {
 
     /// A driver for every machine of a running network, in the plan's order;
     /// copies and screenshots go to `out_dir`.
-    pub fn for_network(network: &Network, out_dir: &Path, log: Arc<Log>) -> Self {
+    /// `boot_silence`: see [`boot_silence_limit`]; by default from the
+    /// accelerator and the machines per core of this host.
+    pub fn for_network(network: &Network, out_dir: &Path, log: Arc<Log>, boot_silence: Option<Duration>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let tcg = network.accel() == crate::runtime::accel::Resolved::Tcg;
+        let silence = boot_silence.unwrap_or_else(|| boot_silence_limit(tcg, network.plan().machines.len(), cores));
         let machines = network
             .plan()
             .machines
@@ -136,7 +141,9 @@ impl Driver {
             .map(|planned| {
                 let vm = network.machine(&planned.name).expect("the network runs its plan's machines").clone();
                 let interfaces = planned.interfaces.iter().map(|i| (i.name.clone(), i.vlan)).collect();
-                Machine::new(&planned.name, interfaces, Box::new(vm), out_dir, log.clone())
+                let mut machine = Machine::new(&planned.name, interfaces, Box::new(vm), out_dir, log.clone());
+                machine.set_boot_silence(silence);
+                machine
             })
             .collect();
         Self::new(machines, log)

@@ -20,6 +20,23 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
 /// How long a guest may take from QEMU's start to its backdoor banner.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Pure: how long a booting machine may show no sign of life (nothing on
+/// its serial console, no backdoor banner) before it is reported and
+/// stopped. A guest started with `quiet` may print nothing until it is up,
+/// and boots share the host's cores, so the limit grows with the machines
+/// per core: under TCG a boot takes seconds of a core, with KVM a fraction.
+pub fn boot_silence_limit(tcg: bool, machines: usize, cores: usize) -> Duration {
+    let (floor, per_machine_per_core) = if tcg { (60, 10) } else { (20, 2) };
+    let scaled = per_machine_per_core * machines as u64 / cores.max(1) as u64;
+    Duration::from_secs(scaled.max(floor))
+}
+
+/// How long a stuck machine's QMP is waited for while it is reported.
+const REPORT_QMP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the silence check in a boot wait gives back, to be told apart.
+const SILENT: &str = "no sign of life";
+
 /// How long QEMU may take to create its sockets after it starts.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -131,6 +148,8 @@ pub struct Machine {
     /// Why QEMU ended when nobody asked it to; commands fail until `start`.
     died: Option<String>,
     crash: CrashHandle,
+    /// See [`boot_silence_limit`].
+    boot_silence: Duration,
     /// Serial console text not yet consumed by `wait_for_console_text`.
     console: String,
     console_offset: u64,
@@ -149,6 +168,7 @@ impl Machine {
             name: name.to_string(),
             interfaces,
             crash,
+            boot_silence: boot_silence_limit(true, 1, 1),
             vm,
             running: false,
             ever_started: false,
@@ -180,6 +200,11 @@ impl Machine {
     /// Whether QEMU was stopped by [`CrashHandle::crash`] since this was last asked.
     fn crash_requested(&self) -> bool {
         self.crash.requested.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How long a booting machine may show no sign of life.
+    pub fn set_boot_silence(&mut self, limit: Duration) {
+        self.boot_silence = limit;
     }
 
     pub fn ever_started(&self) -> bool {
@@ -281,20 +306,74 @@ impl Machine {
         }
         self.say("waiting for the guest to boot");
         let started = Instant::now();
-        let (vm, name) = (&mut self.vm, &self.name);
-        let mut alive = || match vm.exited() {
-            None => Ok(()),
-            Some(how) => Err(DriverError::new(Kind::Harness, format!("machine {name}: QEMU {how}"))),
-        };
-        let shell = self.shell.as_mut().expect("a started machine has a shell");
-        // Too far to represent (`Duration::MAX`): no deadline.
-        if let Err(e) = shell.wait_for_banner(&mut alive, started.checked_add(timeout)) {
+        // Checked once: a machine that answers is only warned about.
+        let mut silence = Some(self.boot_silence);
+        loop {
+            let (vm, name) = (&mut self.vm, &self.name);
+            let serial = vm.serial_log();
+            let mut alive = || match vm.exited() {
+                None if silence.is_some_and(|s| started.elapsed() >= s)
+                    && std::fs::metadata(&serial).map_or(true, |m| m.len() == 0) =>
+                {
+                    Err(DriverError::new(Kind::Machine, SILENT))
+                }
+                None => Ok(()),
+                Some(how) => Err(DriverError::new(Kind::Harness, format!("machine {name}: QEMU {how}"))),
+            };
+            let shell = self.shell.as_mut().expect("a started machine has a shell");
+            // Too far to represent (`Duration::MAX`): no deadline.
+            let e = match shell.wait_for_banner(&mut alive, started.checked_add(timeout)) {
+                Ok(()) => break,
+                Err(e) if e.message == SILENT => {
+                    let (report, stuck) = self.silence_report();
+                    let limit = secs(silence.take().unwrap_or_default());
+                    let what = format!(
+                        "machine {}: no sign of life after {limit} (nothing on the serial console, no backdoor banner); {report}",
+                        self.name
+                    );
+                    if !stuck {
+                        self.log.write(Some(&self.name), &format!("warning: {what}; still waiting"), Style::Bad);
+                        continue;
+                    }
+                    DriverError::new(Kind::Machine, what)
+                }
+                Err(e) => e,
+            };
             let e = self.mark_dead(e);
             return Err(DriverError::harness(format!("the guest never came up: {}", e.message)));
         }
         self.booted = true;
         self.say(&format!("backdoor shell ready ({})", secs(started.elapsed())));
         Ok(())
+    }
+
+    /// What can be learnt of a machine that shows no sign of life: whether
+    /// QEMU answers at all, the guest's run state and where its CPU is; and
+    /// whether it is stuck (QEMU silent, or the guest not running), which
+    /// waiting longer cannot mend. A guest booted `quiet` on a crowded host
+    /// may run and print nothing for long.
+    fn silence_report(&mut self) -> (String, bool) {
+        let qmp = match self.qmp.take() {
+            Some(qmp) => Ok(qmp),
+            None => std::os::unix::net::UnixStream::connect(self.vm.state_dir().join("qmp.sock"))
+                .map_err(|e| DriverError::harness(e.to_string()))
+                .and_then(|s| Qmp::handshake_within(s, &self.name, REPORT_QMP_TIMEOUT)),
+        };
+        let Ok(mut qmp) = qmp else {
+            return (
+                "QEMU does not answer on QMP: QEMU itself is stuck, before or without running the guest".into(),
+                true,
+            );
+        };
+        let status = qmp
+            .execute("query-status", json!({}))
+            .map(|s| s["status"].as_str().unwrap_or("unknown").to_string())
+            .unwrap_or_else(|e| e.message);
+        let registers = qmp.human("info registers").unwrap_or_else(|e| e.message);
+        // The instruction pointer and flags first: the rest of the dump is long.
+        let registers: Vec<&str> = registers.lines().take(3).map(str::trim).collect();
+        self.qmp = Some(qmp);
+        (format!("QEMU answers; the guest is {status}; CPU: {}", registers.join(" ")), status != "running")
     }
 
     /// Runs a command: `(status, stdout, stderr)`; boots the machine first if needed.
@@ -773,6 +852,23 @@ mod tests {
             })
             .collect();
         assert_eq!(seq, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+    }
+
+    #[test]
+    fn the_boot_silence_limit_grows_with_machines_per_core() {
+        // (tcg, machines, cores, seconds)
+        let cases = [
+            (true, 1, 2, 60),
+            (true, 12, 2, 60),
+            (true, 40, 2, 200),
+            (true, 40, 16, 60),
+            (true, 1, 0, 60),
+            (false, 1, 2, 20),
+            (false, 40, 2, 40),
+        ];
+        for (tcg, machines, cores, want) in cases {
+            assert_eq!(boot_silence_limit(tcg, machines, cores), Duration::from_secs(want), "{tcg} {machines} {cores}");
+        }
     }
 
     #[test]

@@ -37,8 +37,13 @@ impl Qmp {
 
     /// Reads the greeting and enters command mode.
     pub fn handshake(stream: UnixStream, machine: &str) -> Result<Self, DriverError> {
+        Self::handshake_within(stream, machine, REPLY_TIMEOUT)
+    }
+
+    /// [`Qmp::handshake`], with every answer awaited at most `timeout`.
+    pub fn handshake_within(stream: UnixStream, machine: &str, timeout: Duration) -> Result<Self, DriverError> {
         let io_err = |e: std::io::Error| DriverError::harness(format!("machine {machine}: QMP: {e}"));
-        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io_err)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
         let writer = stream.try_clone().map_err(io_err)?;
         let mut qmp = Qmp {
             reader: BufReader::new(stream),

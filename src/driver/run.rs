@@ -241,7 +241,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
     }
 
     let network = prepared.start()?;
-    let driver = Arc::new(Driver::for_network(&network, &out, log.clone()));
+    let driver = Arc::new(Driver::for_network(&network, &out, log.clone(), args.boot_silence));
     for m in network.machines() {
         log_console(m.name(), m.console().subscribe(), log.clone());
     }

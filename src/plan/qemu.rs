@@ -229,10 +229,17 @@ mod tests {
         let opts = render(&direct_boot(Path::new("/k"), Some(Path::new("/i")), "  quiet  "));
         assert_eq!(
             opts,
-            ["-kernel /k", "-initrd /i", "-append 'console=ttyS0 panic=-1 no_timer_check quiet '\"$QEMU_KERNEL_PARAMS\""]
+            [
+                "-kernel /k",
+                "-initrd /i",
+                "-append 'console=ttyS0 panic=-1 no_timer_check quiet '\"$QEMU_KERNEL_PARAMS\""
+            ]
         );
         let opts = render(&direct_boot(Path::new("/my kernel"), None, ""));
-        assert_eq!(opts, ["-kernel '/my kernel'", "-append 'console=ttyS0 panic=-1 no_timer_check '\"$QEMU_KERNEL_PARAMS\""]);
+        assert_eq!(
+            opts,
+            ["-kernel '/my kernel'", "-append 'console=ttyS0 panic=-1 no_timer_check '\"$QEMU_KERNEL_PARAMS\""]
+        );
     }
 
     #[test]

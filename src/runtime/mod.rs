@@ -59,6 +59,7 @@ pub struct Network {
     plan: Plan,
     /// Last: the directory goes after every process using it.
     session: Session,
+    accel: accel::Resolved,
 }
 
 impl Network {
@@ -80,7 +81,7 @@ impl Network {
                 ))
             })
             .collect();
-        let mut network = Network { machines, switches: Vec::new(), plan, session };
+        let mut network = Network { machines, switches: Vec::new(), plan, session, accel };
         for &vlan in &network.plan.vlans {
             let users = network.plan.machines.iter().filter(|m| m.interfaces.iter().any(|i| i.vlan == vlan)).count();
             network.switches.push(Switch::start(&network.plan.vde_switch, vlan, users, &layout)?);
@@ -90,6 +91,11 @@ impl Network {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// The accelerator every machine runs with.
+    pub fn accel(&self) -> accel::Resolved {
+        self.accel
     }
 
     pub fn session(&self) -> &Session {

@@ -93,7 +93,7 @@ pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
     let network = prepare(&args.dir, args.accel, args.keep_state, &say, &warn)?.start()?;
     // Copies and screenshots clients ask for land where `vmlab up` was started.
     let out_dir = std::env::current_dir().context("cannot find the current directory")?;
-    let driver = Arc::new(Driver::for_network(&network, &out_dir, Arc::new(Log::stderr(None))));
+    let driver = Arc::new(Driver::for_network(&network, &out_dir, Arc::new(Log::stderr(None)), args.boot_silence));
     let socket = network.session().layout().control_socket();
     serve(driver.clone(), &socket)?;
     say(&format!("control socket: export VMLAB_SOCKET={}", crate::shell::quote(&socket.to_string_lossy())));

@@ -324,6 +324,31 @@ fn a_machine_exiting_after_it_was_up_is_reported_and_the_others_keep_running() {
     assert_eq!(leftovers(&session), []);
 }
 
+/// A machine whose QEMU is stuck before its guest runs (as one was when the
+/// switch had a port too few) is reported long before any global timeout,
+/// with what QMP can tell, and the network stops.
+#[test]
+fn a_machine_with_no_sign_of_life_is_reported_with_what_qemu_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = build_fake(tmp.path(), free_port());
+    let mut cmd = vmlab();
+    cmd.arg("up").arg(&dir).args(["--boot-silence", "2"]);
+    let mut up = Up::spawn(cmd, &tmp.path().join("run"), &[("FAKE_QEMU_SILENT", "b")]);
+    let session = up.session();
+    let (status, output) = up.finish();
+    assert_eq!(status.code(), Some(2), "{output}");
+    assert!(
+        output.contains(
+            "b: machine b: no sign of life after 2.00s (nothing on the serial console, no backdoor banner); \
+             QEMU does not answer on QMP: QEMU itself is stuck, before or without running the guest"
+        ),
+        "{output}"
+    );
+    assert!(output.contains("a: backdoor shell ready ("), "{output}");
+    assert!(!session.exists());
+    assert_eq!(leftovers(&session), []);
+}
+
 #[test]
 fn up_ends_by_itself_when_no_machine_is_left() {
     let tmp = tempfile::tempdir().unwrap();
