@@ -18,14 +18,17 @@ use serde_json::{json, Map, Value};
 use super::base64;
 use super::log::{Log, Style};
 use super::machine::{boot_silence_limit, CrashHandle, Machine, DEFAULT_TIMEOUT};
+use super::monitor::Monitor;
 use super::{DriverError, Kind};
 use crate::runtime::Network;
 
 /// Every machine, each behind its own lock, and the test's log.
 pub struct Driver {
     machines: BTreeMap<String, Mutex<Machine>>,
-    /// Each machine's crash, which must not wait for a request holding the machine.
+    /// Each machine's crash and QEMU-level side, which must not wait for a
+    /// request holding the machine.
     crashes: BTreeMap<String, CrashHandle>,
+    monitors: BTreeMap<String, Arc<Monitor>>,
     pub log: Arc<Log>,
     /// Requests being served, by serial number: what the report names when
     /// the global timeout fires.
@@ -109,6 +112,9 @@ fn bytes_fields(out: &mut Map<String, Value>, key: &str, bytes: &[u8], binary: b
     }
 }
 
+/// How long QEMU may take to answer a QMP command sent while its machine is busy.
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Operations that take no machine.
 const GLOBAL_OPS: [&str; 7] =
     ["machines", "start_all", "join_all", "log", "serial_stdout", "subtest_begin", "subtest_end"];
@@ -117,6 +123,7 @@ impl Driver {
     pub fn new(machines: Vec<Machine>, log: Arc<Log>) -> Self {
         Driver {
             crashes: machines.iter().map(|m| (m.name.clone(), m.crash_handle())).collect(),
+            monitors: machines.iter().map(|m| (m.name.clone(), m.monitor())).collect(),
             machines: machines.into_iter().map(|m| (m.name.clone(), Mutex::new(m))).collect(),
             log,
             in_flight: Mutex::new(BTreeMap::new()),
@@ -214,8 +221,15 @@ impl Driver {
                 if op == "crash" {
                     self.crashes[name].crash();
                 }
-                let mut m = lock.lock().unwrap_or_else(|e| e.into_inner());
-                machine_op(&mut m, op, req)
+                match lock.try_lock() {
+                    Ok(mut m) => machine_op(&mut m, op, req),
+                    Err(std::sync::TryLockError::Poisoned(p)) => machine_op(&mut p.into_inner(), op, req),
+                    // Busy with a command: QEMU-level operations go straight to QEMU.
+                    Err(std::sync::TryLockError::WouldBlock) => match qemu_op(&self.monitors[name], op, req) {
+                        Some(result) => result,
+                        None => machine_op(&mut lock.lock().unwrap_or_else(|e| e.into_inner()), op, req),
+                    },
+                }
             }
         };
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&serial);
@@ -300,6 +314,26 @@ fn summary(req: &Args) -> String {
         parts.push(format!("{k}={short}"));
     }
     parts.join(" ")
+}
+
+/// An operation QEMU serves without the guest, done through `monitor`
+/// while the machine is busy; `None` for any other operation, and when QEMU
+/// cannot be reached that way (the machine is not running).
+fn qemu_op(monitor: &Monitor, op: &str, req: &Args) -> Option<Result<Value, DriverError>> {
+    if !matches!(op, "block" | "unblock" | "forward_port" | "screenshot" | "send_monitor_command") {
+        return None;
+    }
+    monitor.connect(QMP_TIMEOUT).ok()?;
+    let empty = Ok(json!({}));
+    Some(match op {
+        "block" | "unblock" => opt_str(req, "interface").and_then(|i| monitor.set_links(op == "unblock", i)).and(empty),
+        "forward_port" => port_arg(req, "host_port", Some(8080))
+            .and_then(|h| Ok((h, port_arg(req, "guest_port", Some(80))?)))
+            .and_then(|(h, g)| monitor.forward_port(h, g))
+            .and(empty),
+        "screenshot" => str_arg(req, "name").and_then(|n| monitor.screenshot(n)).map(|p| json!({ "path": p })),
+        _ => str_arg(req, "command").and_then(|c| monitor.send_monitor_command(c)).map(|o| json!({ "output": o })),
+    })
 }
 
 fn machine_op(m: &mut Machine, op: &str, req: &Args) -> Result<Value, DriverError> {
@@ -518,10 +552,11 @@ mod tests {
         d.release_all();
     }
 
-    /// `crash` does not wait for the command that holds the machine: that
-    /// command fails at once, saying why, and the machine starts again.
+    /// QEMU-level operations do not wait for the command that holds the
+    /// machine; `crash` makes that command fail at once, saying why, and
+    /// the machine starts again.
     #[test]
-    fn a_crash_stops_the_running_command_on_the_same_machine() {
+    fn qemu_operations_and_a_crash_do_not_wait_for_a_running_command() {
         let dir = tempfile::tempdir().unwrap();
         let d = driver(dir.path(), &["m"]);
         let path = dir.path().join("control.sock");
@@ -543,6 +578,11 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(300));
         let mut c = Client::connect(&path).unwrap();
+        // QEMU-level operations do not wait for the command either: it still runs once they are done.
+        call(&mut c, json!({"op": "block", "machine": "m"})).unwrap();
+        let r = call(&mut c, json!({"op": "send_monitor_command", "machine": "m", "command": "info status"})).unwrap();
+        assert_eq!(r["output"], "");
+        assert!(d.running_steps().iter().any(|s| s.starts_with("m: succeed")), "{:?}", d.running_steps());
         call(&mut c, json!({"op": "crash", "machine": "m"})).unwrap();
         // Had the crash waited for the command, the command would have succeeded.
         let e = sleeper.join().unwrap().unwrap_err();

@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use super::backdoor::{Alive, Output, Shell};
 use super::log::{Log, Style};
+use super::monitor::Monitor;
 use super::qmp::Qmp;
 use super::{DriverError, Kind};
 use crate::shell::quote;
@@ -99,49 +98,14 @@ pub fn port_check(port: u16, addr: &str) -> String {
     format!("nc -z {a} {p} 2>/dev/null || nc -w 2 {a} {p} -e true 2>/dev/null")
 }
 
-/// Where `screenshot(name)` writes, as NixOS: `.png` added to a name with no
-/// extension, relative to the output directory unless it has a `/`.
-pub fn screenshot_path(out_dir: &Path, name: &str) -> PathBuf {
-    let mut file = name.to_string();
-    if !file.contains('.') {
-        file += ".png";
-    }
-    if file.contains('/') {
-        PathBuf::from(file)
-    } else {
-        out_dir.join(file)
-    }
-}
-
-/// QEMU's netdev ids for a machine's vlan NICs (`-netdev vde,id=vlan<v>`).
-pub fn link_names(interfaces: &[(String, u8)], only: Option<&str>) -> Result<Vec<String>, String> {
-    let chosen: Vec<String> = interfaces
-        .iter()
-        .filter(|(name, _)| only.map_or(true, |o| o == name))
-        .map(|(_, vlan)| format!("vlan{vlan}"))
-        .collect();
-    match (only, chosen.is_empty()) {
-        (Some(o), true) => {
-            let names: Vec<&str> = interfaces.iter().map(|(n, _)| n.as_str()).collect();
-            Err(format!(
-                "no interface {o} (it has: {})",
-                if names.is_empty() { "none".into() } else { names.join(", ") }
-            ))
-        }
-        _ => Ok(chosen),
-    }
-}
-
 pub struct Machine {
     pub name: String,
-    /// (`eth<k>`, vlan), in order.
-    interfaces: Vec<(String, u8)>,
     vm: Box<dyn Vm>,
     running: bool,
     /// Started at least once: a machine that is not running now may have run.
     ever_started: bool,
     shell: Option<Shell>,
-    qmp: Option<Qmp>,
+    monitor: Arc<Monitor>,
     booted: bool,
     /// Whether the backdoor shell is bash, once known for this boot.
     shell_is_bash: Option<bool>,
@@ -164,16 +128,16 @@ fn secs(d: Duration) -> String {
 impl Machine {
     pub fn new(name: &str, interfaces: Vec<(String, u8)>, vm: Box<dyn Vm>, out_dir: &Path, log: Arc<Log>) -> Self {
         let crash = CrashHandle { kill: vm.killer(), requested: Default::default() };
+        let monitor = Arc::new(Monitor::new(name, interfaces, vm.state_dir().join("qmp.sock"), out_dir, log.clone()));
         Machine {
             name: name.to_string(),
-            interfaces,
             crash,
             boot_silence: boot_silence_limit(true, 1, 1),
             vm,
             running: false,
             ever_started: false,
             shell: None,
-            qmp: None,
+            monitor,
             booted: false,
             shell_is_bash: None,
             died: None,
@@ -267,7 +231,7 @@ impl Machine {
         self.booted = false;
         self.shell_is_bash = None;
         self.shell = None;
-        self.qmp = None;
+        self.monitor.reset();
     }
 
     /// QEMU ended unexpectedly: remember why, so later commands say so.
@@ -353,27 +317,16 @@ impl Machine {
     /// waiting longer cannot mend. A guest booted `quiet` on a crowded host
     /// may run and print nothing for long.
     fn silence_report(&mut self) -> (String, bool) {
-        let qmp = match self.qmp.take() {
-            Some(qmp) => Ok(qmp),
-            None => std::os::unix::net::UnixStream::connect(self.vm.state_dir().join("qmp.sock"))
-                .map_err(|e| DriverError::harness(e.to_string()))
-                .and_then(|s| Qmp::handshake_within(s, &self.name, REPORT_QMP_TIMEOUT)),
-        };
-        let Ok(mut qmp) = qmp else {
+        if self.monitor.connect(REPORT_QMP_TIMEOUT).is_err() {
             return (
                 "QEMU does not answer on QMP: QEMU itself is stuck, before or without running the guest".into(),
                 true,
             );
-        };
-        let status = qmp
-            .execute("query-status", json!({}))
-            .map(|s| s["status"].as_str().unwrap_or("unknown").to_string())
-            .unwrap_or_else(|e| e.message);
-        let registers = qmp.human("info registers").unwrap_or_else(|e| e.message);
-        // The instruction pointer and flags first: the rest of the dump is long.
-        let registers: Vec<&str> = registers.lines().take(3).map(str::trim).collect();
-        self.qmp = Some(qmp);
-        (format!("QEMU answers; the guest is {status}; CPU: {}", registers.join(" ")), status != "running")
+        }
+        match self.monitor.state() {
+            Ok((status, cpu)) => (format!("QEMU answers; the guest is {status}; CPU: {cpu}"), status != "running"),
+            Err(e) => (format!("QEMU does not answer on QMP: {e}"), true),
+        }
     }
 
     /// Runs a command: `(status, stdout, stderr)`; boots the machine first if needed.
@@ -624,62 +577,36 @@ impl Machine {
         self.start()
     }
 
-    /// The QMP connection, made on first use: QEMU serves one QMP client,
-    /// and most tests never need it.
-    fn qmp(&mut self) -> Result<&mut Qmp, DriverError> {
+    /// The QEMU-level side, which the driver reaches while a command holds
+    /// the machine.
+    pub fn monitor(&self) -> Arc<Monitor> {
+        self.monitor.clone()
+    }
+
+    /// Starts the machine if needed and connects QMP.
+    fn qmp(&mut self) -> Result<&Monitor, DriverError> {
         self.start()?;
-        if self.qmp.is_none() {
+        if !self.monitor.connected() {
             let socket = self.wait_for_socket(&self.vm.state_dir().join("qmp.sock"))?;
-            self.qmp = Some(Qmp::handshake(socket, &self.name)?);
+            self.monitor.adopt(Qmp::handshake(socket, &self.name)?);
         }
-        Ok(self.qmp.as_mut().expect("connected above"))
+        Ok(&self.monitor)
     }
 
-    /// Runs a QEMU monitor (HMP) command; its output.
     pub fn send_monitor_command(&mut self, command: &str) -> Result<String, DriverError> {
-        let out = self.qmp()?.human(command)?;
-        self.say(&format!("monitor: {command}"));
-        Ok(out)
+        self.qmp()?.send_monitor_command(command)
     }
 
-    /// Takes the machine's vlan links down (`up` false) or up; all of them or one interface.
     pub fn set_links(&mut self, up: bool, interface: Option<&str>) -> Result<(), DriverError> {
-        let names = link_names(&self.interfaces, interface).map_err(|e| self.err(Kind::Request, e))?;
-        for name in &names {
-            self.qmp()?.execute("set_link", json!({ "name": name, "up": up }))?;
-        }
-        let what = if up { "unblocked" } else { "blocked" };
-        self.say(&format!("{what} {}", interface.unwrap_or("all vlan interfaces")));
-        Ok(())
+        self.qmp()?.set_links(up, interface)
     }
 
-    /// Forwards TCP `127.0.0.1:host_port` on the host to `guest_port` in the guest.
     pub fn forward_port(&mut self, host_port: u16, guest_port: u16) -> Result<(), DriverError> {
-        let rule = format!("tcp:127.0.0.1:{host_port}-:{guest_port}");
-        // vmlab names the user netdev `user`; nixpkgs start scripts `user.0`.
-        let mut out = String::new();
-        for netdev in ["user", "user.0"] {
-            out = self.qmp()?.human(&format!("hostfwd_add {netdev} {rule}"))?;
-            if out.trim().is_empty() {
-                self.say(&format!("forwarding 127.0.0.1:{host_port} to port {guest_port}"));
-                return Ok(());
-            }
-        }
-        Err(self.err(Kind::Failed, format!("cannot forward port {host_port}: {}", out.trim())))
+        self.qmp()?.forward_port(host_port, guest_port)
     }
 
-    /// Saves the display as PNG; the path written.
     pub fn screenshot(&mut self, name: &str) -> Result<PathBuf, DriverError> {
-        let path = screenshot_path(&self.out_dir, name);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| self.err(Kind::Harness, format!("creating {}: {e}", dir.display())))?;
-        }
-        // QEMU resolves a relative name against its own working directory.
-        let absolute = std::env::current_dir().map(|d| d.join(&path)).unwrap_or(path.clone());
-        self.qmp()?.execute("screendump", json!({ "filename": absolute, "format": "png" }))?;
-        self.say(&format!("screenshot {}", path.display()));
-        Ok(path)
+        self.qmp()?.screenshot(name)
     }
 
     /// Copies a host file or directory into the guest so that it is `dest`
@@ -878,26 +805,6 @@ mod tests {
             "nc -z localhost 80 2>/dev/null || nc -w 2 localhost 80 -e true 2>/dev/null"
         );
         assert!(port_check(1, "a b").starts_with("nc -z 'a b' 1 "));
-    }
-
-    #[test]
-    fn screenshot_paths_follow_nixos() {
-        let out = Path::new("/out");
-        for (name, path) in
-            [("shot", "/out/shot.png"), ("shot.ppm", "/out/shot.ppm"), ("/tmp/x/shot", "/tmp/x/shot.png")]
-        {
-            assert_eq!(screenshot_path(out, name), PathBuf::from(path));
-        }
-    }
-
-    #[test]
-    fn links_are_the_vlan_netdevs() {
-        let ifs = vec![("eth1".to_string(), 1), ("eth2".to_string(), 7)];
-        assert_eq!(link_names(&ifs, None).unwrap(), ["vlan1", "vlan7"]);
-        assert_eq!(link_names(&ifs, Some("eth2")).unwrap(), ["vlan7"]);
-        assert_eq!(link_names(&ifs, Some("eth9")).unwrap_err(), "no interface eth9 (it has: eth1, eth2)");
-        assert_eq!(link_names(&[], Some("eth1")).unwrap_err(), "no interface eth1 (it has: none)");
-        assert!(link_names(&[], None).unwrap().is_empty());
     }
 }
 

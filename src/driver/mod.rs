@@ -9,6 +9,7 @@ pub mod copy;
 pub mod junit;
 pub mod log;
 pub mod machine;
+pub mod monitor;
 pub mod python;
 pub mod qmp;
 pub mod run;
