@@ -32,15 +32,32 @@ impl Reaped {
     /// input from /dev/null and standard output and error piped (taken with
     /// [`ChildGuard::take_stdout`] and [`ChildGuard::take_stderr`]).
     pub fn spawn(script: &Command, what: impl Into<String>) -> Result<Reaped> {
-        let mut cmd = under_reaper(script);
+        let (mut cmd, pipe) = under_reaper(script)?;
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        Ok(Reaped { guard: ChildGuard::spawn(cmd, what)? })
+        let guard = ChildGuard::spawn(cmd, what)?;
+        Self::started(guard, pipe)
     }
 
     /// Runs `script` under a reaper in vmlab's process group, on its terminal
     /// (the Python prompt: see [`ChildGuard::spawn_in_foreground`]).
     pub fn spawn_in_foreground(script: &Command, what: impl Into<String>) -> Result<Reaped> {
-        Ok(Reaped { guard: ChildGuard::spawn_in_foreground(under_reaper(script), what)? })
+        let (cmd, pipe) = under_reaper(script)?;
+        let guard = ChildGuard::spawn_in_foreground(cmd, what)?;
+        Self::started(guard, pipe)
+    }
+
+    /// Waits for the reaper's word that the script started: a script that
+    /// cannot start (a bad interpreter line) is vmlab's error to report, not
+    /// a failed test.
+    fn started(guard: ChildGuard, (mut read, write): StartPipe) -> Result<Reaped> {
+        // The reaper has its own copy now: the read end sees the end of the reaper's.
+        drop(write);
+        let mut word = String::new();
+        std::io::Read::read_to_string(&mut read, &mut word).context("reading the reaper's start pipe")?;
+        match word.strip_prefix(STARTED) {
+            Some("") => Ok(Reaped { guard }),
+            _ => anyhow::bail!("{}", word.trim()),
+        }
     }
 
     /// Stops the script and all it started; the script's exit status.
@@ -66,11 +83,39 @@ impl Drop for Reaped {
     }
 }
 
+/// The file descriptor on which the reaper says whether the script started.
+const START_FD: libc::c_int = 3;
+/// What it says when it did; anything else says why not.
+const STARTED: &str = "started";
+/// Tells the reaper that START_FD is its start pipe (`vmlab reap` run by
+/// hand has none, and its descriptor 3 may be anything).
+const START_VAR: &str = "VMLAB_REAP_START_FD";
+
+/// The reaper's start pipe: read end, write end.
+type StartPipe = (std::fs::File, std::os::fd::OwnedFd);
+
 /// `script` under `vmlab reap`: the same program, arguments, environment and
-/// working directory.
-fn under_reaper(script: &Command) -> Command {
+/// working directory; and the reaper's start pipe, whose write end it gets
+/// as [`START_FD`].
+fn under_reaper(script: &Command) -> Result<(Command, StartPipe)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors, both close-on-exec.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot make the reaper's start pipe");
+    }
+    // SAFETY: both are fresh descriptors owned here alone.
+    let (read, write) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
     // The running vmlab, even when its file was replaced since it started.
     let mut cmd = Command::new("/proc/self/exe");
+    let raw = write.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; it leaves START_FD open across exec.
+    unsafe {
+        cmd.pre_exec(move || match libc::dup2(raw, START_FD) {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        });
+    }
     cmd.arg0("vmlab").arg("reap").arg("--").arg(script.get_program()).args(script.get_args());
     for (key, value) in script.get_envs() {
         match value {
@@ -81,7 +126,8 @@ fn under_reaper(script: &Command) -> Command {
     if let Some(dir) = script.get_current_dir() {
         cmd.current_dir(dir);
     }
-    cmd
+    cmd.env(START_VAR, START_FD.to_string());
+    Ok((cmd, (read, write)))
 }
 
 /// `vmlab reap -- PROGRAM ARGS…`: the reaper's side (see the module's comment).
@@ -99,11 +145,39 @@ pub fn reap_command(command: &[OsString]) -> Result<ExitCode> {
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("reap: cannot set the parent-death signal");
     }
+    let mut start = (std::env::var(START_VAR).as_deref() == Ok("3")).then(|| {
+        // SAFETY: vmlab gave this process START_FD as its start pipe: owned
+        // here, and close-on-exec so the script never holds it.
+        unsafe {
+            libc::fcntl(START_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+            <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(START_FD)
+        }
+    });
+    let mut say = |word: &str| {
+        if let Some(pipe) = start.as_mut() {
+            let _ = std::io::Write::write_all(pipe, word.as_bytes());
+        }
+    };
     let mut cmd = Command::new(program);
-    cmd.args(args);
+    cmd.args(args).env_remove(START_VAR);
     // Should the reaper itself be killed, the script goes with it.
     die_with_parent(&mut cmd);
-    let script = cmd.spawn().with_context(|| format!("cannot start {}", program.to_string_lossy()))?;
+    let script = match cmd.spawn() {
+        Ok(script) => script,
+        Err(e) => {
+            // ENOENT for a file that exists: the kernel could not find its interpreter.
+            let hint = if e.kind() == std::io::ErrorKind::NotFound && std::path::Path::new(program).exists() {
+                " (the interpreter its #! line names)"
+            } else {
+                ""
+            };
+            let why = format!("cannot start {}: {e}{hint}", program.to_string_lossy());
+            say(&why);
+            anyhow::bail!("{why}");
+        }
+    };
+    say(STARTED);
+    drop(start);
     let mut reaper = Reaper { script: script.id() as libc::pid_t, status: None };
     // SIGINT, SIGHUP and SIGQUIT come from the terminal to the whole
     // foreground group, the prompt included: the prompt answers them.
@@ -267,12 +341,15 @@ mod tests {
     fn the_script_runs_under_vmlab_reap_as_it_would_alone() {
         let mut script = Command::new("python3");
         script.args(["-c", "pass"]).env("KEPT", "1").env_remove("GONE").current_dir("/tmp");
-        let cmd = under_reaper(&script);
+        let (cmd, _pipe) = under_reaper(&script).unwrap();
         assert_eq!(cmd.get_program(), "/proc/self/exe");
         assert_eq!(cmd.get_args().collect::<Vec<_>>(), ["reap", "--", "python3", "-c", "pass"]);
         let mut envs: Vec<_> = cmd.get_envs().collect();
         envs.sort();
-        assert_eq!(envs, [("GONE".as_ref(), None), ("KEPT".as_ref(), Some("1".as_ref()))]);
+        assert_eq!(
+            envs,
+            [("GONE".as_ref(), None), ("KEPT".as_ref(), Some("1".as_ref())), (START_VAR.as_ref(), Some("3".as_ref()))]
+        );
         assert_eq!(cmd.get_current_dir(), Some("/tmp".as_ref()));
     }
 }

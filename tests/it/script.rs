@@ -161,3 +161,20 @@ fn reports_that_cannot_be_written_are_the_runs_error_and_no_verdict_is_said() {
     assert_eq!(left, ["filler", "vmlab.log"]);
     assert_nothing_left(&runs);
 }
+
+/// A script that cannot start (its interpreter is missing) is vmlab's
+/// error, exit 2, not a failed test, though it runs under the reaper.
+#[test]
+fn a_script_that_cannot_start_is_a_harness_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let script = write_script(tmp.path(), "bad.sh", "#!/nonexistent/interpreter\ntrue\n");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = tmp.path().join("out");
+    let output = test_run(&runs, &spec(tmp.path(), "bad", &["server"]), &script, &out, &[]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot start"), "{stderr}");
+    assert!(stderr.contains("No such file or directory (os error 2) (the interpreter its #! line names)"), "{stderr}");
+    assert_nothing_left(&runs);
+}
