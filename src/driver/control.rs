@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 
 use super::base64;
 use super::log::{Log, Style};
-use super::machine::{boot_silence_limit, CrashHandle, Machine, DEFAULT_TIMEOUT};
+use super::machine::{boot_silence_limit, Interrupt, Machine, DEFAULT_TIMEOUT};
 use super::monitor::Monitor;
 use super::{DriverError, Kind};
 use crate::runtime::Network;
@@ -27,7 +27,7 @@ pub struct Driver {
     machines: BTreeMap<String, Mutex<Machine>>,
     /// Each machine's crash and QEMU-level side, which must not wait for a
     /// request holding the machine.
-    crashes: BTreeMap<String, CrashHandle>,
+    interrupts: BTreeMap<String, Interrupt>,
     monitors: BTreeMap<String, Arc<Monitor>>,
     pub log: Arc<Log>,
     /// Requests being served, by serial number: what the report names when
@@ -122,7 +122,7 @@ const GLOBAL_OPS: [&str; 7] =
 impl Driver {
     pub fn new(machines: Vec<Machine>, log: Arc<Log>) -> Self {
         Driver {
-            crashes: machines.iter().map(|m| (m.name.clone(), m.crash_handle())).collect(),
+            interrupts: machines.iter().map(|m| (m.name.clone(), m.interrupt())).collect(),
             monitors: machines.iter().map(|m| (m.name.clone(), m.monitor())).collect(),
             machines: machines.into_iter().map(|m| (m.name.clone(), Mutex::new(m))).collect(),
             log,
@@ -219,7 +219,7 @@ impl Driver {
                     DriverError::request(format!("no machine {name:?} (machines: {})", self.machine_names().join(", ")))
                 })?;
                 if op == "crash" {
-                    self.crashes[name].crash();
+                    self.interrupts[name].crash();
                 }
                 match lock.try_lock() {
                     Ok(mut m) => machine_op(&mut m, op, req),
@@ -227,7 +227,12 @@ impl Driver {
                     // Busy with a command: QEMU-level operations go straight to QEMU.
                     Err(std::sync::TryLockError::WouldBlock) => match qemu_op(&self.monitors[name], op, req) {
                         Some(result) => result,
-                        None => machine_op(&mut lock.lock().unwrap_or_else(|e| e.into_inner()), op, req),
+                        None => {
+                            if op == "shutdown" {
+                                self.power_off_busy(name);
+                            }
+                            machine_op(&mut lock.lock().unwrap_or_else(|e| e.into_inner()), op, req)
+                        }
                     },
                 }
             }
@@ -237,6 +242,19 @@ impl Driver {
             self.log.write(machine, &format!("error: {}", e.message), Style::Bad);
         }
         result
+    }
+
+    /// `shutdown` of a machine busy with a command: the backdoor cannot take
+    /// `poweroff` before the command ends, so the guest is told through the
+    /// ACPI power button; the command then fails saying why, and the
+    /// shutdown, once it has the machine, finds QEMU gone.
+    fn power_off_busy(&self, name: &str) {
+        let (interrupt, monitor) = (&self.interrupts[name], &self.monitors[name]);
+        interrupt.powering_off(true);
+        if monitor.connect(QMP_TIMEOUT).and_then(|()| monitor.power_button()).is_err() {
+            // The usual way, then, once the command is over.
+            interrupt.powering_off(false);
+        }
     }
 
     /// Runs `f` on every machine at once, each in its own thread; the first error.

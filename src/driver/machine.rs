@@ -70,18 +70,30 @@ pub trait Vm: Send {
 /// Stops a machine's current QEMU from any thread.
 pub type Killer = Arc<dyn Fn() + Send + Sync>;
 
-/// `crash()` while another request holds the machine: QEMU is stopped at
-/// once, and the request that was running learns why.
+/// `crash()` or `shutdown()` while another request holds the machine: QEMU
+/// is stopped (or the guest told to power off) at once, and the request
+/// that was running learns why it failed.
 #[derive(Clone)]
-pub struct CrashHandle {
+pub struct Interrupt {
     kill: Killer,
-    requested: Arc<std::sync::atomic::AtomicBool>,
+    /// What was asked for, as the interrupted request's error says it.
+    requested: Arc<std::sync::Mutex<Option<&'static str>>>,
 }
 
-impl CrashHandle {
+impl Interrupt {
+    fn note(&self, what: Option<&'static str>) {
+        *self.requested.lock().unwrap_or_else(|e| e.into_inner()) = what;
+    }
+
     pub fn crash(&self) {
-        self.requested.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.note(Some("crashed on request (crash())"));
         (self.kill)();
+    }
+
+    /// The guest is about to be told to power off (ACPI power button);
+    /// `false` takes that back when it could not be told.
+    pub fn powering_off(&self, yes: bool) {
+        self.note(yes.then_some("shut down on request (shutdown())"));
     }
 }
 
@@ -111,7 +123,7 @@ pub struct Machine {
     shell_is_bash: Option<bool>,
     /// Why QEMU ended when nobody asked it to; commands fail until `start`.
     died: Option<String>,
-    crash: CrashHandle,
+    interrupt: Interrupt,
     /// See [`boot_silence_limit`].
     boot_silence: Duration,
     /// Serial console text not yet consumed by `wait_for_console_text`.
@@ -127,11 +139,11 @@ fn secs(d: Duration) -> String {
 
 impl Machine {
     pub fn new(name: &str, interfaces: Vec<(String, u8)>, vm: Box<dyn Vm>, out_dir: &Path, log: Arc<Log>) -> Self {
-        let crash = CrashHandle { kill: vm.killer(), requested: Default::default() };
+        let interrupt = Interrupt { kill: vm.killer(), requested: Default::default() };
         let monitor = Arc::new(Monitor::new(name, interfaces, vm.state_dir().join("qmp.sock"), out_dir, log.clone()));
         Machine {
             name: name.to_string(),
-            crash,
+            interrupt,
             boot_silence: boot_silence_limit(true, 1, 1),
             vm,
             running: false,
@@ -156,14 +168,14 @@ impl Machine {
         DriverError::new(kind, format!("machine {}: {msg}", self.name))
     }
 
-    /// Crashes the machine from any thread, even while it runs a command.
-    pub fn crash_handle(&self) -> CrashHandle {
-        self.crash.clone()
+    /// Crashes or powers off the machine from any thread, even while it runs a command.
+    pub fn interrupt(&self) -> Interrupt {
+        self.interrupt.clone()
     }
 
-    /// Whether QEMU was stopped by [`CrashHandle::crash`] since this was last asked.
-    fn crash_requested(&self) -> bool {
-        self.crash.requested.swap(false, std::sync::atomic::Ordering::SeqCst)
+    /// What [`Interrupt`] did since this was last asked.
+    fn interrupted(&self) -> Option<&'static str> {
+        self.interrupt.requested.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// How long a booting machine may show no sign of life.
@@ -236,11 +248,11 @@ impl Machine {
 
     /// QEMU ended unexpectedly: remember why, so later commands say so.
     fn mark_dead(&mut self, error: DriverError) -> DriverError {
-        if self.crash_requested() {
+        if let Some(what) = self.interrupted() {
             // Asked for: the machine is stopped, not dead, and starts again on demand.
             self.vm.kill();
             self.forget_process();
-            return self.err(Kind::Machine, "crashed on request (crash()) while this ran");
+            return self.err(Kind::Machine, format!("{what} while this ran"));
         }
         let how = self.vm.exited().unwrap_or_else(|| {
             self.vm.kill();
@@ -522,6 +534,8 @@ impl Machine {
 
     /// Asks the guest to power off and waits for QEMU to exit.
     pub fn shutdown(&mut self, timeout: Duration) -> Result<(), DriverError> {
+        // Served now, after any power-off it asked for from outside the machine.
+        self.interrupted();
         if !self.is_up() {
             return Ok(());
         }
@@ -557,7 +571,7 @@ impl Machine {
     /// Stops QEMU at once, like pulling the power cord.
     pub fn crash(&mut self) -> Result<(), DriverError> {
         // Served now: a later failure is not this crash's doing.
-        self.crash_requested();
+        self.interrupted();
         if !self.running {
             return Ok(());
         }

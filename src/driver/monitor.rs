@@ -128,6 +128,14 @@ impl Monitor {
         Ok(out)
     }
 
+    /// Presses the ACPI power button: a guest that listens (systemd on
+    /// NixOS, the default guest) powers off.
+    pub fn power_button(&self) -> Result<(), DriverError> {
+        self.with(|q| q.execute("system_powerdown", json!({})))?;
+        self.say("shutting down (ACPI power button: the machine is busy)");
+        Ok(())
+    }
+
     /// The guest's run state and the first lines of its CPU registers.
     pub fn state(&self) -> Result<(String, String), DriverError> {
         self.with(|q| {

@@ -108,12 +108,27 @@ configure() {
     done < /run/vmlab/config
 }
 
+# The ACPI power button (QMP system_powerdown) powers the guest off, as
+# systemd does on NixOS: vmlab shuts a machine down that way while its
+# backdoor is busy with a command.
+watch_power_button() {
+    for event in /sys/class/input/event*; do
+        if [ "$(cat "$event/device/name" 2>/dev/null)" = "Power Button" ]; then
+            # One read returns whole events (evdev refuses reads shorter than one).
+            (dd if="/dev/input/${event##*/}" of=/dev/null bs=64 count=1 2>/dev/null && poweroff) &
+            return
+        fi
+    done
+    say "no ACPI power button: a machine busy with a command cannot be shut down at once"
+}
+
 boot() {
     mount_filesystems
     # Interfaces inherit the default when they appear: without duplicate
     # address detection, IPv6 addresses are usable as soon as they are added.
     sysctl -q -w net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0
     load_modules
+    watch_power_button
     mkdir -p "$GCOV_PREFIX"
     configure
     if [ -e /etc/vmlab/rc ]; then

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{bail, Context};
 
 /// What the guest needs: virtio PCI transport, NICs, the virtio console (the
-/// backdoor's hvc0) and fw_cfg in sysfs (the configuration).
-pub const REQUIRED: &[&str] = &["virtio_pci", "virtio_net", "virtio_console", "qemu_fw_cfg"];
+/// backdoor's hvc0), fw_cfg in sysfs (the configuration), and the ACPI power
+/// button as an input device (how a machine busy with a command is shut down).
+pub const REQUIRED: &[&str] = &["virtio_pci", "virtio_net", "virtio_console", "qemu_fw_cfg", "button", "evdev"];
 
 /// The module files (paths relative to the module tree) to load, each once,
 /// every dependency before its dependents. Modules listed in `builtin` are
@@ -110,6 +111,8 @@ kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
 kernel/net/core/failover.ko:
 kernel/drivers/firmware/qemu_fw_cfg.ko:
 kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/acpi/button.ko:
+kernel/drivers/input/evdev.ko:
 ";
 
     fn short(paths: &[String]) -> Vec<String> {
@@ -133,13 +136,24 @@ kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio.ko 
                     "virtio_net",
                     "virtio_console",
                     "qemu_fw_cfg",
+                    "button",
+                    "evdev",
                 ],
             ),
             // Built-in modules are skipped, their dependencies still resolved when needed.
             (
                 "kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/firmware/qemu_fw_cfg.ko\n",
                 REQUIRED,
-                &["virtio_ring", "virtio", "failover", "net_failover", "virtio_net", "virtio_console"],
+                &[
+                    "virtio_ring",
+                    "virtio",
+                    "failover",
+                    "net_failover",
+                    "virtio_net",
+                    "virtio_console",
+                    "button",
+                    "evdev",
+                ],
             ),
             // `-` and `_` are the same; compressed modules keep their file names.
             ("", &["virtio-rng", "virtio_console"], &["virtio_ring", "virtio", "virtio_rng", "virtio_console"]),

@@ -100,6 +100,17 @@ with subtest("QEMU-level operations and a crash from another thread do not wait 
     running.join()
     assert failures == ["machine machine: crashed on request (crash()) while this ran"], failures
     assert machine.succeed("echo restarted") == "restarted\n"
+
+with subtest("a shutdown from another thread powers the guest off while a command runs"):
+    failures = []
+    running = threading.Thread(target=sleeper)
+    running.start()
+    time.sleep(1)
+    machine.shutdown()
+    running.join()
+    assert failures == ["machine machine: shut down on request (shutdown()) while this ran"], failures
+    assert not machine.is_up()
+    assert machine.succeed("echo again") == "again\n"
 "#;
 
 #[test]
@@ -113,7 +124,7 @@ fn a_hostile_guest_cannot_plant_files_or_mix_output_and_qemu_operations_are_at_o
     let stderr = text(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     let cases = junit_cases(&out.join("junit.xml"));
-    assert_eq!(cases.len(), 5, "{cases:?}");
+    assert_eq!(cases.len(), 6, "{cases:?}");
     assert!(stderr.contains("warning: copy of /tmp/tools: left out \"tools/disk\" (a block device)"), "{stderr}");
     assert!(stderr.contains("left out \"tools/pipe\" (a FIFO)"), "{stderr}");
     assert_nothing_left(&runs);

@@ -336,7 +336,8 @@ fn compressed_module_tree(tree: &Path) -> PathBuf {
     let mut compressed_dep = String::new();
     for line in dep.lines() {
         let (module, deps) = line.split_once(':').unwrap();
-        let needed = ["virtio", "failover", "qemu_fw_cfg"].iter().any(|n| module.contains(n));
+        let needed =
+            ["virtio", "failover", "qemu_fw_cfg", "acpi/button", "input/evdev"].iter().any(|n| module.contains(n));
         if !needed {
             continue;
         }
