@@ -80,6 +80,13 @@ impl Counts {
                             *functions.entry((file, name)).or_default() |= ran(count);
                         }
                     }
+                    // FNA:<index>,<count>,<name> (lcov 2.2 and later, next to
+                    // FNL:<index>,<start>[,<end>], which names no function).
+                    ("FNA", Some(file)) => {
+                        if let Some((count, name)) = value.split_once(',').and_then(|(_, rest)| rest.split_once(',')) {
+                            *functions.entry((file, name)).or_default() |= ran(count);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -416,6 +423,10 @@ mod tests {
     const B: &str = "TN:b\nSF:/p/main.c\nFN:1,3,main\nFN:5,7,serve\nFN:9,11,connect\nFNDA:1,main\nFNDA:0,serve\n\
                      FNDA:2,connect\nFNF:3\nFNH:2\nDA:1,1,x1\nDA:2,1,x2\nDA:5,0,x5\nDA:6,0,x6\nDA:9,2,x9\nDA:10,2,x10\n\
                      LF:6\nLH:4\nend_of_record\n";
+    /// Machine b in lcov 2.2's style: functions as FNL/FNA records.
+    const B22: &str = "TN:b\nSF:/p/main.c\nFNL:0,1,3\nFNA:0,1,main\nFNL:1,5,7\nFNA:1,0,serve\nFNL:2,9,11\n\
+                       FNA:2,2,connect\nFNF:3\nFNH:2\nDA:1,1\nDA:2,1\nDA:5,0\nDA:6,0\nDA:9,2\nDA:10,2\nLF:6\nLH:4\n\
+                       end_of_record\n";
     /// Machine c: a file no other machine has; `unused` has no FNDA record.
     const C: &str = "TN:c\nSF:/p/other.c\nFN:1,other\nFN:4,unused\nFNDA:1,other\nDA:1,1\nDA:2,0\nLF:2\nLH:1\n\
                      end_of_record\n";
@@ -433,6 +444,8 @@ mod tests {
             ("nothing", vec![], counts(0, 0, 0, 0)),
             ("a, without summaries", vec![A], counts(4, 8, 2, 4)),
             ("b, with summaries", vec![B], counts(4, 6, 2, 3)),
+            ("b as lcov 2.2 writes it", vec![B22], counts(4, 6, 2, 3)),
+            ("a and b as lcov 2.2 writes it", vec![A, B22], counts(6, 8, 3, 4)),
             ("c, a function with no FNDA", vec![C], counts(1, 2, 1, 2)),
             ("a twice: the same lines, not twice as many", vec![A, A], counts(4, 8, 2, 4)),
             ("a and b overlap: all of main.c ran", vec![A, B], counts(6, 8, 3, 4)),
