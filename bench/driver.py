@@ -54,7 +54,11 @@ copy_in = time.perf_counter() - start
 start = time.perf_counter()
 server.copy_from_vm("/tmp/random.bin", "back")
 copy_out = time.perf_counter() - start
-hwm = [l for l in open(f"/proc/{os.getppid()}/status") if l.startswith("VmHWM:")][0].split()[1]
+# The driver: the parent, or its parent when the script runs under `vmlab reap`.
+pid = os.getppid()
+if open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[1:2] == [b"reap"]:
+    pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+hwm = [l for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:")][0].split()[1]
 print("RESULT " + json.dumps({**times, "text": text, "timed": timed,
       "copy_in": copy_in, "copy_out": copy_out, "hwm_kib": int(hwm)}), flush=True)
 """

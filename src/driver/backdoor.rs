@@ -107,9 +107,10 @@ pub fn new_token() -> String {
 /// Each command writes to files of its own (`o<n>`, `e<n>`): a background
 /// process an earlier command left running still holds that command's
 /// files open and keeps writing to them, and must never reach another
-/// command's reply. Earlier commands' files are emptied (a builtin) so that
-/// such a writer cannot fill the guest's memory with what nobody reads, and
-/// removed now and then (one `rm` every [`SWEEP_EVERY`] commands).
+/// command's reply. The previous command's files are emptied (a builtin:
+/// what it wrote is no longer needed for a resend) and old ones removed now
+/// and then (one `rm` every [`SWEEP_EVERY`] commands); what a background
+/// process writes later is its own business, as in any shell.
 pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<String, String> {
     if command.contains('\0') {
         return Err("a command cannot contain a NUL byte".into());
@@ -123,12 +124,12 @@ pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<S
     };
     Ok(format!(
         "if [ ! -d \"${{__vmlab_d:-}}\" ]; then \
-         __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab; __vmlab_n=0; \
+         __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab; __vmlab_n=0; __vmlab_o=; \
          __vmlab_pf=; (set -o pipefail) 2>/dev/null && __vmlab_pf='set -o pipefail'; \
          __vmlab_sh=sh; [ -z \"${{BASH_VERSION:-}}\" ] || __vmlab_sh=bash; fi\n\
          __vmlab_c={command}\n\
          if [ -d \"$__vmlab_d\" ]; then \
-         for __vmlab_f in \"$__vmlab_d\"/[oe]*; do [ ! -s \"$__vmlab_f\" ] || : >\"$__vmlab_f\"; done; \
+         [ -z \"${{__vmlab_o:-}}\" ] || : 2>/dev/null >\"$__vmlab_o\" >\"$__vmlab_e\"; \
          __vmlab_n=$((__vmlab_n+1)); case $__vmlab_n in *{sweep}) rm -f \"$__vmlab_d\"/[oe]*;; esac; \
          __vmlab_o=$__vmlab_d/o$__vmlab_n; __vmlab_e=$__vmlab_d/e$__vmlab_n; \
          printf 'set -eu\\n%s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\"; \
