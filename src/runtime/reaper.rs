@@ -54,9 +54,10 @@ impl Reaped {
         drop(write);
         let mut word = String::new();
         std::io::Read::read_to_string(&mut read, &mut word).context("reading the reaper's start pipe")?;
-        match word.strip_prefix(STARTED) {
-            Some("") => Ok(Reaped { guard }),
-            _ => anyhow::bail!("{}", word.trim()),
+        match word.trim() {
+            STARTED => Ok(Reaped { guard }),
+            "" => anyhow::bail!("vmlab reap ended before it started the script"),
+            why => anyhow::bail!("{why}"),
         }
     }
 
