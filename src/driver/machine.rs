@@ -47,6 +47,8 @@ const COPY_IN_RAW_CHUNK: usize = 4 * 1024 * 1024;
 /// reads too slowly (a loaded host), and a piece that lost bytes is fetched
 /// again whole, so a small piece is likelier to come through on a retry.
 const COPY_OUT_CHUNK: u64 = 1024 * 1024;
+/// The most a copy out reserves on the guest's word of its size.
+const RESERVE_AT_MOST: u64 = 1 << 30;
 
 /// What the driver needs from whoever runs a machine's QEMU (the runtime).
 pub trait Vm: Send {
@@ -686,9 +688,11 @@ impl Machine {
                 return Err(e);
             }
         };
-        // The size is the guest's word: nothing is reserved on it, and a
-        // piece that comes back empty ends the copy (checked below).
-        let mut data = Vec::new();
+        // The size is the guest's word: reserved up to a bound (untouched
+        // pages cost nothing; growing by doubling would copy, and hold twice
+        // the archive at its peak), and a piece that comes back empty ends
+        // the copy (checked below).
+        let mut data = Vec::with_capacity(size.min(RESERVE_AT_MOST) as usize);
         for i in 0.. {
             if data.len() as u64 >= size {
                 break;
