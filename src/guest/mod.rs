@@ -24,6 +24,9 @@ const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 /// Run by busybox init; the commands it runs are in [`INITTAB`].
 const INIT_SH: &str = include_str!("init.sh");
 
+/// `nc` with `-z`, ahead of busybox's on PATH (see the script).
+const NC_SH: &str = include_str!("nc.sh");
+
 /// PID 1 is busybox init: it reaps orphans, respawns the backdoor shell when
 /// it exits, and makes `poweroff` work. The serial console gets a shell too,
 /// for people running a machine by hand.
@@ -177,6 +180,7 @@ fn base_archive(
         ("/dev/console", Entry::CharDev { perm: 0o600, major: 5, minor: 1 }),
         ("/etc/inittab", Entry::file(0o644, INITTAB)),
         ("/etc/vmlab/init.sh", Entry::file(0o755, INIT_SH)),
+        ("/bin/nc", Entry::file(0o755, NC_SH)),
         ("/etc/vmlab/modules", Entry::file(0o644, module_list_text(&module_files))),
         ("/etc/profile", Entry::file(0o644, PROFILE)),
         ("/etc/passwd", Entry::file(0o644, format!("root:x:0:0:root:/root:{shell}\n"))),

@@ -30,6 +30,15 @@ with subtest("copy_from_host puts files where asked, making directories"):
     machine.copy_from_host_via_shell(src, "/srv/other.txt")
     assert machine.succeed("cat /srv/deep/er/hello.txt /srv/other.txt") == "hi\nhi\n"
 
+with subtest("nc -z tells an open port from a closed one, as NixOS scripts run it"):
+    machine.succeed("busybox httpd -p 8080 -h /tmp")
+    machine.succeed("nc -z localhost 8080", "nc -z -w 1 127.0.0.1 8080")
+    machine.fail("nc -z localhost 8081")
+    machine.wait_for_open_port(8080)
+    # Without -z, busybox's own nc.
+    reply = machine.succeed("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 127.0.0.1 8080 | head -c 5")
+    assert reply == "HTTP/", reply
+
 with subtest("systemd helpers say the guest has no systemd"):
     assert machine.systemctl("status foo")[0] == 127
     assert machine.start_job("foo")[0] == 127 and machine.stop_job("foo")[0] == 127
@@ -143,7 +152,7 @@ fn a_nixos_style_script_uses_the_rest_of_the_nixos_api() {
     assert!(!serial(&stderr, "hidden-line") && serial(&stderr, "shown-line"), "{stderr}");
     let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
     assert!(serial(&log, "hidden-line") && serial(&log, "shown-line"), "{log}");
-    assert_eq!(suite_and_script_times(&out.join("junit.xml")), (true, 8));
+    assert_eq!(suite_and_script_times(&out.join("junit.xml")), (true, 9));
     assert_nothing_left(&runs);
 }
 
