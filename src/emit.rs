@@ -254,8 +254,11 @@ pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
                  set -- \\\n{opts}\n\
                  QEMU_OPTS=\"$* ${{QEMU_OPTS-}}\"\n\
                  QEMU_NET_OPTS={net}${{QEMU_NET_OPTS:+,$QEMU_NET_OPTS}}\n\
+                 # Its own temporary directory is the state directory, as nixpkgs' driver\n\
+                 # has it: without USE_TMPDIR it makes a new nix-vm.* there on every start.\n\
                  TMPDIR=${state}\n\
-                 export QEMU_OPTS QEMU_NET_OPTS TMPDIR\n\
+                 USE_TMPDIR=1\n\
+                 export QEMU_OPTS QEMU_NET_OPTS TMPDIR USE_TMPDIR\n\
                  exec {script}\n",
                 state = qemu::STATE_VAR,
                 opts = render_opts(&qemu::start_script_opts(m, &node.qemu_options)),
