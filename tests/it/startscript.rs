@@ -64,3 +64,31 @@ fn a_start_script_runs_in_the_state_directory_every_time() {
         assert_eq!(entries, ["qemu-args", "xchg"]);
     }
 }
+
+/// qemu-vm.nix expands QEMU_OPTS unquoted without `set -f`: vmlab's options,
+/// paths in the state and output directories among them, reach QEMU whole
+/// whatever characters they hold; the caller's QEMU_OPTS is split, as nixpkgs has it.
+#[test]
+fn vmlab_options_reach_qemu_whole_through_a_start_script() {
+    for (out_name, state_name, smbios) in [
+        ("out", "state", "type=11,value=plain"),
+        ("out dir [1]", "state *?", "type=11,value=two words*"),
+        ("out\tdir", "state\n*", "type=11,value=[a]"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (out, state) = (tmp.path().join(out_name), tmp.path().join(state_name));
+        build(&out, &["-smbios", smbios]);
+        let args = start(&out, &state, &[("QEMU_OPTS", "-device  virtio-balloon")]);
+        let (out, state) = (out.display(), state.display());
+        for words in [
+            &["-fw_cfg", &format!("name=opt/vmlab/config,file={out}/config/machine.conf")][..],
+            &["-chardev", &format!("socket,id=shell,path={state}/shell.sock,server=on,wait=off")],
+            &["-qmp", &format!("unix:{state}/qmp.sock,server=on,wait=off")],
+            &["-netdev", "hubport,id=vlan1,hubid=1"],
+            &["-smbios", smbios],
+            &["-device", "virtio-balloon"],
+        ] {
+            assert!(contains(&args, words), "{out_name:?}, {state_name:?}: {words:?} not in {args:?}");
+        }
+    }
+}
