@@ -16,6 +16,11 @@
 let
   cfg = config.vmlab;
   serial = "ttyS0";
+  # Settings of a systemd configuration file: `settings` in NixOS since 2025,
+  # lines of `extraConfig` before.
+  settingsOr = hasSettings: section: values:
+    if hasSettings then { settings.${section} = values; }
+    else { extraConfig = lib.concatStrings (lib.mapAttrsToList (k: v: "${k}=${toString v}\n") values); };
 in
 {
   options.vmlab = {
@@ -36,6 +41,7 @@ in
       systemd.services.vmlab-backdoor = {
         description = "vmlab backdoor: root shell on hvc0";
         wantedBy = [ "multi-user.target" ];
+        # Waits up to systemd's DefaultDeviceTimeoutSec (below) for each.
         requires = [ "dev-hvc0.device" "dev-${serial}.device" ];
         after = [ "dev-hvc0.device" "dev-${serial}.device" ] ++ lib.optional cfg.network "vmlab-network.service";
         path = [ pkgs.coreutils ];
@@ -89,6 +95,14 @@ in
     })
 
     {
+      # As in nixpkgs' test instrumentation: under TCG, with many machines to
+      # a core, a unit or a device (the backdoor's hvc0 among them) can take
+      # longer than systemd's default 90 s, which would fail the boot.
+      systemd = settingsOr (options ? systemd.settings) "Manager" {
+        DefaultTimeoutStartSec = 300;
+        DefaultDeviceTimeoutSec = 300;
+      };
+
       virtualisation = lib.optionalAttrs (options ? virtualisation.qemu) {
         graphics = lib.mkDefault false;
         # No disk: the store comes from the host, the root is a tmpfs.
