@@ -8,7 +8,9 @@
 #   NICs renamed by MAC, addresses, host name, /etc/hosts. The same program as
 #   the default guest's (src/guest/init.sh network). Nothing in the system
 #   depends on the network's shape, so one build serves every topology;
-# - no default gateway, no name servers, no DHCP.
+# - no default gateway, no name servers, no DHCP;
+# - as NixOS test instrumentation has them: systemd's start and device
+#   timeouts at 300 s, the journal on the serial console.
 # With qemu-vm.nix (system.build.vm, as nix/nixos.nix uses it), the VM's
 # user NIC gets the MAC vmlab configures as eth0, and the serial console is
 # QEMU's standard output.
@@ -73,7 +75,8 @@ in
       boot.kernelModules = [ "qemu_fw_cfg" ];
       systemd.services.vmlab-network = {
         description = "vmlab network configuration from fw_cfg";
-        wantedBy = [ "network.target" ];
+        # network.target is in a boot only when something wants it.
+        wantedBy = [ "network.target" "multi-user.target" ];
         before = [ "network-pre.target" ];
         wants = [ "network-pre.target" ];
         # Every NIC must exist before it can be found by MAC.
@@ -101,6 +104,13 @@ in
       systemd = settingsOr (options ? systemd.settings) "Manager" {
         DefaultTimeoutStartSec = 300;
         DefaultDeviceTimeoutSec = 300;
+      };
+      # The journal on the serial console, all of it, as in a NixOS test: the
+      # machine's log then says what failed in the guest.
+      services.journald = settingsOr (options ? services.journald.settings) "Journal" {
+        ForwardToConsole = "yes";
+        TTYPath = "/dev/${serial}";
+        MaxLevelConsole = "debug";
       };
 
       virtualisation = lib.optionalAttrs (options ? virtualisation.qemu) {

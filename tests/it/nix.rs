@@ -488,6 +488,19 @@ fn the_guest_module_configures_systemd_as_nixos_tests_do() {
         (true, "systemd.settings.Manager", json!({"DefaultTimeoutStartSec": 300, "DefaultDeviceTimeoutSec": 300})),
         (false, "systemd.extraConfig", json!("DefaultDeviceTimeoutSec=300\nDefaultTimeoutStartSec=300\n")),
         (true, "systemd.services.vmlab-backdoor.requires", json!(["dev-hvc0.device", "dev-ttyS0.device"])),
+        // The journal on the serial console, as in a NixOS test's log.
+        (
+            true,
+            "services.journald.settings.Journal",
+            json!({"ForwardToConsole": "yes", "MaxLevelConsole": "debug", "TTYPath": "/dev/ttyS0"}),
+        ),
+        (
+            false,
+            "services.journald.extraConfig",
+            json!("ForwardToConsole=yes\nMaxLevelConsole=debug\nTTYPath=/dev/ttyS0\n"),
+        ),
+        // network.target is not in every boot transaction; multi-user.target is.
+        (true, "systemd.services.vmlab-network.wantedBy", json!(["network.target", "multi-user.target"])),
     ] {
         let Some(got) = guest_module(settings, attr) else { return };
         assert_eq!(got, want, "{attr} (settings = {settings})");
