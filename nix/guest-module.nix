@@ -18,10 +18,11 @@
 let
   cfg = config.vmlab;
   serial = "ttyS0";
-  # Settings of a systemd configuration file: `settings` in NixOS since 2025,
-  # lines of `extraConfig` before.
+  # Settings of a systemd configuration file: `settings` in NixOS since 2025
+  # (defaults, so a machine's own configuration can change them), lines of
+  # `extraConfig` before.
   settingsOr = hasSettings: section: values:
-    if hasSettings then { settings.${section} = values; }
+    if hasSettings then { settings.${section} = lib.mapAttrs (_: lib.mkDefault) values; }
     else { extraConfig = lib.concatStrings (lib.mapAttrsToList (k: v: "${k}=${toString v}\n") values); };
 in
 {
