@@ -8,7 +8,9 @@
 #   NICs renamed by MAC, addresses, host name, /etc/hosts. The same program as
 #   the default guest's (src/guest/init.sh network). Nothing in the system
 #   depends on the network's shape, so one build serves every topology;
-# - no default gateway, no name servers, no DHCP.
+# - no default gateway, no name servers, no DHCP;
+# - as NixOS test instrumentation has them: systemd's start and device
+#   timeouts at 300 s, the journal on the serial console.
 # With qemu-vm.nix (system.build.vm, as nix/nixos.nix uses it), the VM's
 # user NIC gets the MAC vmlab configures as eth0, and the serial console is
 # QEMU's standard output.
@@ -16,6 +18,12 @@
 let
   cfg = config.vmlab;
   serial = "ttyS0";
+  # Settings of a systemd configuration file: `settings` in NixOS since 2025
+  # (defaults, so a machine's own configuration can change them), lines of
+  # `extraConfig` before.
+  settingsOr = hasSettings: section: values:
+    if hasSettings then { settings.${section} = lib.mapAttrs (_: lib.mkDefault) values; }
+    else { extraConfig = lib.concatStrings (lib.mapAttrsToList (k: v: "${k}=${toString v}\n") values); };
 in
 {
   options.vmlab = {
@@ -36,6 +44,7 @@ in
       systemd.services.vmlab-backdoor = {
         description = "vmlab backdoor: root shell on hvc0";
         wantedBy = [ "multi-user.target" ];
+        # Waits up to systemd's DefaultDeviceTimeoutSec (below) for each.
         requires = [ "dev-hvc0.device" "dev-${serial}.device" ];
         after = [ "dev-hvc0.device" "dev-${serial}.device" ] ++ lib.optional cfg.network "vmlab-network.service";
         path = [ pkgs.coreutils ];
@@ -67,7 +76,8 @@ in
       boot.kernelModules = [ "qemu_fw_cfg" ];
       systemd.services.vmlab-network = {
         description = "vmlab network configuration from fw_cfg";
-        wantedBy = [ "network.target" ];
+        # network.target is in a boot only when something wants it.
+        wantedBy = [ "network.target" "multi-user.target" ];
         before = [ "network-pre.target" ];
         wants = [ "network-pre.target" ];
         # Every NIC must exist before it can be found by MAC.
@@ -89,6 +99,21 @@ in
     })
 
     {
+      # As in nixpkgs' test instrumentation: under TCG, with many machines to
+      # a core, a unit or a device (the backdoor's hvc0 among them) can take
+      # longer than systemd's default 90 s, which would fail the boot.
+      systemd = settingsOr (options ? systemd.settings) "Manager" {
+        DefaultTimeoutStartSec = 300;
+        DefaultDeviceTimeoutSec = 300;
+      };
+      # The journal on the serial console, all of it, as in a NixOS test: the
+      # machine's log then says what failed in the guest.
+      services.journald = settingsOr (options ? services.journald.settings) "Journal" {
+        ForwardToConsole = "yes";
+        TTYPath = "/dev/${serial}";
+        MaxLevelConsole = "debug";
+      };
+
       virtualisation = lib.optionalAttrs (options ? virtualisation.qemu) {
         graphics = lib.mkDefault false;
         # No disk: the store comes from the host, the root is a tmpfs.

@@ -251,12 +251,16 @@ pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
             s += &format!(
                 "# The start script keeps its disk image in the current directory.\n\
                  cd \"${state}\"\n\
-                 set -- \\\n{opts}\n\
-                 QEMU_OPTS=\"$* ${{QEMU_OPTS-}}\"\n\
                  QEMU_NET_OPTS={net}${{QEMU_NET_OPTS:+,$QEMU_NET_OPTS}}\n\
+                 # Its own temporary directory is the state directory, as nixpkgs' driver\n\
+                 # has it: without USE_TMPDIR it makes a new nix-vm.* there on every start.\n\
                  TMPDIR=${state}\n\
-                 export QEMU_OPTS QEMU_NET_OPTS TMPDIR\n\
-                 exec {script}\n",
+                 USE_TMPDIR=1\n\
+                 export QEMU_NET_OPTS TMPDIR USE_TMPDIR\n\
+                 # vmlab's options are its arguments, which it passes on to QEMU as they\n\
+                 # are (\"$@\"). Not QEMU_OPTS (the caller's, passed on): qemu-vm.nix expands\n\
+                 # it unquoted without set -f, splitting and globbing a path with a space or *?[.\n\
+                 exec {script} \\\n{opts}\n",
                 state = qemu::STATE_VAR,
                 opts = render_opts(&qemu::start_script_opts(m, &node.qemu_options)),
                 net = quote(&qemu::user_net_options(&m.forward_ports)),

@@ -61,7 +61,19 @@ nic_with_mac() {
     return 1
 }
 
+# Without duplicate address detection, IPv6 addresses are usable as soon as
+# they are added, not tentative for a second. A NIC takes the default's
+# setting when it appears; one that is already there (a NixOS guest's, by the
+# time its network service runs) keeps its own, so each is set too.
+dad_off() {
+    for conf in "$@"; do
+        { echo 0 > "/proc/sys/net/ipv6/conf/$conf/accept_dad"; } 2>/dev/null ||
+            say "cannot turn off IPv6 duplicate address detection on $conf"
+    done
+}
+
 configure_interfaces() {
+    dad_off default all
     n=0
     while read -r keyword name mac addresses; do
         [ "$keyword" = interface ] || continue
@@ -77,6 +89,7 @@ configure_interfaces() {
             n=$((n + 1))
         fi
         ip link set dev "$dev" name "$name"
+        dad_off "$name"
         ip link set dev "$name" up
         for address in $addresses; do
             case $address in
@@ -124,9 +137,6 @@ watch_power_button() {
 
 boot() {
     mount_filesystems
-    # Interfaces inherit the default when they appear: without duplicate
-    # address detection, IPv6 addresses are usable as soon as they are added.
-    sysctl -q -w net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0
     load_modules
     watch_power_button
     mkdir -p "$GCOV_PREFIX"

@@ -178,11 +178,14 @@ pub fn direct_boot_opts(
     .concat()
 }
 
-/// What a nixpkgs start script gets through `QEMU_OPTS`. It brings its own
-/// memory, CPUs, display, console and user NIC (configured through
-/// `QEMU_NET_OPTS`, see [`user_net_options`]), so those are left out.
+/// What a nixpkgs start script gets from vmlab. It brings its own memory,
+/// CPUs, display, console and user NIC (configured through `QEMU_NET_OPTS`,
+/// see [`user_net_options`]), so those are left out. It does not bring
+/// `-no-reboot` (nixpkgs' driver passes it itself), without which a reboot
+/// or a panic (NixOS tests boot with `panic=1`) restarts the guest inside
+/// QEMU, and the driver waits for an exit that never comes.
 pub fn start_script_opts(m: &Machine, options: &[String]) -> Vec<Opt> {
-    [guest_config(m), control_sockets(), vlan_nics(m), extra(options)].concat()
+    [vec![opt(&["-no-reboot"])], guest_config(m), control_sockets(), vlan_nics(m), extra(options)].concat()
 }
 
 #[cfg(test)]
@@ -292,6 +295,8 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(r.last().unwrap(), "-snapshot");
-        assert!(r.iter().any(|o| o.starts_with("-chardev socket,id=shell")));
+        for wanted in ["-no-reboot", "-chardev socket,id=shell"] {
+            assert!(r.iter().any(|o| o.starts_with(wanted)), "{wanted} not in {r:?}");
+        }
     }
 }

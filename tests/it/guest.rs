@@ -452,3 +452,41 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
         assert_eq!(written, 0, "{args:?}: nothing written");
     }
 }
+
+/// `init.sh network` (what a NixOS guest runs) on the host, in namespaces of
+/// its own: network, host name, and mounts (sysfs of that network, a fake
+/// fw_cfg configuration, tmpfs on /etc and /run), so nothing of the host
+/// changes. Its NIC exists before it runs, as a NixOS guest's does: the
+/// IPv6 address must be usable at once, not tentative for a second of
+/// duplicate address detection. Needs root (skipped otherwise).
+#[test]
+fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
+    let init_sh = crate::common::repo_root().join("src/guest/init.sh");
+    let sandbox = format!(
+        "set -eu
+         mount -t sysfs sysfs /sys
+         mount -t tmpfs tmpfs /sys/firmware
+         mount -t tmpfs tmpfs /etc
+         mount -t tmpfs tmpfs /run
+         mkdir -p /sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config
+         printf 'hostname server\\ninterface eth1 52:54:00:12:01:02 2001:db8:1::2/64\\n' \
+             > /sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config/raw
+         ip link add veth0 address 52:54:00:12:01:02 type veth peer name peer
+         ip link set dev peer up
+         sh {init_sh:?} network
+         cat /proc/sys/net/ipv6/conf/eth1/accept_dad
+         ip -6 address show dev eth1 scope global"
+    );
+    let out = run(Command::new("unshare")
+        .args(["--mount", "--net", "--uts", "--propagation", "private", "sh", "-c"])
+        .arg(&sandbox));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && stderr.contains("unshare failed") {
+        eprintln!("skipped: cannot make namespaces (not root?): {}", stderr.trim());
+        return;
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.starts_with("0\n") && stdout.contains("inet6 2001:db8:1::2/64"), "{stdout}{stderr}");
+    assert!(!stdout.contains("tentative"), "{stdout}{stderr}");
+}

@@ -13,3 +13,4 @@ mod nix;
 mod nixapi;
 mod runtime;
 mod script;
+mod startscript;

@@ -464,3 +464,45 @@ fn run_test_with_coverage_reports_it_as_a_build_product() {
     let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
     assert!(log.contains("coverage: lines "), "{log}");
 }
+
+/// `attr` of nix/guest-module.nix's merged definitions, on a NixOS with
+/// systemd's and journald's `settings` options or one before them
+/// (tests/fixtures/nix/guest-module.nix); `None` where Nix is not installed.
+fn guest_module(settings: bool, attr: &str) -> Option<Value> {
+    let expr = format!(
+        "(import {} {{ root = {}; settings = {settings}; }}).{attr}",
+        nix_path(&repo_root().join("tests/fixtures/nix/guest-module.nix")),
+        nix_path(repo_root())
+    );
+    let mut cmd = nix("nix-instantiate")?;
+    Some(serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), &expr)).unwrap())
+}
+
+/// What the guest module sets as nixpkgs' test instrumentation does, in the
+/// options of either generation of NixOS.
+#[test]
+fn the_guest_module_configures_systemd_as_nixos_tests_do() {
+    for (settings, attr, want) in [
+        // Under TCG a boot can take longer than systemd's 90 s for a unit or
+        // a device: the backdoor waits for dev-hvc0.device.
+        (true, "systemd.settings.Manager", json!({"DefaultTimeoutStartSec": 300, "DefaultDeviceTimeoutSec": 300})),
+        (false, "systemd.extraConfig", json!("DefaultDeviceTimeoutSec=300\nDefaultTimeoutStartSec=300\n")),
+        (true, "systemd.services.vmlab-backdoor.requires", json!(["dev-hvc0.device", "dev-ttyS0.device"])),
+        // The journal on the serial console, as in a NixOS test's log.
+        (
+            true,
+            "services.journald.settings.Journal",
+            json!({"ForwardToConsole": "yes", "MaxLevelConsole": "debug", "TTYPath": "/dev/ttyS0"}),
+        ),
+        (
+            false,
+            "services.journald.extraConfig",
+            json!("ForwardToConsole=yes\nMaxLevelConsole=debug\nTTYPath=/dev/ttyS0\n"),
+        ),
+        // network.target is not in every boot transaction; multi-user.target is.
+        (true, "systemd.services.vmlab-network.wantedBy", json!(["network.target", "multi-user.target"])),
+    ] {
+        let Some(got) = guest_module(settings, attr) else { return };
+        assert_eq!(got, want, "{attr} (settings = {settings})");
+    }
+}
