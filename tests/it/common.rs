@@ -126,3 +126,13 @@ impl Lines {
         self.seen.join("\n")
     }
 }
+
+/// A test that cannot run here says so and returns: visibly (straight to
+/// standard error, past the test harness's capture of a passing test's
+/// output), and never under CI=true, where a skip would hide a missing
+/// install step: there it fails.
+pub fn skip(why: &str) {
+    assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "cannot skip under CI=true: {why}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {} ({why})", std::thread::current().name().unwrap_or("a test"));
+}

@@ -482,7 +482,7 @@ fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
         .arg(&sandbox));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && stderr.contains("unshare failed") {
-        eprintln!("skipped: cannot make namespaces (not root?): {}", stderr.trim());
+        crate::common::skip(&format!("cannot make namespaces (not root?): {}", stderr.trim()));
         return;
     }
     let stdout = String::from_utf8_lossy(&out.stdout);

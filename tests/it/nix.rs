@@ -25,7 +25,7 @@ const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n
 /// where Nix is not installed.
 fn nix(program: &str) -> Option<Command> {
     if which::which(program).is_err() {
-        eprintln!("skipped: {program} not found (Debian: nix-bin; .ci/install installs it)");
+        crate::common::skip(&format!("{program} not found (Debian: nix-bin; .ci/install installs it)"));
         return None;
     }
     let mut cmd = Command::new(program);
