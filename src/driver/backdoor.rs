@@ -312,6 +312,9 @@ pub struct Shell {
     machine: String,
     /// Bytes read past the end of the previous reply.
     pending: Vec<u8>,
+    /// A flow-controlled data port, which loses nothing: no probes, and a
+    /// short reply is corruption, not asked for again.
+    lossless: bool,
     /// Time allowed beyond a command's own timeout before the host gives up.
     pub host_grace: Duration,
 }
@@ -322,7 +325,13 @@ impl Shell {
     pub fn new(stream: UnixStream, machine: &str) -> io::Result<Self> {
         stream.set_read_timeout(Some(POLL))?;
         stream.set_write_timeout(Some(POLL))?;
-        Ok(Shell { stream, machine: machine.to_string(), pending: Vec::new(), host_grace: HOST_GRACE })
+        Ok(Shell { stream, machine: machine.to_string(), pending: Vec::new(), lossless: false, host_grace: HOST_GRACE })
+    }
+
+    /// Wraps a connected data port (see [`data_shell_command`]), whose shell
+    /// is started by then.
+    pub fn data_port(stream: UnixStream, machine: &str) -> io::Result<Self> {
+        Ok(Shell { lossless: true, ..Shell::new(stream, machine)? })
     }
 
     fn lost(&self, what: &str) -> DriverError {
@@ -433,7 +442,8 @@ impl Shell {
         // QEMU drops what a guest writes to a virtio console while the host
         // end is full: the guest keeps the command's output until the next
         // command, so a reply that lost bytes is asked for again, not rerun.
-        for _ in 1..REPLY_ATTEMPTS {
+        let attempts = if self.lossless { 1 } else { REPLY_ATTEMPTS };
+        for _ in 1..attempts {
             if reply.is_ok() {
                 break;
             }
@@ -477,7 +487,7 @@ impl Shell {
             self.write_all(part, alive, deadline, &what)?;
         }
         let mut parser = ReplyParser::new(token);
-        let probe = probe_line(token);
+        let probe = (!self.lossless).then(|| probe_line(token));
         let mut data = std::mem::take(&mut self.pending);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -490,7 +500,7 @@ impl Shell {
                 Err(why) => return Ok(Err(why)),
                 Ok(None) => {}
             }
-            let n = self.read_some(&mut buf, alive, deadline, &what, Some(&probe))?;
+            let n = self.read_some(&mut buf, alive, deadline, &what, probe.as_deref())?;
             data.clear();
             data.extend_from_slice(&buf[..n]);
         }
@@ -499,6 +509,27 @@ impl Shell {
     fn garbled(&self, why: &str) -> DriverError {
         DriverError::harness(format!("machine {}: garbled reply: {why}", self.machine))
     }
+}
+
+/// Pure: the command, run by the backdoor shell, that starts a shell on the
+/// virtio-serial port named `name` (its name is in `<ports>/vportNpM/name`,
+/// normally under /sys/class/virtio-ports; its device is /dev/vportNpM)
+/// and prints the device; status 3 and why on standard error when there is
+/// no such port. The port is opened once, read and write (`<>`): the
+/// guest's driver lets only one process hold it open. The shell is bash
+/// when the guest has it, as for the backdoor. The host must be connected
+/// to the port first: while it is not, the shell reads end of file.
+pub fn data_shell_command(ports: &str, name: &str) -> String {
+    format!(
+        "for f in {ports}/*/name; do read -r n 2>/dev/null <\"$f\" || continue; [ \"$n\" = {name} ] || continue; \
+         p=${{f%/name}}; d=/dev/${{p##*/}}; \
+         [ -c \"$d\" ] || {{ echo \"$d is not a character device\" >&2; exit 3; }}; \
+         s=sh; ! command -v bash >/dev/null || s=bash; \
+         \"$s\" <>\"$d\" >&0 2>&0 & echo \"$d\"; exit 0; done; \
+         echo \"no virtio port is named {name} in {ports}\" >&2; exit 3",
+        ports = crate::shell::quote(ports),
+        name = crate::shell::quote(name)
+    )
 }
 
 /// Pure: the line the shell runs before `len` bytes of base64 follow for
@@ -613,6 +644,33 @@ mod tests {
         assert!(!line.contains("T1 out"), "the marker is printed, never sent");
         let (out, _) = parse_in_pieces(b"T1 out\nT1 err\nT1 end 0\n", 5);
         assert_eq!((out.status, out.stdout.len()), (0, 0));
+    }
+
+    /// The port is found by its name; a port named `null` stands for a
+    /// real one, its device being /dev/null (the shell started on it reads
+    /// end of file and exits).
+    #[test]
+    fn the_data_shell_is_started_on_the_port_found_by_name() {
+        /// (ports and their names, status, standard output, standard error)
+        type Case = (&'static [(&'static str, &'static str)], i32, &'static str, &'static str);
+        let cases: [Case; 4] = [
+            (&[("vport0p0", "other"), ("null", "vmlab.data")], 0, "/dev/null\n", ""),
+            (&[("vport0p0", "other")], 3, "", "no virtio port is named vmlab.data in "),
+            (&[], 3, "", "no virtio port is named vmlab.data in "),
+            (&[("vport9p9", "vmlab.data")], 3, "", "/dev/vport9p9 is not a character device"),
+        ];
+        for (ports, status, stdout, stderr) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            for (port, name) in ports {
+                std::fs::create_dir(dir.path().join(port)).unwrap();
+                std::fs::write(dir.path().join(port).join("name"), format!("{name}\n")).unwrap();
+            }
+            let command = data_shell_command(&dir.path().display().to_string(), "vmlab.data");
+            let out = std::process::Command::new("busybox").args(["sh", "-euc", &command]).output().unwrap();
+            let got = (out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert_eq!((got.0, got.1.as_ref()), (Some(status), stdout), "{ports:?}: {got:?}");
+            assert!(got.2.starts_with(stderr), "{ports:?}: {got:?}");
+        }
     }
 
     #[test]

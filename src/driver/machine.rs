@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::backdoor::{Alive, Output, Shell};
+use super::backdoor::{data_shell_command, Alive, Output, Shell};
 use super::log::{Log, Style};
 use super::monitor::Monitor;
 use super::qmp::Qmp;
 use super::{DriverError, Kind};
+use crate::plan::qemu::DATA_PORT_NAME;
 use crate::shell::quote;
 
 /// NixOS's default for every wait and for `execute`.
@@ -35,6 +36,14 @@ const REPORT_QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the silence check in a boot wait gives back, to be told apart.
 const SILENT: &str = "no sign of life";
+
+/// How long the backdoor shell and then the data port's shell may take to
+/// start the data port's shell and answer on it before the machine is
+/// driven over the backdoor instead.
+const DATA_SHELL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a Linux guest lists its virtio-serial ports with their names.
+const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
 
 /// How long QEMU may take to create its sockets after it starts.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
@@ -105,6 +114,9 @@ pub struct Machine {
     /// Started at least once: a machine that is not running now may have run.
     ever_started: bool,
     shell: Option<Shell>,
+    /// The shell on the data port, once started for this boot: commands and
+    /// copies go there rather than to `shell`.
+    data: Option<Shell>,
     monitor: Arc<Monitor>,
     booted: bool,
     /// Whether the backdoor shell is bash, once known for this boot.
@@ -137,6 +149,7 @@ impl Machine {
             running: false,
             ever_started: false,
             shell: None,
+            data: None,
             monitor,
             booted: false,
             shell_is_bash: None,
@@ -231,6 +244,7 @@ impl Machine {
         self.booted = false;
         self.shell_is_bash = None;
         self.shell = None;
+        self.data = None;
         self.monitor.reset();
     }
 
@@ -308,7 +322,57 @@ impl Machine {
         }
         self.booted = true;
         self.say(&format!("backdoor shell ready ({})", secs(started.elapsed())));
+        self.open_data_channel()
+    }
+
+    /// Moves commands and copies to a shell on the data port when the run
+    /// script gave the machine one (`data.sock`) and the guest has it, and
+    /// says which channel the machine uses and why. Anything that keeps the
+    /// data port from working leaves the machine on the backdoor console;
+    /// only the machine dying is an error.
+    fn open_data_channel(&mut self) -> Result<(), DriverError> {
+        let channel = match self.start_data_shell()? {
+            Ok((shell, device)) => {
+                self.data = Some(shell);
+                format!("the data port {device} ({DATA_PORT_NAME})")
+            }
+            Err(why) => format!("the backdoor console hvc0: {why}"),
+        };
+        self.say(&format!("commands and copies go over {channel}"));
         Ok(())
+    }
+
+    /// The data port's shell, answering, and its device; `Ok(Err(why))` when
+    /// there is none to be had.
+    fn start_data_shell(&mut self) -> Result<Result<(Shell, String), String>, DriverError> {
+        let socket = self.vm.state_dir().join("data.sock");
+        // Connected before the guest's shell opens the port: without a host
+        // end, the shell would read end of file and exit.
+        let stream = match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(format!("the run script gives it no data port ({}: {e})", socket.display()))),
+        };
+        let mut shell = match Shell::data_port(stream, &self.name) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(format!("{}: {e}", socket.display()))),
+        };
+        let started = self.execute(&data_shell_command(VIRTIO_PORTS, DATA_PORT_NAME), Some(DATA_SHELL_TIMEOUT))?;
+        if started.status != 0 {
+            let why = String::from_utf8_lossy(&started.stderr).trim().to_string();
+            return Ok(Err(format!("the guest cannot start a shell on it ({why}, exit code {})", started.status)));
+        }
+        let device = String::from_utf8_lossy(&started.stdout).trim().to_string();
+        let (vm, name) = (&mut self.vm, &self.name);
+        let mut alive = || match vm.exited() {
+            None => Ok(()),
+            Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
+        };
+        match shell.run("true", Some(DATA_SHELL_TIMEOUT), &mut alive) {
+            Ok(out) if out.status == 0 => Ok(Ok((shell, device))),
+            Ok(out) => Ok(Err(format!("the shell on {device} answers with exit code {}", out.status))),
+            Err(e) if vm.exited().is_some() => Err(self.mark_dead(e)),
+            Err(e) => Ok(Err(format!("the shell on {device} does not answer ({})", e.message))),
+        }
     }
 
     /// What can be learnt of a machine that shows no sign of life: whether
@@ -343,7 +407,10 @@ impl Machine {
             None => Ok(()),
             Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
         };
-        let shell = self.shell.as_mut().expect("a booted machine has a shell");
+        let shell = match self.data.as_mut() {
+            Some(data) => data,
+            None => self.shell.as_mut().expect("a booted machine has a shell"),
+        };
         match f(shell, &mut alive) {
             Ok(out) => Ok(out),
             Err(e) if e.kind == Kind::Machine => Err(self.mark_dead(e)),
