@@ -2,6 +2,7 @@
 //! driver's `Machine` (start, execute, succeed, wait_until_succeeds, …).
 //! Starting and stopping QEMU is the runtime's job, reached through [`Vm`].
 
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -683,6 +684,10 @@ impl Machine {
         let started = Instant::now();
         let name =
             source.file_name().ok_or_else(|| self.err(Kind::Request, format!("cannot copy {}", source.display())))?;
+        self.wait_for_boot()?;
+        if self.data.is_some() {
+            return self.stream_to_vm(source, dest, started);
+        }
         let mut archive = Vec::new();
         let packed = super::copy::pack(source, &mut archive).map_err(|e| self.err(Kind::Request, format!("{e:#}")))?;
         self.warn_skipped(&source.display().to_string(), &packed.skipped);
@@ -723,6 +728,10 @@ impl Machine {
         let src = Path::new(source);
         let name = src.file_name().ok_or_else(|| self.err(Kind::Request, format!("cannot copy {source}")))?.to_owned();
         let parent = src.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        self.wait_for_boot()?;
+        if self.data.is_some() {
+            return self.stream_from_vm(source, parent, &name, target_dir, started);
+        }
         let archive = format!("/tmp/vmlab-copy-out.{}.tar", std::process::id());
         let a = quote(&archive);
         let size = self.copy_step(&format!(
@@ -758,9 +767,23 @@ impl Machine {
                 self.err(Kind::Harness, format!("copy of {source} came back with {} of {size} bytes", data.len()))
             );
         }
+        self.unpack_copy(&data[..], size, source, target_dir, &name, started)
+    }
+
+    /// Unpacks the archive of `size` bytes a copy of `source` brought out
+    /// as `<out>/<target_dir>/<name>`, under the copy policy.
+    fn unpack_copy(
+        &self,
+        archive: impl std::io::Read,
+        size: u64,
+        source: &str,
+        target_dir: &str,
+        name: &std::ffi::OsStr,
+        started: Instant,
+    ) -> Result<PathBuf, DriverError> {
         let dir = self.out_dir.join(target_dir);
-        let target = dir.join(&name);
-        let copied = super::copy::unpack(&data[..], &dir, &name).map_err(|e| {
+        let target = dir.join(name);
+        let copied = super::copy::unpack(archive, &dir, name).map_err(|e| {
             // A guest sending what may not be unpacked fails the test; the host failing to write is vmlab's.
             let kind = if e.is::<super::copy::Refused>() { Kind::Failed } else { Kind::Harness };
             self.err(kind, format!("copying {source} to {}: {e:#}", target.display()))
@@ -772,6 +795,58 @@ impl Machine {
             secs(started.elapsed())
         ));
         Ok(target)
+    }
+
+    /// [`Machine::copy_to_vm`] over the data port: the archive is made in an
+    /// unnamed host file (memory stays flat) and streamed into `tar -x` in
+    /// the guest.
+    fn stream_to_vm(&mut self, source: &Path, dest: &str, started: Instant) -> Result<(), DriverError> {
+        let name = source.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let mut archive = self.host_file()?;
+        let packed = super::copy::pack(source, &mut archive).map_err(|e| self.err(Kind::Request, format!("{e:#}")))?;
+        self.warn_skipped(&source.display().to_string(), &packed.skipped);
+        let size = archive.seek(SeekFrom::End(0)).and_then(|size| archive.rewind().map(|()| size));
+        let size =
+            size.map_err(|e| self.err(Kind::Harness, format!("reading the archive of {}: {e}", source.display())))?;
+        let out =
+            self.with_shell(|shell, alive| shell.copy_in(&mut archive, size, &name, dest, DEFAULT_TIMEOUT, alive))?;
+        if out.status != 0 {
+            let why = guest_says(&out);
+            return Err(self.err(Kind::Failed, format!("cannot copy {} to {dest}: {why}", source.display())));
+        }
+        self.say(&format!("copied {} to {dest} ({size} bytes of tar, {})", source.display(), secs(started.elapsed())));
+        Ok(())
+    }
+
+    /// [`Machine::copy_from_vm`] over the data port: the guest's `tar`
+    /// streams into an unnamed host file (memory stays flat), unpacked from
+    /// there under the copy policy.
+    fn stream_from_vm(
+        &mut self,
+        source: &str,
+        parent: &Path,
+        name: &std::ffi::OsStr,
+        target_dir: &str,
+        started: Instant,
+    ) -> Result<PathBuf, DriverError> {
+        let mut archive = self.host_file()?;
+        let (parent, item) = (parent.to_string_lossy().into_owned(), name.to_string_lossy().into_owned());
+        let out =
+            self.with_shell(|shell, alive| shell.copy_out(&parent, &item, &mut archive, DEFAULT_TIMEOUT, alive))?;
+        if out.status != 0 {
+            return Err(self.err(Kind::Failed, format!("cannot copy {source} out of the guest: {}", guest_says(&out))));
+        }
+        let size = archive.stream_position().unwrap_or_default();
+        archive.rewind().map_err(|e| self.err(Kind::Harness, format!("reading the copy of {source}: {e}")))?;
+        self.unpack_copy(std::io::BufReader::new(archive), size, source, target_dir, name, started)
+    }
+
+    /// An unnamed file in the output directory, for an archive on its way:
+    /// on disk, not in memory (a tmpfs /tmp would be memory).
+    fn host_file(&self) -> Result<std::fs::File, DriverError> {
+        std::fs::create_dir_all(&self.out_dir)
+            .and_then(|()| tempfile::tempfile_in(&self.out_dir))
+            .map_err(|e| self.err(Kind::Harness, format!("cannot make a file in {}: {e}", self.out_dir.display())))
     }
 
     /// Says which entries a copy left out (device nodes, FIFOs, sockets).
@@ -819,6 +894,15 @@ impl Machine {
             self.vm.kill();
             self.forget_process();
         }
+    }
+}
+
+/// Pure: why a guest-side step failed, in the guest's words.
+fn guest_says(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    match err.trim() {
+        "" => format!("exit code {}, and the guest said nothing", out.status),
+        said => format!("{said} (exit code {})", out.status),
     }
 }
 

@@ -52,6 +52,60 @@ fn commands_go_over_the_data_port_whole_and_again_after_a_reboot() {
     assert_nothing_left(&runs);
 }
 
+const COPIES: &str = r#"
+import hashlib, os, stat
+
+# 64 MiB each way through a 256 MiB guest, whose /tmp cannot hold two copies.
+data = os.urandom(64 * 1024 * 1024)
+src = os.path.join(driver.out_dir, "big")
+with open(src, "wb") as f:
+    f.write(data)
+server.copy_to_vm(src, "/tmp/big")
+os.remove(src)
+assert server.succeed("sha256sum /tmp/big").split()[0] == hashlib.sha256(data).hexdigest(), "copied in"
+back = server.copy_from_vm("/tmp/big", "back")
+with open(back, "rb") as f:
+    assert hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(data).hexdigest(), "copied out"
+os.remove(back)
+server.succeed("rm /tmp/big")
+
+# A directory keeps its modes, never a setuid bit.
+server.succeed("mkdir -p /tmp/d/sub && echo x > /tmp/d/sub/f && chmod 750 /tmp/d/sub && chmod 4755 /tmp/d/sub/f")
+d = server.copy_from_vm("/tmp/d", "")
+assert stat.S_IMODE(os.stat(os.path.join(d, "sub")).st_mode) == 0o750
+assert stat.S_IMODE(os.stat(os.path.join(d, "sub/f")).st_mode) == 0o755
+server.copy_to_vm(d, "/tmp/again")
+assert server.succeed("stat -c %a /tmp/again/sub /tmp/again/sub/f") == "750\n755\n"
+
+# Failures say why, in the guest's words.
+for call, words in [
+    (lambda: server.copy_from_vm("/nonexistent/x", ""), "/nonexistent/x"),
+    (lambda: server.copy_to_vm(d, "/proc/version/below"), "/proc/version/below"),
+]:
+    try:
+        call()
+    except Exception as e:
+        message = str(e)
+        assert "machine server: cannot copy" in message and words in message, message
+        assert "exit code" in message and "said nothing" not in message, message
+        print("failure:", message)
+    else:
+        raise AssertionError("the copy did not fail")
+assert server.succeed("echo still") == "still\n"
+"#;
+
+#[test]
+fn copies_of_64_mib_stream_both_ways_through_a_small_guest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let script = write_script(tmp.path(), "copies.py", COPIES);
+    let out = tmp.path().join("out");
+    let output = test_run(&runs, &one_machine(tmp.path(), 256), &script, &out, &["--global-timeout", "900"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_nothing_left(&runs);
+}
+
 const FALLBACK: &str = r#"
 import os
 
