@@ -123,11 +123,7 @@ pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<S
         None => "(. \"$__vmlab_d/c\")".to_string(),
     };
     Ok(format!(
-        "if [ ! -d \"${{__vmlab_d:-}}\" ]; then \
-         __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab; __vmlab_n=0; __vmlab_o=; \
-         __vmlab_pf=; (set -o pipefail) 2>/dev/null && __vmlab_pf='set -o pipefail'; \
-         __vmlab_sh=sh; [ -z \"${{BASH_VERSION:-}}\" ] || __vmlab_sh=bash; fi\n\
-         __vmlab_c={command}\n\
+        "{setup}__vmlab_c={command}\n\
          if [ -d \"$__vmlab_d\" ]; then \
          [ -z \"${{__vmlab_o:-}}\" ] || : 2>/dev/null >\"$__vmlab_o\" >\"$__vmlab_e\"; \
          __vmlab_n=$((__vmlab_n+1)); case $__vmlab_n in *{sweep}) rm -f \"$__vmlab_d\"/[oe]*;; esac; \
@@ -138,11 +134,20 @@ pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<S
          if [ -s \"$__vmlab_o\" ] || [ -s \"$__vmlab_e\" ]; then \
          set -- $(wc -c \"$__vmlab_o\" \"$__vmlab_e\"); __vmlab_so=$1; __vmlab_se=$3; fi; {reply}\
          else printf '%s fail %s\\n' {token} 'cannot create a temporary directory in /tmp'; fi\n",
+        setup = SESSION_SETUP,
         command = crate::shell::quote(command),
         sweep = SWEEP_EVERY,
         reply = send_reply(token)
     ))
 }
+
+/// Makes the session's directory, and settles what the shell supports,
+/// when the directory is not there (the first command, a reboot, a command
+/// that cleaned /tmp).
+const SESSION_SETUP: &str = "if [ ! -d \"${__vmlab_d:-}\" ]; then \
+     __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab; __vmlab_n=0; __vmlab_o=; \
+     __vmlab_pf=; (set -o pipefail) 2>/dev/null && __vmlab_pf='set -o pipefail'; \
+     __vmlab_sh=sh; [ -z \"${BASH_VERSION:-}\" ] || __vmlab_sh=bash; fi\n";
 
 /// The last digits of the command count at which the session's old output
 /// files are removed: every hundredth command.
@@ -313,6 +318,9 @@ pub struct Shell {
     machine: String,
     /// Bytes read past the end of the previous reply.
     pending: Vec<u8>,
+    /// A flow-controlled data port, which loses nothing: no probes, and a
+    /// short reply is corruption, not asked for again.
+    lossless: bool,
     /// Time allowed beyond a command's own timeout before the host gives up.
     pub host_grace: Duration,
 }
@@ -323,7 +331,13 @@ impl Shell {
     pub fn new(stream: UnixStream, machine: &str) -> io::Result<Self> {
         stream.set_read_timeout(Some(POLL))?;
         stream.set_write_timeout(Some(POLL))?;
-        Ok(Shell { stream, machine: machine.to_string(), pending: Vec::new(), host_grace: HOST_GRACE })
+        Ok(Shell { stream, machine: machine.to_string(), pending: Vec::new(), lossless: false, host_grace: HOST_GRACE })
+    }
+
+    /// Wraps a connected data port (see [`data_shell_command`]), whose shell
+    /// is started by then.
+    pub fn data_port(stream: UnixStream, machine: &str) -> io::Result<Self> {
+        Ok(Shell { lossless: true, ..Shell::new(stream, machine)? })
     }
 
     fn lost(&self, what: &str) -> DriverError {
@@ -434,7 +448,8 @@ impl Shell {
         // QEMU drops what a guest writes to a virtio console while the host
         // end is full: the guest keeps the command's output until the next
         // command, so a reply that lost bytes is asked for again, not rerun.
-        for _ in 1..REPLY_ATTEMPTS {
+        let attempts = if self.lossless { 1 } else { REPLY_ATTEMPTS };
+        for _ in 1..attempts {
             if reply.is_ok() {
                 break;
             }
@@ -461,6 +476,139 @@ impl Shell {
         Ok(reply.map_err(|why| self.garbled(&why))?.status)
     }
 
+    /// Sends the archive of `name` in the guest directory `parent` into
+    /// `sink` (see [`copy_out_lines`]), checking each piece's size and
+    /// checksum; the reply, with `tar`'s status and messages. Only for a
+    /// data port: its bytes come through as they are.
+    pub fn copy_out(
+        &mut self,
+        parent: &str,
+        name: &str,
+        sink: &mut dyn Write,
+        timeout: Duration,
+        alive: Alive,
+    ) -> Result<Output, DriverError> {
+        let token = new_token();
+        let (deadline, what) = self.deadline(Some(timeout));
+        let lines = copy_out_lines(&token, parent, name, COPY_PIECE >> 20);
+        self.write_all(lines.as_bytes(), alive, deadline, &what)?;
+        let header = format!("{token} piece ");
+        let mut buf = vec![0u8; COPY_PIECE.min(1024 * 1024)];
+        loop {
+            let line = self.read_line(&header, alive, deadline, &what)?;
+            let (size, sum) = parse_piece(&line).map_err(|why| self.garbled(&why))?;
+            if size == 0 {
+                break;
+            }
+            let mut md5 = super::md5::Md5::default();
+            let mut left = size;
+            while left > 0 {
+                let want = left.min(buf.len());
+                let n = self.read_into(&mut buf[..want], alive, deadline, &what)?;
+                md5.update(&buf[..n]);
+                sink.write_all(&buf[..n])
+                    .map_err(|e| DriverError::harness(format!("machine {}: writing the copy: {e}", self.machine)))?;
+                left -= n;
+            }
+            let got = md5.hex();
+            if got != sum {
+                return Err(self.garbled(&format!("a piece of {size} bytes has checksum {got}, the guest sent {sum}")));
+            }
+        }
+        self.read_reply(&token, deadline, &what, alive)?.map_err(|why| self.garbled(&why))
+    }
+
+    /// Sends `size` bytes of `archive` (the archive of `name`) to be
+    /// unpacked as `dest` in the guest (see [`copy_in_lines`]); the reply,
+    /// with the status and messages of `tar -x` and the move. The guest's
+    /// checksum of what it took must be the host's.
+    pub fn copy_in(
+        &mut self,
+        archive: &mut dyn Read,
+        size: u64,
+        name: &str,
+        dest: &str,
+        timeout: Duration,
+        alive: Alive,
+    ) -> Result<Output, DriverError> {
+        let token = new_token();
+        let (deadline, what) = self.deadline(Some(timeout));
+        let lines = copy_in_lines(&token, size, name, dest);
+        self.write_all(lines.as_bytes(), alive, deadline, &what)?;
+        let ready = format!("{token} ready");
+        self.read_line(&ready, alive, deadline, &what)?;
+        let mut md5 = super::md5::Md5::default();
+        let mut buf = vec![0u8; 1024 * 1024];
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = archive
+                .read(&mut buf[..want])
+                .map_err(|e| DriverError::harness(format!("machine {}: reading the archive: {e}", self.machine)))?;
+            if n == 0 {
+                return Err(DriverError::harness(format!("machine {}: the archive ended early", self.machine)));
+            }
+            md5.update(&buf[..n]);
+            self.write_all(&buf[..n], alive, deadline, &what)?;
+            left -= n as u64;
+        }
+        let output = self.read_reply(&token, deadline, &what, alive)?.map_err(|why| self.garbled(&why))?;
+        let sum = md5.hex();
+        let theirs = String::from_utf8_lossy(&output.stdout);
+        if output.status == 0 && theirs.split_whitespace().next() != Some(sum.as_str()) {
+            return Err(self.garbled(&format!("the guest took the archive with checksum {theirs:?}, not {sum}")));
+        }
+        Ok(output)
+    }
+
+    /// The host's deadline for a command of `timeout`, and what it says when passed.
+    fn deadline(&self, timeout: Option<Duration>) -> (Option<Instant>, String) {
+        let grace = self.host_grace + timeout.unwrap_or_default() / 10;
+        let what = format!("no reply from the guest {:.1}s after the command's timeout", grace.as_secs_f64());
+        (timeout.map(|t| Instant::now() + t + grace), what)
+    }
+
+    /// Reads up to the next line starting with `prefix`, skipping any other
+    /// (what the guest's shell prints on the port); that line, without the
+    /// prefix and the newline.
+    fn read_line(
+        &mut self,
+        prefix: &str,
+        alive: Alive,
+        deadline: Option<Instant>,
+        what: &str,
+    ) -> Result<String, DriverError> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(nl) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=nl).collect();
+                if let Some(rest) = line[..nl].strip_prefix(prefix.as_bytes()) {
+                    return Ok(String::from_utf8_lossy(rest).into_owned());
+                }
+                continue;
+            }
+            let n = self.read_some(&mut buf, alive, deadline, what, None)?;
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Reads at least one byte into `buf`, what was read ahead first.
+    fn read_into(
+        &mut self,
+        buf: &mut [u8],
+        alive: Alive,
+        deadline: Option<Instant>,
+        what: &str,
+    ) -> Result<usize, DriverError> {
+        if self.pending.is_empty() {
+            return self.read_some(buf, alive, deadline, what, None);
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        Ok(n)
+    }
+
     /// Sends `parts` and reads the reply marked with `token`; the host gives
     /// up a little after `timeout`. `Ok(Err(why))`: the reply came back
     /// garbled or short.
@@ -471,14 +619,23 @@ impl Shell {
         timeout: Option<Duration>,
         alive: Alive,
     ) -> Result<Result<Output, String>, DriverError> {
-        let grace = self.host_grace + timeout.unwrap_or_default() / 10;
-        let deadline = timeout.map(|t| Instant::now() + t + grace);
-        let what = format!("no reply from the guest {:.1}s after the command's timeout", grace.as_secs_f64());
+        let (deadline, what) = self.deadline(timeout);
         for part in parts {
             self.write_all(part, alive, deadline, &what)?;
         }
+        self.read_reply(token, deadline, &what, alive)
+    }
+
+    /// Reads the reply marked with `token`.
+    fn read_reply(
+        &mut self,
+        token: &str,
+        deadline: Option<Instant>,
+        what: &str,
+        alive: Alive,
+    ) -> Result<Result<Output, String>, DriverError> {
         let mut parser = ReplyParser::new(token);
-        let probe = probe_line(token);
+        let probe = (!self.lossless).then(|| probe_line(token));
         let mut data = std::mem::take(&mut self.pending);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -491,7 +648,7 @@ impl Shell {
                 Err(why) => return Ok(Err(why)),
                 Ok(None) => {}
             }
-            let n = self.read_some(&mut buf, alive, deadline, &what, Some(&probe))?;
+            let n = self.read_some(&mut buf, alive, deadline, what, probe.as_deref())?;
             data.clear();
             data.extend_from_slice(&buf[..n]);
         }
@@ -499,6 +656,98 @@ impl Shell {
 
     fn garbled(&self, why: &str) -> DriverError {
         DriverError::harness(format!("machine {}: garbled reply: {why}", self.machine))
+    }
+}
+
+/// Pure: the command, run by the backdoor shell, that starts a shell on the
+/// virtio-serial port named `name` (its name is in `<ports>/vportNpM/name`,
+/// normally under /sys/class/virtio-ports; its device is /dev/vportNpM)
+/// and prints the device; status 3 and why on standard error when there is
+/// no such port. The port is opened once, read and write (`<>`): the
+/// guest's driver lets only one process hold it open. The shell is bash
+/// when the guest has it, as for the backdoor. The host must be connected
+/// to the port first: while it is not, the shell reads end of file.
+pub fn data_shell_command(ports: &str, name: &str) -> String {
+    format!(
+        "for f in {ports}/*/name; do read -r n 2>/dev/null <\"$f\" || continue; [ \"$n\" = {name} ] || continue; \
+         p=${{f%/name}}; d=/dev/${{p##*/}}; \
+         [ -c \"$d\" ] || {{ echo \"$d is not a character device\" >&2; exit 3; }}; \
+         s=sh; ! command -v bash >/dev/null || s=bash; \
+         \"$s\" <>\"$d\" >&0 2>&0 & echo \"$d\"; exit 0; done; \
+         echo \"no virtio port is named {name} in {ports}\" >&2; exit 3",
+        ports = crate::shell::quote(ports),
+        name = crate::shell::quote(name)
+    )
+}
+
+/// Shell text measuring `$__vmlab_o` and `$__vmlab_e` for [`send_reply`]
+/// (both files exist).
+const MEASURE: &str = "__vmlab_so=0; __vmlab_se=0; \
+     [ ! -s \"$__vmlab_o\" ] || { set -- $(wc -c <\"$__vmlab_o\"); __vmlab_so=$1; }; \
+     [ ! -s \"$__vmlab_e\" ] || { set -- $(wc -c <\"$__vmlab_e\"); __vmlab_se=$1; }; ";
+
+/// Pure: the lines a data port's shell runs to send the archive of `name`
+/// in `parent` as raw bytes: `tar` writes into a pipe, never a file, and
+/// the archive goes out in pieces of at most `piece_mib` MiB, each after a
+/// line `<token> piece <size> <md5>` (only one piece is ever kept in the
+/// guest); a piece of size 0 ends it. Then the reply of a command with no
+/// output, carrying `tar`'s status and error messages. The pieces are cut
+/// by `dd`, which reads no further than it writes (`head -c` may read
+/// ahead, losing what follows).
+pub fn copy_out_lines(token: &str, parent: &str, name: &str, piece_mib: usize) -> String {
+    format!(
+        "{SESSION_SETUP}__vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; __vmlab_k=$__vmlab_d/piece; : >\"$__vmlab_o\"; \
+         {{ tar -C {parent} -cf - {name} 2>\"$__vmlab_e\"; echo $? >\"$__vmlab_d/s\"; }} | while :; do \
+         dd bs=1048576 count={mib} iflag=fullblock 2>/dev/null >\"$__vmlab_k\"; set -- $(wc -c <\"$__vmlab_k\") $(md5sum <\"$__vmlab_k\"); \
+         printf '%s piece %s %s\\n' {token} \"$1\" \"$2\"; [ \"$1\" != 0 ] || break; cat \"$__vmlab_k\"; done; \
+         read -r __vmlab_s <\"$__vmlab_d/s\" || __vmlab_s=1; rm -f \"$__vmlab_k\" \"$__vmlab_d/s\"; \
+         {MEASURE}{reply}\n",
+        parent = crate::shell::quote(parent),
+        name = crate::shell::quote(name),
+        mib = piece_mib,
+        reply = send_reply(token)
+    )
+}
+
+/// Pure: the lines a data port's shell runs to take an archive of `size`
+/// bytes holding `name`, and make it `dest`. Once it prints
+/// `<token> ready` it reads exactly `size` bytes, whatever happens (a
+/// shell must never read the rest as commands): into `tar -x` straight
+/// from the port, nothing staged, and through `md5sum`, whose line is the
+/// reply's output; `tar`'s and the move's error messages are its standard
+/// error.
+pub fn copy_in_lines(token: &str, size: u64, name: &str, dest: &str) -> String {
+    format!(
+        "{SESSION_SETUP}__vmlab_x=$__vmlab_d/x; __vmlab_f=$__vmlab_d/f; __vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; \
+         rm -rf \"$__vmlab_x\" \"$__vmlab_f\"; : >\"$__vmlab_o\"; \
+         mkdir \"$__vmlab_x\" 2>\"$__vmlab_e\" && mkfifo \"$__vmlab_f\" 2>>\"$__vmlab_e\"; __vmlab_s=$?; \
+         printf '%s ready\\n' {token}; \
+         if [ $__vmlab_s = 0 ]; then md5sum <\"$__vmlab_f\" >\"$__vmlab_o\" & \
+         head -c {size} | tee \"$__vmlab_f\" | {{ tar -x -C \"$__vmlab_x\" 2>>\"$__vmlab_e\"; __vmlab_s=$?; cat >/dev/null; exit $__vmlab_s; }}; \
+         __vmlab_s=$?; wait; else head -c {size} >/dev/null; fi; \
+         [ $__vmlab_s != 0 ] || {{ rm -rf {dest} && mkdir -p \"$(dirname {dest})\" && mv \"$__vmlab_x\"/{name} {dest}; }} 2>>\"$__vmlab_e\" || __vmlab_s=$?; \
+         rm -rf \"$__vmlab_x\" \"$__vmlab_f\"; {MEASURE}{reply}\n",
+        name = crate::shell::quote(name),
+        dest = crate::shell::quote(dest),
+        reply = send_reply(token)
+    )
+}
+
+/// The largest piece of a copy out of the guest, which the guest keeps in
+/// a file while it sends it.
+const COPY_PIECE: usize = 4 * 1024 * 1024;
+
+/// Pure: a piece's size and checksum from its line (after `<token> piece `).
+fn parse_piece(line: &str) -> Result<(usize, String), String> {
+    match line.trim_end_matches('\r').split(' ').collect::<Vec<_>>()[..] {
+        [size, sum] if sum.len() == 32 && sum.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            let size = size.parse().map_err(|_| format!("bad piece size in {line:?}"))?;
+            if size > COPY_PIECE {
+                return Err(format!("a piece of {size} bytes, over the {COPY_PIECE} asked for"));
+            }
+            Ok((size, sum.to_string()))
+        }
+        _ => Err(format!("bad piece line {line:?}")),
     }
 }
 
@@ -614,6 +863,33 @@ mod tests {
         assert!(!line.contains("T1 out"), "the marker is printed, never sent");
         let (out, _) = parse_in_pieces(b"T1 out\nT1 err\nT1 end 0\n", 5);
         assert_eq!((out.status, out.stdout.len()), (0, 0));
+    }
+
+    /// The port is found by its name; a port named `null` stands for a
+    /// real one, its device being /dev/null (the shell started on it reads
+    /// end of file and exits).
+    #[test]
+    fn the_data_shell_is_started_on_the_port_found_by_name() {
+        /// (ports and their names, status, standard output, standard error)
+        type Case = (&'static [(&'static str, &'static str)], i32, &'static str, &'static str);
+        let cases: [Case; 4] = [
+            (&[("vport0p0", "other"), ("null", "vmlab.data")], 0, "/dev/null\n", ""),
+            (&[("vport0p0", "other")], 3, "", "no virtio port is named vmlab.data in "),
+            (&[], 3, "", "no virtio port is named vmlab.data in "),
+            (&[("vport9p9", "vmlab.data")], 3, "", "/dev/vport9p9 is not a character device"),
+        ];
+        for (ports, status, stdout, stderr) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            for (port, name) in ports {
+                std::fs::create_dir(dir.path().join(port)).unwrap();
+                std::fs::write(dir.path().join(port).join("name"), format!("{name}\n")).unwrap();
+            }
+            let command = data_shell_command(&dir.path().display().to_string(), "vmlab.data");
+            let out = std::process::Command::new("busybox").args(["sh", "-euc", &command]).output().unwrap();
+            let got = (out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert_eq!((got.0, got.1.as_ref()), (Some(status), stdout), "{ports:?}: {got:?}");
+            assert!(got.2.starts_with(stderr), "{ports:?}: {got:?}");
+        }
     }
 
     #[test]
@@ -912,6 +1188,47 @@ mod local_shell_tests {
                     format!("fast{i}\n")
                 );
             }
+        }
+    }
+
+    /// Copies out and in over the raw framing, in pieces (a small piece
+    /// size is not needed: 5 MiB is two pieces), and what a failure says.
+    #[test]
+    fn copies_stream_out_and_in_whole_and_failures_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        let data: Vec<u8> = (0..5 * 1024 * 1024 + 7).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        std::fs::write(src.join("sub/blob"), &data).unwrap();
+        let dir_path = dir.path().display().to_string();
+        let minute = Duration::from_secs(60);
+        for mut l in both() {
+            let mut archive = Vec::new();
+            let out = l.shell.copy_out(&dir_path, "src", &mut archive, minute, &mut ok()).unwrap();
+            assert_eq!((out.status, out.stderr.as_slice()), (0, &b""[..]));
+            let back = dir.path().join("back");
+            crate::driver::copy::unpack(&archive[..], &back, "src".as_ref()).unwrap();
+            assert!(std::fs::read(back.join("src/sub/blob")).unwrap() == data, "copied out");
+            let dest = dir.path().join("in/deep/copy");
+            let out = l
+                .shell
+                .copy_in(&mut &archive[..], archive.len() as u64, "src", &dest.display().to_string(), minute, &mut ok())
+                .unwrap();
+            assert_eq!(out.status, 0, "{out:?}");
+            assert!(std::fs::read(dest.join("sub/blob")).unwrap() == data);
+            std::fs::remove_dir_all(dir.path().join("in")).unwrap();
+            // The shell reads on after each copy, failed or not.
+            let out = l.shell.copy_out(&dir_path, "nonexistent", &mut Vec::new(), minute, &mut ok()).unwrap();
+            assert_ne!(out.status, 0);
+            assert!(String::from_utf8_lossy(&out.stderr).contains("nonexistent"), "{out:?}");
+            let blocked = dir.path().join("file");
+            std::fs::write(&blocked, "").unwrap();
+            let dest = blocked.join("below").display().to_string();
+            let out =
+                l.shell.copy_in(&mut &archive[..], archive.len() as u64, "src", &dest, minute, &mut ok()).unwrap();
+            assert_ne!(out.status, 0);
+            assert!(String::from_utf8_lossy(&out.stderr).contains("Not a directory"), "{out:?}");
+            assert_eq!(run(&mut l, "echo alive").stdout, b"alive\n");
         }
     }
 

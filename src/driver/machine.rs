@@ -2,15 +2,17 @@
 //! driver's `Machine` (start, execute, succeed, wait_until_succeeds, …).
 //! Starting and stopping QEMU is the runtime's job, reached through [`Vm`].
 
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::backdoor::{Alive, Output, Shell};
+use super::backdoor::{data_shell_command, Alive, Output, Shell};
 use super::log::{Log, Style};
 use super::monitor::Monitor;
 use super::qmp::Qmp;
 use super::{DriverError, Kind};
+use crate::plan::qemu::DATA_PORT_NAME;
 use crate::shell::quote;
 
 /// NixOS's default for every wait and for `execute`.
@@ -35,6 +37,14 @@ const REPORT_QMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the silence check in a boot wait gives back, to be told apart.
 const SILENT: &str = "no sign of life";
+
+/// How long the backdoor shell and then the data port's shell may take to
+/// start the data port's shell and answer on it before the machine is
+/// driven over the backdoor instead.
+const DATA_SHELL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a Linux guest lists its virtio-serial ports with their names.
+const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
 
 /// How long QEMU may take to create its sockets after it starts.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
@@ -119,6 +129,9 @@ pub struct Machine {
     /// Started at least once: a machine that is not running now may have run.
     ever_started: bool,
     shell: Option<Shell>,
+    /// The shell on the data port, once started for this boot: commands and
+    /// copies go there rather than to `shell`.
+    data: Option<Shell>,
     monitor: Arc<Monitor>,
     booted: bool,
     /// Whether the backdoor shell is bash, once known for this boot.
@@ -151,6 +164,7 @@ impl Machine {
             running: false,
             ever_started: false,
             shell: None,
+            data: None,
             monitor,
             booted: false,
             shell_is_bash: None,
@@ -245,6 +259,7 @@ impl Machine {
         self.booted = false;
         self.shell_is_bash = None;
         self.shell = None;
+        self.data = None;
         self.monitor.reset();
     }
 
@@ -322,7 +337,57 @@ impl Machine {
         }
         self.booted = true;
         self.say(&format!("backdoor shell ready ({})", secs(started.elapsed())));
+        self.open_data_channel()
+    }
+
+    /// Moves commands and copies to a shell on the data port when the run
+    /// script gave the machine one (`data.sock`) and the guest has it, and
+    /// says which channel the machine uses and why. Anything that keeps the
+    /// data port from working leaves the machine on the backdoor console;
+    /// only the machine dying is an error.
+    fn open_data_channel(&mut self) -> Result<(), DriverError> {
+        let channel = match self.start_data_shell()? {
+            Ok((shell, device)) => {
+                self.data = Some(shell);
+                format!("the data port {device} ({DATA_PORT_NAME})")
+            }
+            Err(why) => format!("the backdoor console hvc0: {why}"),
+        };
+        self.say(&format!("commands and copies go over {channel}"));
         Ok(())
+    }
+
+    /// The data port's shell, answering, and its device; `Ok(Err(why))` when
+    /// there is none to be had.
+    fn start_data_shell(&mut self) -> Result<Result<(Shell, String), String>, DriverError> {
+        let socket = self.vm.state_dir().join("data.sock");
+        // Connected before the guest's shell opens the port: without a host
+        // end, the shell would read end of file and exit.
+        let stream = match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(format!("the run script gives it no data port ({}: {e})", socket.display()))),
+        };
+        let mut shell = match Shell::data_port(stream, &self.name) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(format!("{}: {e}", socket.display()))),
+        };
+        let started = self.execute(&data_shell_command(VIRTIO_PORTS, DATA_PORT_NAME), Some(DATA_SHELL_TIMEOUT))?;
+        if started.status != 0 {
+            let why = String::from_utf8_lossy(&started.stderr).trim().to_string();
+            return Ok(Err(format!("the guest cannot start a shell on it ({why}, exit code {})", started.status)));
+        }
+        let device = String::from_utf8_lossy(&started.stdout).trim().to_string();
+        let (vm, name) = (&mut self.vm, &self.name);
+        let mut alive = || match vm.exited() {
+            None => Ok(()),
+            Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
+        };
+        match shell.run("true", Some(DATA_SHELL_TIMEOUT), &mut alive) {
+            Ok(out) if out.status == 0 => Ok(Ok((shell, device))),
+            Ok(out) => Ok(Err(format!("the shell on {device} answers with exit code {}", out.status))),
+            Err(e) if vm.exited().is_some() => Err(self.mark_dead(e)),
+            Err(e) => Ok(Err(format!("the shell on {device} does not answer ({})", e.message))),
+        }
     }
 
     /// What can be learnt of a machine that shows no sign of life: whether
@@ -357,7 +422,10 @@ impl Machine {
             None => Ok(()),
             Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
         };
-        let shell = self.shell.as_mut().expect("a booted machine has a shell");
+        let shell = match self.data.as_mut() {
+            Some(data) => data,
+            None => self.shell.as_mut().expect("a booted machine has a shell"),
+        };
         match f(shell, &mut alive) {
             Ok(out) => Ok(out),
             Err(e) if e.kind == Kind::Machine => Err(self.mark_dead(e)),
@@ -632,6 +700,10 @@ impl Machine {
         let started = Instant::now();
         let name =
             source.file_name().ok_or_else(|| self.err(Kind::Request, format!("cannot copy {}", source.display())))?;
+        self.wait_for_boot()?;
+        if self.data.is_some() {
+            return self.stream_to_vm(source, dest, started);
+        }
         let mut archive = Vec::new();
         let packed = super::copy::pack(source, &mut archive).map_err(|e| self.err(Kind::Request, format!("{e:#}")))?;
         self.warn_skipped(&source.display().to_string(), &packed.skipped);
@@ -672,6 +744,10 @@ impl Machine {
         let src = Path::new(source);
         let name = src.file_name().ok_or_else(|| self.err(Kind::Request, format!("cannot copy {source}")))?.to_owned();
         let parent = src.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        self.wait_for_boot()?;
+        if self.data.is_some() {
+            return self.stream_from_vm(source, parent, &name, target_dir, started);
+        }
         let archive = format!("/tmp/vmlab-copy-out.{}.tar", std::process::id());
         let a = quote(&archive);
         let size = self.copy_step(&format!(
@@ -709,9 +785,23 @@ impl Machine {
                 self.err(Kind::Harness, format!("copy of {source} came back with {} of {size} bytes", data.len()))
             );
         }
+        self.unpack_copy(&data[..], size, source, target_dir, &name, started)
+    }
+
+    /// Unpacks the archive of `size` bytes a copy of `source` brought out
+    /// as `<out>/<target_dir>/<name>`, under the copy policy.
+    fn unpack_copy(
+        &self,
+        archive: impl std::io::Read,
+        size: u64,
+        source: &str,
+        target_dir: &str,
+        name: &std::ffi::OsStr,
+        started: Instant,
+    ) -> Result<PathBuf, DriverError> {
         let dir = self.out_dir.join(target_dir);
-        let target = dir.join(&name);
-        let copied = super::copy::unpack(&data[..], &dir, &name).map_err(|e| {
+        let target = dir.join(name);
+        let copied = super::copy::unpack(archive, &dir, name).map_err(|e| {
             // A guest sending what may not be unpacked fails the test; the host failing to write is vmlab's.
             let kind = if e.is::<super::copy::Refused>() { Kind::Failed } else { Kind::Harness };
             self.err(kind, format!("copying {source} to {}: {e:#}", target.display()))
@@ -723,6 +813,58 @@ impl Machine {
             secs(started.elapsed())
         ));
         Ok(target)
+    }
+
+    /// [`Machine::copy_to_vm`] over the data port: the archive is made in an
+    /// unnamed host file (memory stays flat) and streamed into `tar -x` in
+    /// the guest.
+    fn stream_to_vm(&mut self, source: &Path, dest: &str, started: Instant) -> Result<(), DriverError> {
+        let name = source.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let mut archive = self.host_file()?;
+        let packed = super::copy::pack(source, &mut archive).map_err(|e| self.err(Kind::Request, format!("{e:#}")))?;
+        self.warn_skipped(&source.display().to_string(), &packed.skipped);
+        let size = archive.seek(SeekFrom::End(0)).and_then(|size| archive.rewind().map(|()| size));
+        let size =
+            size.map_err(|e| self.err(Kind::Harness, format!("reading the archive of {}: {e}", source.display())))?;
+        let out =
+            self.with_shell(|shell, alive| shell.copy_in(&mut archive, size, &name, dest, DEFAULT_TIMEOUT, alive))?;
+        if out.status != 0 {
+            let why = guest_says(&out);
+            return Err(self.err(Kind::Failed, format!("cannot copy {} to {dest}: {why}", source.display())));
+        }
+        self.say(&format!("copied {} to {dest} ({size} bytes of tar, {})", source.display(), secs(started.elapsed())));
+        Ok(())
+    }
+
+    /// [`Machine::copy_from_vm`] over the data port: the guest's `tar`
+    /// streams into an unnamed host file (memory stays flat), unpacked from
+    /// there under the copy policy.
+    fn stream_from_vm(
+        &mut self,
+        source: &str,
+        parent: &Path,
+        name: &std::ffi::OsStr,
+        target_dir: &str,
+        started: Instant,
+    ) -> Result<PathBuf, DriverError> {
+        let mut archive = self.host_file()?;
+        let (parent, item) = (parent.to_string_lossy().into_owned(), name.to_string_lossy().into_owned());
+        let out =
+            self.with_shell(|shell, alive| shell.copy_out(&parent, &item, &mut archive, DEFAULT_TIMEOUT, alive))?;
+        if out.status != 0 {
+            return Err(self.err(Kind::Failed, format!("cannot copy {source} out of the guest: {}", guest_says(&out))));
+        }
+        let size = archive.stream_position().unwrap_or_default();
+        archive.rewind().map_err(|e| self.err(Kind::Harness, format!("reading the copy of {source}: {e}")))?;
+        self.unpack_copy(std::io::BufReader::new(archive), size, source, target_dir, name, started)
+    }
+
+    /// An unnamed file in the output directory, for an archive on its way:
+    /// on disk, not in memory (a tmpfs /tmp would be memory).
+    fn host_file(&self) -> Result<std::fs::File, DriverError> {
+        std::fs::create_dir_all(&self.out_dir)
+            .and_then(|()| tempfile::tempfile_in(&self.out_dir))
+            .map_err(|e| self.err(Kind::Harness, format!("cannot make a file in {}: {e}", self.out_dir.display())))
     }
 
     /// Says which entries a copy left out (device nodes, FIFOs, sockets).
@@ -770,6 +912,15 @@ impl Machine {
             self.vm.kill();
             self.forget_process();
         }
+    }
+}
+
+/// Pure: why a guest-side step failed, in the guest's words.
+fn guest_says(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    match err.trim() {
+        "" => format!("exit code {}, and the guest said nothing", out.status),
+        said => format!("{said} (exit code {})", out.status),
     }
 }
 

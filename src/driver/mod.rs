@@ -9,6 +9,7 @@ pub mod copy;
 pub mod junit;
 pub mod log;
 pub mod machine;
+pub mod md5;
 pub mod monitor;
 pub mod python;
 pub mod qmp;

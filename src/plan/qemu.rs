@@ -87,19 +87,30 @@ pub fn config_path(machine: &str) -> String {
     format!("config/{machine}.conf")
 }
 
-/// The root-shell backdoor on a virtio console (the guest's hvc0) and QMP,
-/// both listening in the state directory so a driver can connect at any time.
+/// The name the guest finds the data channel by, under
+/// /sys/class/virtio-ports/*/name.
+pub const DATA_PORT_NAME: &str = "vmlab.data";
+
+/// The root-shell backdoor on a virtio console (the guest's hvc0), the data
+/// channel on a named virtio-serial port, and QMP, all listening in the
+/// state directory so a driver can connect at any time.
 pub fn control_sockets() -> Vec<Opt> {
     let listening =
         |prefix: &str, file: &str| Word::lit(prefix).then_var(STATE_VAR).then(format!("/{file},server=on,wait=off"));
     vec![
-        // One port, the console, with an interrupt vector per queue: with the
-        // default 31 ports all queues share one vector, and the interrupts the
-        // console's polled output raises for nothing make the guest kernel
-        // disable it ("irq N: nobody cared"), input notifications with it.
-        opt(&["-device", "virtio-serial,max_ports=1,vectors=3"]),
+        // Two ports, the console and the data channel, with an interrupt
+        // vector per queue (two per port, two for the control queues that
+        // carry the port's name, one for configuration): with the default 31
+        // ports all queues share one vector, and the interrupts the console's
+        // polled output raises for nothing make the guest kernel disable it
+        // ("irq N: nobody cared"), input notifications with it.
+        opt(&["-device", "virtio-serial,max_ports=2,vectors=7"]),
         vec![Word::lit("-chardev"), listening("socket,id=shell,path=", "shell.sock")],
         opt(&["-device", "virtconsole,chardev=shell"]),
+        // Not a console, so QEMU throttles it: the guest waits while the host
+        // reads slowly instead of losing what it writes.
+        vec![Word::lit("-chardev"), listening("socket,id=data,path=", "data.sock")],
+        opt(&["-device", &format!("virtserialport,chardev=data,name={DATA_PORT_NAME}")]),
         vec![Word::lit("-qmp"), listening("unix:", "qmp.sock")],
     ]
 }
@@ -273,7 +284,9 @@ mod tests {
     fn sockets_live_in_the_state_dir() {
         let r = render(&control_sockets());
         assert_eq!(r[1], "-chardev socket,id=shell,path=\"$state\"/shell.sock,server=on,wait=off");
-        assert_eq!(r[3], "-qmp unix:\"$state\"/qmp.sock,server=on,wait=off");
+        assert_eq!(r[3], "-chardev socket,id=data,path=\"$state\"/data.sock,server=on,wait=off");
+        assert_eq!(r[4], "-device virtserialport,chardev=data,name=vmlab.data");
+        assert_eq!(r[5], "-qmp unix:\"$state\"/qmp.sock,server=on,wait=off");
         assert_eq!(
             render(&guest_config(&machine(&[]))),
             ["-fw_cfg name=opt/vmlab/config,file=\"$out\"/config/server.conf"]

@@ -6,6 +6,7 @@ mod common;
 mod abuse;
 mod build;
 mod coverage;
+mod datachan;
 mod drive;
 mod guest;
 mod network;

@@ -1,0 +1,146 @@
+//! The data channel on real VMs (the default guest): commands move to a
+//! shell on the `vmlab.data` virtio-serial port once the backdoor answers,
+//! again after a reboot, and a run script without the port is driven over
+//! the backdoor console as before.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::common::{run, vmlab, webserver_guest};
+use crate::drive::{assert_nothing_left, test_run, text, write_script};
+
+/// A spec of the default guest: one machine, `server`, with `memory` MiB.
+fn one_machine(tmp: &Path, memory: u32) -> std::path::PathBuf {
+    let g = webserver_guest();
+    let node = json!({"kernel": g.join("kernel"), "initrd": g.join("initrd"), "memory": memory, "cmdline": "quiet"});
+    let path = tmp.join("one.json");
+    std::fs::write(&path, json!({"name": "one", "nodes": {"server": node}}).to_string()).unwrap();
+    path
+}
+
+/// How many times the log says the machine's commands go over `channel`.
+fn channel_lines(log: &str, channel: &str) -> usize {
+    log.lines().filter(|l| l.contains(&format!("commands and copies go over {channel}"))).count()
+}
+
+const DATA_PORT: &str = r#"
+import hashlib
+
+# 24 MiB of random bytes, in base64: 32 MiB of output.
+server.succeed("head -c 25165824 /dev/urandom | base64 > /tmp/blob")
+want = server.succeed("sha256sum /tmp/blob").split()[0]
+out = server.succeed("cat /tmp/blob")
+assert len(out) > 32 * 1024 * 1024, len(out)
+assert hashlib.sha256(out.encode()).hexdigest() == want, "the output changed on the way"
+server.reboot()
+assert server.succeed("echo again") == "again\n"
+"#;
+
+#[test]
+fn commands_go_over_the_data_port_whole_and_again_after_a_reboot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let script = write_script(tmp.path(), "data.py", DATA_PORT);
+    let out = tmp.path().join("out");
+    let output = test_run(&runs, &one_machine(tmp.path(), 256), &script, &out, &["--global-timeout", "900"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    assert_eq!(channel_lines(&log, "the data port /dev/vport"), 2, "once per boot: {log}");
+    assert_eq!(channel_lines(&log, "the backdoor console"), 0, "{log}");
+    assert_nothing_left(&runs);
+}
+
+const COPIES: &str = r#"
+import hashlib, os, stat
+
+# 64 MiB each way through a 256 MiB guest, whose /tmp cannot hold two copies.
+data = os.urandom(64 * 1024 * 1024)
+src = os.path.join(driver.out_dir, "big")
+with open(src, "wb") as f:
+    f.write(data)
+server.copy_to_vm(src, "/tmp/big")
+os.remove(src)
+assert server.succeed("sha256sum /tmp/big").split()[0] == hashlib.sha256(data).hexdigest(), "copied in"
+back = server.copy_from_vm("/tmp/big", "back")
+with open(back, "rb") as f:
+    assert hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(data).hexdigest(), "copied out"
+os.remove(back)
+server.succeed("rm /tmp/big")
+
+# A directory keeps its modes, never a setuid bit.
+server.succeed("mkdir -p /tmp/d/sub && echo x > /tmp/d/sub/f && chmod 750 /tmp/d/sub && chmod 4755 /tmp/d/sub/f")
+d = server.copy_from_vm("/tmp/d", "")
+assert stat.S_IMODE(os.stat(os.path.join(d, "sub")).st_mode) == 0o750
+assert stat.S_IMODE(os.stat(os.path.join(d, "sub/f")).st_mode) == 0o755
+server.copy_to_vm(d, "/tmp/again")
+assert server.succeed("stat -c %a /tmp/again/sub /tmp/again/sub/f") == "750\n755\n"
+
+# Failures say why, in the guest's words.
+for call, words in [
+    (lambda: server.copy_from_vm("/nonexistent/x", ""), "/nonexistent/x"),
+    (lambda: server.copy_to_vm(d, "/proc/version/below"), "/proc/version/below"),
+]:
+    try:
+        call()
+    except Exception as e:
+        message = str(e)
+        assert "machine server: cannot copy" in message and words in message, message
+        assert "exit code" in message and "said nothing" not in message, message
+        print("failure:", message)
+    else:
+        raise AssertionError("the copy did not fail")
+assert server.succeed("echo still") == "still\n"
+"#;
+
+#[test]
+fn copies_of_64_mib_stream_both_ways_through_a_small_guest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let script = write_script(tmp.path(), "copies.py", COPIES);
+    let out = tmp.path().join("out");
+    let output = test_run(&runs, &one_machine(tmp.path(), 256), &script, &out, &["--global-timeout", "900"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_nothing_left(&runs);
+}
+
+const FALLBACK: &str = r#"
+import os
+
+assert server.succeed("echo over hvc0") == "over hvc0\n"
+src = os.path.join(driver.out_dir, "small")
+with open(src, "wb") as f:
+    f.write(os.urandom(100000))
+server.copy_to_vm(src, "/tmp/small")
+back = server.copy_from_vm("/tmp/small", "back")
+assert open(back, "rb").read() == open(src, "rb").read(), "copied back"
+server.fail("false")
+"#;
+
+#[test]
+fn a_run_script_without_the_data_port_is_driven_over_the_backdoor_console() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let built = tmp.path().join("built");
+    let made = run(vmlab().arg("build").arg(one_machine(tmp.path(), 192)).arg("--out").arg(&built));
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let run_script = built.join("bin/run-server-vm");
+    let original = std::fs::read_to_string(&run_script).unwrap();
+    let without: String = original
+        .lines()
+        .filter(|l| !l.contains("id=data,") && !l.contains("virtserialport"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(original.lines().count() - 2, without.lines().count(), "{original}");
+    std::fs::write(&run_script, without).unwrap();
+    let script = write_script(tmp.path(), "fallback.py", FALLBACK);
+    let out = tmp.path().join("out");
+    let output = test_run(&runs, &built, &script, &out, &["--global-timeout", "900"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    assert_eq!(channel_lines(&log, "the backdoor console hvc0: the run script gives it no data port"), 1, "{log}");
+    assert_nothing_left(&runs);
+}
