@@ -55,11 +55,16 @@ pub fn identity(m: &Machine) -> Vec<Opt> {
 /// No default devices (each one costs boot time under TCG), no display
 /// window, a VGA adapter kept for screenshots, the serial console on stdout.
 pub fn headless() -> Vec<Opt> {
-    vec![
-        opt(&["-nodefaults", "-no-user-config", "-no-reboot"]),
-        opt(&["-display", "none", "-vga", "std"]),
-        opt(&["-serial", "stdio"]),
-    ]
+    vec![opt(&["-nodefaults", "-no-user-config", "-no-reboot"]), opt(&["-display", "none", "-vga", "std"])]
+}
+
+/// What a machine brings itself when run by hand or by vmlab, and takes
+/// from its caller when run as a nixpkgs start script (which appends its own
+/// `-serial`, virtio-serial bus, backdoor console and QMP): the serial
+/// console on stdout and [`control_sockets`].
+pub fn own_channels(serial: bool) -> Vec<Opt> {
+    let serial = if serial { vec![opt(&["-serial", "stdio"])] } else { vec![] };
+    [serial, control_sockets()].concat()
 }
 
 pub fn direct_boot(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Vec<Opt> {
@@ -168,7 +173,7 @@ pub fn extra(options: &[String]) -> Vec<Opt> {
     opts
 }
 
-/// Everything a direct-boot machine's QEMU gets.
+/// Everything a direct-boot machine's QEMU gets but [`own_channels`].
 pub fn direct_boot_opts(
     m: &Machine,
     kernel: &Path,
@@ -181,7 +186,6 @@ pub fn direct_boot_opts(
         headless(),
         direct_boot(kernel, initrd, cmdline),
         guest_config(m),
-        control_sockets(),
         user_nic(&m.forward_ports),
         vlan_nics(m),
         extra(options),
@@ -189,14 +193,14 @@ pub fn direct_boot_opts(
     .concat()
 }
 
-/// What a nixpkgs start script gets from vmlab. It brings its own memory,
+/// What a nixpkgs start script gets from vmlab, but [`own_channels`]. It brings its own memory,
 /// CPUs, display, console and user NIC (configured through `QEMU_NET_OPTS`,
 /// see [`user_net_options`]), so those are left out. It does not bring
 /// `-no-reboot` (nixpkgs' driver passes it itself), without which a reboot
 /// or a panic (NixOS tests boot with `panic=1`) restarts the guest inside
 /// QEMU, and the driver waits for an exit that never comes.
 pub fn start_script_opts(m: &Machine, options: &[String]) -> Vec<Opt> {
-    [vec![opt(&["-no-reboot"])], guest_config(m), control_sockets(), vlan_nics(m), extra(options)].concat()
+    [vec![opt(&["-no-reboot"])], guest_config(m), vlan_nics(m), extra(options)].concat()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod guest;
 mod network;
 mod nix;
 mod nixapi;
+mod nixdriver;
 mod runtime;
 mod script;
 mod startscript;

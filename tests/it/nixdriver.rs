@@ -1,0 +1,45 @@
+//! nixpkgs' test driver drives vmlab's machines: a harness that starts a
+//! `vmlab build` network's run scripts as that driver starts its start
+//! scripts (its arguments, environment, sockets and framing; see
+//! tests/fixtures/nixdriver/harness.py), on two real VMs on its own switch.
+
+use serde_json::{json, Value};
+
+use crate::common::{fixtures, processes_mentioning, run, vmlab};
+use crate::drive::{spec, text};
+
+#[test]
+fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let built = tmp.path().join("built");
+    let out =
+        run(vmlab().arg("build").arg(spec(tmp.path(), "nixdriver", &["server", "client"])).arg("--out").arg(&built));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let state = tmp.path().join("driver");
+    std::fs::create_dir(&state).unwrap();
+    let out = run(std::process::Command::new("python3")
+        .arg(fixtures().join("nixdriver/harness.py"))
+        .arg(&built)
+        .arg(&state)
+        .args(["server", "client"]));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(result["statuses"], json!([0, 1, 3]), "{result}");
+    assert_eq!(result["outputs"]["echo"], json!([0, "hello\n"]));
+    assert_eq!(result["outputs"]["server"], json!([0, "server\n"]));
+    assert_eq!(result["outputs"]["client"], json!([0, "client\n"]));
+    // Over the driver's own vde_switch, by name.
+    assert_eq!(result["outputs"]["ping"], json!(0), "{result}");
+    assert_eq!(result["exits"], json!({"server": 0, "client": 0}));
+    // The run scripts took the driver's state directories (TMPDIR with
+    // USE_TMPDIR) rather than making their own there, and left nothing running.
+    for machine in ["server", "client"] {
+        let entries: Vec<String> = std::fs::read_dir(state.join(format!("vm-state-{machine}")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(entries.iter().all(|e| ["monitor", "shell", "qmp"].contains(&e.as_str())), "{entries:?}");
+    }
+    assert_eq!(processes_mentioning(tmp.path()), []);
+}
