@@ -104,7 +104,9 @@ pub fn build_command(args: &BuildArgs) -> Result<ExitCode> {
 /// on a spec, into its session directory).
 pub fn write_build(loaded: &Loaded, out: &Path) -> Result<()> {
     let vmlab = std::env::current_exe().context("cannot find the vmlab executable")?;
-    write_tree(out, &files(loaded, &vmlab))
+    // Absolute: the driver configuration names the run scripts by path.
+    let absolute = std::env::current_dir().context("cannot find the current directory")?.join(out);
+    write_tree(out, &files(loaded, &vmlab, &absolute))
 }
 
 /// One file of the output directory.
@@ -114,8 +116,8 @@ pub struct File {
     pub executable: bool,
 }
 
-/// Everything `vmlab build` writes, in a fixed order.
-pub fn files(loaded: &Loaded, vmlab: &Path) -> Vec<File> {
+/// Everything `vmlab build` writes into `out`, in a fixed order.
+pub fn files(loaded: &Loaded, vmlab: &Path, out_dir: &Path) -> Vec<File> {
     let Loaded { spec, plan } = loaded;
     let data = |path: String, contents: String| File { path, contents, executable: false };
     let script = |path: String, contents: String| File { path, contents, executable: true };
@@ -125,7 +127,35 @@ pub fn files(loaded: &Loaded, vmlab: &Path) -> Vec<File> {
         out.push(script(format!("bin/run-{}-vm", m.name), run_script(plan, m, &spec.nodes[&m.name])));
     }
     out.push(script("bin/run-vms".into(), run_vms_script(plan, vmlab)));
+    out.push(data(DRIVER_CONFIG.into(), driver_config(plan, out_dir)));
     out
+}
+
+/// nixpkgs' test driver's configuration for this network (`nixos-test-driver
+/// -c FILE`, docs/nix.md): the run scripts as its start scripts.
+pub const DRIVER_CONFIG: &str = "nixos-test-driver.json";
+
+/// Pure: [`DRIVER_CONFIG`]'s contents. Its test script is a placeholder,
+/// `test-script.py` next to where the driver runs, for the user to write or
+/// to point elsewhere; the timeout is the driver's own default.
+fn driver_config(plan: &Plan, out_dir: &Path) -> String {
+    let vms: serde_json::Map<String, serde_json::Value> = plan
+        .machines
+        .iter()
+        .map(|m| {
+            let script = out_dir.join("bin").join(format!("run-{}-vm", m.name));
+            (m.name.clone(), serde_json::json!({ "name": m.name, "start_script": script }))
+        })
+        .collect();
+    let config = serde_json::json!({
+        "vms": vms,
+        "containers": {},
+        "vlans": plan.vlans,
+        "global_timeout": 3600,
+        "enable_ssh_backdoor": false,
+        "test_script": "test-script.py",
+    });
+    serde_json::to_string_pretty(&config).expect("JSON values serialise") + "\n"
 }
 
 /// Writes `files` into `out` all at once: they go into a fresh sibling

@@ -1,6 +1,7 @@
 //! nixpkgs' test driver drives vmlab's machines: a harness that starts a
-//! `vmlab build` network's run scripts as that driver starts its start
-//! scripts (its arguments, environment, sockets and framing; see
+//! `vmlab build` network's run scripts, as named in the driver configuration
+//! the build writes, as that driver starts its start scripts (its
+//! arguments, environment, sockets and framing; see
 //! tests/fixtures/nixdriver/harness.py), on two real VMs on its own switch.
 
 use serde_json::{json, Value};
@@ -17,11 +18,11 @@ fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let state = tmp.path().join("driver");
     std::fs::create_dir(&state).unwrap();
+    // Started from the configuration `vmlab build` writes for nixpkgs' driver.
     let out = run(std::process::Command::new("python3")
         .arg(fixtures().join("nixdriver/harness.py"))
-        .arg(&built)
-        .arg(&state)
-        .args(["server", "client"]));
+        .arg(built.join("nixos-test-driver.json"))
+        .arg(&state));
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     let result: Value = serde_json::from_str(stdout.trim()).unwrap();
