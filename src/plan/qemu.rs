@@ -312,8 +312,12 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(r.last().unwrap(), "-snapshot");
-        for wanted in ["-no-reboot", "-chardev socket,id=shell"] {
-            assert!(r.iter().any(|o| o.starts_with(wanted)), "{wanted} not in {r:?}");
-        }
+        assert!(r.iter().any(|o| o == "-no-reboot"), "{r:?}");
+        // The run script adds its own channels unless its caller brings them.
+        assert!(r.iter().all(|o| !o.starts_with("-chardev") && !o.starts_with("-qmp")), "{r:?}");
+        let own = render(&own_channels(false));
+        assert!(own.iter().any(|o| o.starts_with("-chardev socket,id=shell")), "{own:?}");
+        assert!(!own.iter().any(|o| o.starts_with("-serial")), "{own:?}");
+        assert_eq!(render(&own_channels(true))[0], "-serial stdio");
     }
 }
