@@ -12,7 +12,11 @@ use crate::drive::{assert_nothing_left, test_run, text, write_script};
 
 /// A spec of the default guest: one machine, `server`, with `memory` MiB.
 fn one_machine(tmp: &Path, memory: u32) -> std::path::PathBuf {
-    let g = webserver_guest();
+    spec_of(tmp, webserver_guest(), memory)
+}
+
+/// A spec of one machine, `server`, of the guest in `g`.
+fn spec_of(tmp: &Path, g: &Path, memory: u32) -> std::path::PathBuf {
     let node = json!({"kernel": g.join("kernel"), "initrd": g.join("initrd"), "memory": memory, "cmdline": "quiet"});
     let path = tmp.join("one.json");
     std::fs::write(&path, json!({"name": "one", "nodes": {"server": node}}).to_string()).unwrap();
@@ -142,5 +146,38 @@ fn a_run_script_without_the_data_port_is_driven_over_the_backdoor_console() {
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
     assert_eq!(channel_lines(&log, "the backdoor console hvc0: the run script gives it no data port"), 1, "{log}");
+    assert_nothing_left(&runs);
+}
+
+const BUSYBOX_ONLY: &str = r#"
+import hashlib, os
+
+assert server.succeed("readlink /proc/$$/exe").strip().endswith("busybox")
+server.succeed("head -c 12582912 /dev/urandom | base64 > /tmp/blob")
+want = server.succeed("sha256sum /tmp/blob").split()[0]
+assert hashlib.sha256(server.succeed("cat /tmp/blob").encode()).hexdigest() == want
+data = os.urandom(16 * 1024 * 1024)
+src = os.path.join(driver.out_dir, "in")
+with open(src, "wb") as f:
+    f.write(data)
+server.copy_to_vm(src, "/tmp/in")
+back = server.copy_from_vm("/tmp/in", "back")
+assert open(back, "rb").read() == data, "copied in and out"
+"#;
+
+#[test]
+fn a_guest_whose_only_shell_is_busybox_uses_the_data_port_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let guest = tmp.path().join("guest");
+    let built = run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--no-bash"));
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    let runs = tmp.path().join("runs");
+    let script = write_script(tmp.path(), "busybox.py", BUSYBOX_ONLY);
+    let out = tmp.path().join("out");
+    let output = test_run(&runs, &spec_of(tmp.path(), &guest, 256), &script, &out, &["--global-timeout", "900"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    assert_eq!(channel_lines(&log, "the data port /dev/vport"), 1, "{log}");
     assert_nothing_left(&runs);
 }
