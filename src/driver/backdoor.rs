@@ -33,6 +33,7 @@
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::base64;
@@ -71,6 +72,17 @@ pub fn probe_line(token: &str) -> String {
 
 /// How many times a command's reply is asked for when it comes back short.
 const REPLY_ATTEMPTS: usize = 4;
+
+/// Replies asked for again and probes sent, by every shell of this process:
+/// what the lossy console cost, said at the end of a test (a data port
+/// needs neither).
+static REASKED: AtomicU64 = AtomicU64::new(0);
+static PROBED: AtomicU64 = AtomicU64::new(0);
+
+/// The replies asked for again and the probes sent so far.
+pub fn recoveries() -> (u64, u64) {
+    (REASKED.load(Ordering::Relaxed), PROBED.load(Ordering::Relaxed))
+}
 
 /// Exit statuses `timeout` gives a command it stopped: coreutils 124,
 /// busybox 128+SIGTERM, and 128+SIGKILL after `-k`.
@@ -377,6 +389,7 @@ impl Shell {
                 {
                     self.check(alive, deadline, what)?;
                     if let Some(probe) = probe.filter(|_| quiet_since.elapsed() >= quiet_for) {
+                        PROBED.fetch_add(1, Ordering::Relaxed);
                         self.write_all(probe.as_bytes(), alive, deadline, what)?;
                         quiet_since = Instant::now();
                         quiet_for = (quiet_for * 2).min(PROBE_MAX);
@@ -454,6 +467,7 @@ impl Shell {
                 break;
             }
             let token = new_token();
+            REASKED.fetch_add(1, Ordering::Relaxed);
             reply = self.exchange(&token, &[resend_script(&token).as_bytes()], timeout, alive)?;
         }
         let mut output = reply.map_err(|why| self.garbled(&why))?;

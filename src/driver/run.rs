@@ -338,6 +338,9 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
             Err(e) => log.write(None, &format!("error: coverage report: {e:#}"), Style::Bad),
         }
     }
+    // What the lossy console cost (the data port needs no recovery): read by bench/ and the tests.
+    let (reasked, probed) = super::backdoor::recoveries();
+    log.info(None, &format!("backdoor console: {reasked} replies asked for again, {probed} probes sent"));
     reports.finish(&log, &verdict, &machine_logs(&network))?;
     let (dir, kept) = (network.session().path().to_owned(), network.session().kept());
     drop(network);
