@@ -272,6 +272,7 @@ pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
                  fi\n\
                  {params}=${{{params}-}}\n\
                  {own}\
+                 {shared}\
                  # QEMU_OPTS is split into words (as nixpkgs does), not globbed.\n\
                  set -f\n\
                  exec {qemu} \\\n{opts} \\\n  \"$@\" \\\n  ${{QEMU_OPTS-}}\n",
@@ -279,6 +280,7 @@ pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
                 params = qemu::KERNEL_PARAMS_VAR,
                 qemu = quote(&plan.qemu.to_string_lossy()),
                 own = own_channels(true),
+                shared = shared_dir(&script_name),
                 opts = render_opts(&qemu::direct_boot_opts(m, kernel, initrd.as_deref(), cmdline, &node.qemu_options)),
             );
         }
@@ -317,6 +319,18 @@ fn own_channels(serial: bool) -> String {
            set -- \\\n{}\n\
          fi\n",
         render_opts(&qemu::own_channels(serial)).lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    )
+}
+
+/// The run script's lines that offer `SHARED_DIR` (nixpkgs' driver's
+/// exchange directory) to the guest as a 9p share, which a guest whose
+/// kernel has 9p mounts at /tmp/shared (the default guest says it cannot).
+fn shared_dir(script_name: &str) -> String {
+    format!(
+        "if [ -n \"${{SHARED_DIR-}}\" ]; then\n  \
+           case $SHARED_DIR in *,*) echo \"{script_name}: QEMU cannot take paths with ',': $SHARED_DIR\" >&2; exit 2 ;; esac\n  \
+           set -- \"$@\" -virtfs local,path=\"$SHARED_DIR\",security_model=none,mount_tag=shared\n\
+         fi\n"
     )
 }
 

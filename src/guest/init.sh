@@ -135,12 +135,27 @@ watch_power_button() {
     say "no ACPI power button: a machine busy with a command cannot be shut down at once"
 }
 
+# A 9p share tagged "shared" (nixpkgs' driver's SHARED_DIR) goes to
+# /tmp/shared, as on NixOS test VMs; this guest's usual kernel has no 9p,
+# which is said once, with what to do instead.
+mount_shared() {
+    for device in /sys/bus/virtio/devices/*; do
+        [ "$(cat "$device/device" 2>/dev/null)" = 0x0009 ] || continue
+        mkdir -p /tmp/shared
+        if ! mount -t 9p -o trans=virtio,version=9p2000.L shared /tmp/shared 2>/dev/null; then
+            say "a shared directory (SHARED_DIR) is offered, but this kernel has no 9p: /tmp/shared is not mounted; copy files with vmlab's copy_to_vm and copy_from_vm"
+        fi
+        return
+    done
+}
+
 boot() {
     mount_filesystems
     load_modules
     watch_power_button
     mkdir -p "$GCOV_PREFIX"
     configure
+    mount_shared
     if [ -e /etc/vmlab/rc ]; then
         say "running /etc/vmlab/rc"
         /etc/vmlab/rc || say "/etc/vmlab/rc failed with status $?"

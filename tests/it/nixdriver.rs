@@ -33,6 +33,12 @@ fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
     // Over the driver's own vde_switch, by name.
     assert_eq!(result["outputs"]["ping"], json!(0), "{result}");
     assert_eq!(result["exits"], json!({"server": 0, "client": 0}));
+    // The driver's SHARED_DIR reached the guest, which says once why it cannot mount it.
+    let note = "a shared directory (SHARED_DIR) is offered, but this kernel has no 9p";
+    for machine in ["server", "client"] {
+        let serial = result["serial"][machine].as_str().unwrap();
+        assert_eq!(serial.matches(note).count(), 1, "{machine}: {serial}");
+    }
     // The run scripts took the driver's state directories (TMPDIR with
     // USE_TMPDIR) rather than making their own there, and left nothing running.
     for machine in ["server", "client"] {
