@@ -5,7 +5,7 @@
 //! thread do not wait for a running command. On a real VM (the default guest, whose commands run as
 //! root), with host-side checks in the test script itself.
 
-use crate::drive::{assert_nothing_left, junit_cases, test_run, text, write_script};
+use crate::drive::{junit_cases, passing_script, Passed};
 
 const SCRIPT: &str = r#"
 import io, os, stat, tarfile, threading, time
@@ -116,16 +116,10 @@ with subtest("a shutdown from another thread powers the guest off while a comman
 #[test]
 fn a_hostile_guest_cannot_plant_files_or_mix_output_and_qemu_operations_are_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let runs = tmp.path().join("runs");
-    let script = write_script(tmp.path(), "hostile.py", SCRIPT);
-    let out = tmp.path().join("out");
     let spec = crate::drive::spec(tmp.path(), "hostile", &["machine"]);
-    let output = test_run(&runs, &spec, &script, &out, &["--global-timeout", "600"]);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let Passed { stderr, out, .. } = passing_script(tmp.path(), &spec, "hostile.py", SCRIPT);
     let cases = junit_cases(&out.join("junit.xml"));
     assert_eq!(cases.len(), 6, "{cases:?}");
     assert!(stderr.contains("warning: copy of /tmp/tools: left out \"tools/disk\" (a block device)"), "{stderr}");
     assert!(stderr.contains("left out \"tools/pipe\" (a FIFO)"), "{stderr}");
-    assert_nothing_left(&runs);
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::common::{run, vmlab, webserver_guest};
-use crate::drive::{assert_nothing_left, test_run, text, write_script};
+use crate::drive::{passing_script, text};
 
 /// A spec of the default guest: one machine, `server`, with `memory` MiB.
 fn one_machine(tmp: &Path, memory: u32) -> std::path::PathBuf {
@@ -44,16 +44,9 @@ assert server.succeed("echo again") == "again\n"
 #[test]
 fn commands_go_over_the_data_port_whole_and_again_after_a_reboot() {
     let tmp = tempfile::tempdir().unwrap();
-    let runs = tmp.path().join("runs");
-    let script = write_script(tmp.path(), "data.py", DATA_PORT);
-    let out = tmp.path().join("out");
-    let output = test_run(&runs, &one_machine(tmp.path(), 256), &script, &out, &["--global-timeout", "900"]);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    let log = passing_script(tmp.path(), &one_machine(tmp.path(), 256), "data.py", DATA_PORT).log;
     assert_eq!(channel_lines(&log, "the data port /dev/vport"), 2, "once per boot: {log}");
     assert_eq!(channel_lines(&log, "the backdoor console"), 0, "{log}");
-    assert_nothing_left(&runs);
 }
 
 const COPIES: &str = r#"
@@ -101,13 +94,7 @@ assert server.succeed("echo still") == "still\n"
 #[test]
 fn copies_of_64_mib_stream_both_ways_through_a_small_guest() {
     let tmp = tempfile::tempdir().unwrap();
-    let runs = tmp.path().join("runs");
-    let script = write_script(tmp.path(), "copies.py", COPIES);
-    let out = tmp.path().join("out");
-    let output = test_run(&runs, &one_machine(tmp.path(), 256), &script, &out, &["--global-timeout", "900"]);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    assert_nothing_left(&runs);
+    passing_script(tmp.path(), &one_machine(tmp.path(), 256), "copies.py", COPIES);
 }
 
 const FALLBACK: &str = r#"
@@ -126,7 +113,6 @@ server.fail("false")
 #[test]
 fn a_run_script_without_the_data_port_is_driven_over_the_backdoor_console() {
     let tmp = tempfile::tempdir().unwrap();
-    let runs = tmp.path().join("runs");
     let built = tmp.path().join("built");
     let made = run(vmlab().arg("build").arg(one_machine(tmp.path(), 192)).arg("--out").arg(&built));
     assert!(made.status.success(), "{}", text(&made.stderr));
@@ -139,14 +125,8 @@ fn a_run_script_without_the_data_port_is_driven_over_the_backdoor_console() {
         .collect();
     assert_eq!(original.lines().count() - 2, without.lines().count(), "{original}");
     std::fs::write(&run_script, without).unwrap();
-    let script = write_script(tmp.path(), "fallback.py", FALLBACK);
-    let out = tmp.path().join("out");
-    let output = test_run(&runs, &built, &script, &out, &["--global-timeout", "900"]);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    let log = passing_script(tmp.path(), &built, "fallback.py", FALLBACK).log;
     assert_eq!(channel_lines(&log, "the backdoor console hvc0: the run script gives it no data port"), 1, "{log}");
-    assert_nothing_left(&runs);
 }
 
 const BUSYBOX_ONLY: &str = r#"
@@ -171,15 +151,8 @@ fn a_guest_whose_only_shell_is_busybox_uses_the_data_port_too() {
     let guest = tmp.path().join("guest");
     let built = run(vmlab().arg("guest").arg("--out").arg(&guest).arg("--no-bash"));
     assert!(built.status.success(), "{}", text(&built.stderr));
-    let runs = tmp.path().join("runs");
-    let script = write_script(tmp.path(), "busybox.py", BUSYBOX_ONLY);
-    let out = tmp.path().join("out");
-    let output = test_run(&runs, &spec_of(tmp.path(), &guest, 256), &script, &out, &["--global-timeout", "900"]);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    let log = passing_script(tmp.path(), &spec_of(tmp.path(), &guest, 256), "busybox.py", BUSYBOX_ONLY).log;
     assert_eq!(channel_lines(&log, "the data port /dev/vport"), 1, "{log}");
-    assert_nothing_left(&runs);
 }
 
 const UNDER_LOAD: &str = r#"
@@ -221,17 +194,10 @@ fn copies_under_load_from_three_machines_are_exact_with_no_recovery() {
     let spec = tmp.path().join("load.json");
     std::fs::write(&spec, json!({"name": "load", "nodes": {"a": node, "b": node, "c": node}}).to_string()).unwrap();
     let busy: Vec<Busy> = (0..2).map(|_| Busy::new()).collect();
-    let runs = tmp.path().join("runs");
-    let out = tmp.path().join("out");
-    let script = write_script(tmp.path(), "load.py", UNDER_LOAD);
-    let output = test_run(&runs, &spec, &script, &out, &["--global-timeout", "900"]);
+    let log = passing_script(tmp.path(), &spec, "load.py", UNDER_LOAD).log;
     drop(busy);
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
     assert_eq!(channel_lines(&log, "the data port"), 3, "{log}");
     assert!(log.contains("backdoor console: 0 replies asked for again, 0 probes sent"), "{log}");
-    assert_nothing_left(&runs);
 }
 
 /// A host process keeping one core busy (`yes > /dev/null`), killed on drop.

@@ -66,6 +66,28 @@ pub(crate) fn test_run(runs: &Path, network: &Path, script: &Path, out: &Path, a
     run(vmlab_in(runs).arg("test").arg(network).arg(script).arg("--out").arg(out).args(args))
 }
 
+/// What a passing run left: its standard error, `vmlab.log` and output directory.
+pub(crate) struct Passed {
+    pub stderr: String,
+    pub log: String,
+    pub out: PathBuf,
+}
+
+/// Writes the Python test `text` as `name` under `tmp`, runs it on
+/// `network` (global timeout 900 s), and checks that it passed and left
+/// nothing behind.
+pub(crate) fn passing_script(tmp: &Path, network: &Path, name: &str, script_text: &str) -> Passed {
+    let runs = tmp.join("runs");
+    let out = tmp.join("out");
+    let script = write_script(tmp, name, script_text);
+    let output = test_run(&runs, network, &script, &out, &["--global-timeout", "900"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_nothing_left(&runs);
+    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    Passed { stderr, log, out }
+}
+
 /// The JUnit report's test cases: (name, failure message if failed).
 pub(crate) fn junit_cases(path: &Path) -> Vec<(String, Option<String>)> {
     let xml = std::fs::read_to_string(path).unwrap();
