@@ -46,17 +46,6 @@ impl Word {
         self.0.push(Part::Var(name.into()));
         self
     }
-
-    /// The literal text, when the word has no expansions.
-    pub fn as_lit(&self) -> Option<String> {
-        self.0
-            .iter()
-            .map(|p| match p {
-                Part::Lit(s) => Some(s.as_str()),
-                Part::Var(_) => None,
-            })
-            .collect()
-    }
 }
 
 impl From<&str> for Word {
@@ -120,8 +109,6 @@ mod tests {
         let w = Word::lit("path=").then_var("state").then("/shell sock");
         assert_eq!(w.to_string(), "path=\"$state\"'/shell sock'");
         assert_eq!(Word::lit("").to_string(), "''");
-        assert_eq!(w.as_lit(), None);
-        assert_eq!(Word::lit("a").then("b").as_lit().as_deref(), Some("ab"));
     }
 
     /// The real check: sh reads back exactly the string that was quoted.

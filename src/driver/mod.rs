@@ -58,9 +58,6 @@ impl DriverError {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
         DriverError { kind, message: message.into() }
     }
-    pub fn failed(message: impl Into<String>) -> Self {
-        Self::new(Kind::Failed, message)
-    }
     pub fn request(message: impl Into<String>) -> Self {
         Self::new(Kind::Request, message)
     }

@@ -2,8 +2,9 @@
 //! vlan, one QEMU per machine, nothing left behind (docs/running.md).
 //!
 //! The driver builds on [`Network`]: start it, start machines (all at once or
-//! lazily), wait for their backdoor, take the backdoor connection, stop and
-//! restart single machines, stop everything.
+//! lazily), stop and restart single machines, stop everything. The backdoor
+//! and QMP connections are the driver's (`driver::machine`), through the
+//! `driver::machine::Vm` that `Arc<Machine>` implements.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -16,9 +17,8 @@
 //! let server = network.machine("server").unwrap();
 //! let console = server.console().subscribe();
 //! server.start()?;
-//! server.wait_ready(Duration::from_secs(900))?;
-//! let backdoor = server.take_backdoor().unwrap();
-//! # drop((console, backdoor));
+//! let exit = server.wait_exit(Duration::from_secs(900));
+//! # drop((console, exit));
 //! network.stop();
 //! # Ok(()) }
 //! ```
@@ -43,7 +43,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 pub use console::Console;
-pub use machine::{Exit, Machine, BACKDOOR_BANNER};
+pub use machine::{Exit, Machine};
 pub use session::{Layout, Session};
 pub use up::{prepare, up_command, Prepared};
 

@@ -436,9 +436,12 @@ fn console_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
     }
 }
 
-/// The library API the driver uses, on stand-in machines.
+/// The runtime's machine life cycle, on stand-in machines: start, refuse a
+/// second start, stop, restart, report a failed start with QEMU's words, and
+/// refuse to start once the network has stopped. (The backdoor is the
+/// driver's: the next test drives real VMs through this API.)
 #[test]
-fn machines_start_restart_fail_and_hand_over_their_backdoor() {
+fn machines_start_restart_fail_and_stay_stopped_with_their_network() {
     use std::os::unix::process::ExitStatusExt;
     use vmlab::runtime::{accel::Resolved, load_plan, Network, Session};
 
@@ -449,49 +452,31 @@ fn machines_start_restart_fail_and_hand_over_their_backdoor() {
     let session = network.session().path().to_owned();
     let (a, b) = (network.machine("a").unwrap().clone(), network.machine("b").unwrap());
     let lines = a.console().subscribe();
-    assert_eq!(a.wait_ready(PATIENCE).unwrap_err().to_string(), "machine \"a\" is not started");
+    assert!(a.wait_exit(Duration::ZERO).is_none() && a.stop().is_none(), "a machine never started");
 
     a.start().unwrap();
-    // The stand-in accepts one backdoor connection: concurrent waits must share it.
-    let waits: Vec<_> = (0..3)
-        .map(|_| {
-            let a = a.clone();
-            std::thread::spawn(move || a.wait_ready(PATIENCE).unwrap())
-        })
-        .collect();
-    let boot_times: Vec<Duration> = waits.into_iter().map(|w| w.join().unwrap()).collect();
-    assert!(boot_times.windows(2).all(|w| w[0] == w[1]), "{boot_times:?}");
     console_line(&lines, "a booted");
-    let backdoor = a.take_backdoor().expect("the backdoor once ready");
-    assert!(a.take_backdoor().is_none(), "handed out twice");
     assert_eq!(a.start().unwrap_err().to_string(), "machine \"a\" is already running");
 
     let first = a.pid().unwrap();
     assert_eq!(a.stop().unwrap().status.signal(), Some(libc::SIGTERM));
     assert!(!a.is_running());
-    assert_eq!((&backdoor).read(&mut [0u8; 16]).unwrap(), 0, "the backdoor outlived its QEMU");
-    let err = a.wait_ready(PATIENCE).unwrap_err().to_string();
-    assert!(err.starts_with("machine \"a\" is not running: it was killed by signal 15 (SIGTERM)"), "{err}");
     a.start().unwrap();
     assert_ne!(a.pid(), Some(first));
-    a.wait_ready(PATIENCE).unwrap();
     console_line(&lines, "a booted");
-    assert!(a.take_backdoor().is_some());
 
     std::fs::create_dir_all(b.state_dir()).unwrap();
     std::fs::write(b.state_dir().join("fail"), "").unwrap();
     b.start().unwrap();
-    let err = format!("{:#}", b.wait_ready(PATIENCE).unwrap_err());
     let kernel = tmp.path().join("kernel");
     assert_eq!(
-        err,
+        b.wait_exit(PATIENCE).unwrap().to_string(),
         format!(
-            "machine \"b\" exited with status 3 before its backdoor shell was up; its standard error ended with:\n  \
+            "exited with status 3; its standard error ended with:\n  \
              qemu-system-x86_64: -kernel {}: fake failure of b",
             kernel.display()
         )
     );
-    assert_eq!(b.wait_exit(PATIENCE).unwrap().status.code(), Some(3));
 
     network.stop();
     assert_eq!(leftovers(&session), []);
