@@ -9,6 +9,7 @@ pub mod coverage;
 pub mod driver;
 pub mod emit;
 pub mod guest;
+pub mod layout;
 pub mod plan;
 pub mod runtime;
 pub mod shell;

@@ -46,6 +46,19 @@ impl Word {
         self.0.push(Part::Var(name.into()));
         self
     }
+
+    /// The word as the shell expands it, each variable's value given by
+    /// `value`: for running QEMU with the options of a run script but
+    /// without the script (tests/it/guest.rs).
+    pub fn expand(&self, value: impl Fn(&str) -> String) -> String {
+        self.0
+            .iter()
+            .map(|p| match p {
+                Part::Lit(s) => s.clone(),
+                Part::Var(name) => value(name),
+            })
+            .collect()
+    }
 }
 
 impl From<&str> for Word {
@@ -109,6 +122,7 @@ mod tests {
         let w = Word::lit("path=").then_var("state").then("/shell sock");
         assert_eq!(w.to_string(), "path=\"$state\"'/shell sock'");
         assert_eq!(Word::lit("").to_string(), "''");
+        assert_eq!(w.expand(|v| format!("<{v}>")), "path=<state>/shell sock");
     }
 
     /// The real check: sh reads back exactly the string that was quoted.

@@ -38,9 +38,7 @@ use std::time::{Duration, Instant};
 
 use super::base64;
 use super::{DriverError, Kind};
-
-/// What the guest's backdoor prints once its shell reads commands.
-pub const BANNER: &str = "Spawning backdoor root shell...";
+use crate::layout::BANNER;
 
 /// How often a blocked read or write wakes up to check the machine is alive.
 const POLL: Duration = Duration::from_millis(200);

@@ -12,6 +12,7 @@ use super::log::{Log, Style};
 use super::monitor::Monitor;
 use super::qmp::Qmp;
 use super::{DriverError, Kind};
+use crate::layout;
 use crate::plan::qemu::DATA_PORT_NAME;
 use crate::shell::quote;
 
@@ -155,7 +156,8 @@ fn secs(d: Duration) -> String {
 impl Machine {
     pub fn new(name: &str, interfaces: Vec<(String, u8)>, vm: Box<dyn Vm>, out_dir: &Path, log: Arc<Log>) -> Self {
         let interrupt = Interrupt { kill: vm.killer(), requested: Default::default() };
-        let monitor = Arc::new(Monitor::new(name, interfaces, vm.state_dir().join("qmp.sock"), out_dir, log.clone()));
+        let monitor =
+            Arc::new(Monitor::new(name, interfaces, vm.state_dir().join(layout::QMP_SOCKET), out_dir, log.clone()));
         Machine {
             name: name.to_string(),
             interrupt,
@@ -226,7 +228,7 @@ impl Machine {
         self.ever_started = true;
         // At once: QEMU drops what the guest writes to the backdoor while no
         // client is connected, and the banner is written once.
-        let shell = self.wait_for_socket(&self.vm.state_dir().join("shell.sock"))?;
+        let shell = self.wait_for_socket(&self.vm.state_dir().join(layout::SHELL_SOCKET))?;
         self.shell =
             Some(Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?);
         Ok(())
@@ -360,7 +362,7 @@ impl Machine {
     /// The data port's shell, answering, and its device; `Ok(Err(why))` when
     /// there is none to be had.
     fn start_data_shell(&mut self) -> Result<Result<(Shell, String), String>, DriverError> {
-        let socket = self.vm.state_dir().join("data.sock");
+        let socket = self.vm.state_dir().join(layout::DATA_SOCKET);
         // Connected before the guest's shell opens the port: without a host
         // end, the shell would read end of file and exit.
         let stream = match std::os::unix::net::UnixStream::connect(&socket) {
@@ -671,7 +673,7 @@ impl Machine {
     fn qmp(&mut self) -> Result<&Monitor, DriverError> {
         self.start()?;
         if !self.monitor.connected() {
-            let socket = self.wait_for_socket(&self.vm.state_dir().join("qmp.sock"))?;
+            let socket = self.wait_for_socket(&self.vm.state_dir().join(layout::QMP_SOCKET))?;
             self.monitor.adopt(Qmp::handshake(socket, &self.name)?);
         }
         Ok(&self.monitor)

@@ -225,7 +225,7 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
             .map_or("interactive".into(), |s| s.path().file_name().unwrap_or_default().to_string_lossy().into_owned()),
     };
     let pythonpath = match &python {
-        Some(_) => Some(python::install(&prepared.session.path().join("python"))?),
+        Some(_) => Some(python::install(&prepared.session.layout().python_dir())?),
         None => None,
     };
     if let (Some(Script::Python(path)), Some(py), Some(pp)) = (&script, &python, &pythonpath) {

@@ -14,14 +14,14 @@ use anyhow::{bail, Context, Result};
 
 use super::console::Console;
 use super::process::{describe_exit, ChildGuard, STOP_GRACE};
-use super::session::Layout;
 use super::{log_tail, spawn_thread};
+use crate::layout::SessionDir;
 
 pub struct Machine {
     name: String,
     script: PathBuf,
     env: Vec<(String, OsString)>,
-    layout: Layout,
+    layout: SessionDir,
     console: Console,
     /// The latest QEMU process, running or exited; `None` before the first start.
     current: Mutex<Option<Arc<Incarnation>>>,
@@ -53,7 +53,7 @@ impl fmt::Display for Exit {
 
 impl Machine {
     /// `env` is the run script's environment on top of vmlab's (docs/design.md).
-    pub(crate) fn new(name: String, script: PathBuf, env: Vec<(String, OsString)>, layout: Layout) -> Machine {
+    pub(crate) fn new(name: String, script: PathBuf, env: Vec<(String, OsString)>, layout: SessionDir) -> Machine {
         Machine {
             name,
             script,

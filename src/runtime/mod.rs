@@ -44,9 +44,10 @@ use anyhow::{Context, Result};
 
 pub use console::Console;
 pub use machine::{Exit, Machine};
-pub use session::{Layout, Session};
+pub use session::Session;
 pub use up::{prepare, up_command, Prepared};
 
+use crate::layout::{self, SessionDir};
 use crate::plan::Plan;
 use switch::Switch;
 
@@ -72,7 +73,7 @@ impl Network {
             .machines
             .iter()
             .map(|m| {
-                let script = plan_dir.join("bin").join(format!("run-{}-vm", m.name));
+                let script = plan_dir.join(layout::run_script(&m.name));
                 Arc::new(Machine::new(
                     m.name.clone(),
                     script,
@@ -133,7 +134,7 @@ impl Drop for Network {
 
 /// Reads `DIR/plan.json`, as written by `vmlab build`.
 pub fn load_plan(dir: &Path) -> Result<Plan> {
-    let path = dir.join("plan.json");
+    let path = dir.join(layout::PLAN_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {path:?} (is {dir:?} a directory written by `vmlab build`?)"))?;
     serde_json::from_str(&text).with_context(|| format!("{path:?} is not a plan written by this version of vmlab"))
@@ -157,7 +158,7 @@ pub fn check_forwarded_ports(plan: &Plan) -> Result<()> {
 }
 
 /// Pure: the run script's environment (docs/design.md).
-fn machine_env(layout: &Layout, plan: &Plan, machine: &str, accel: accel::Resolved) -> Vec<(String, OsString)> {
+fn machine_env(layout: &SessionDir, plan: &Plan, machine: &str, accel: accel::Resolved) -> Vec<(String, OsString)> {
     let mut env = vec![("VMLAB_STATE_DIR".to_owned(), layout.state_dir(machine).into())];
     env.extend(plan.vlans.iter().map(|&v| (format!("QEMU_VDE_SOCKET_{v}"), layout.vlan_dir(v).into())));
     env.push(("VMLAB_ACCEL".to_owned(), accel.to_string().into()));
@@ -220,7 +221,7 @@ pub(crate) mod tests {
     #[test]
     fn run_script_environment() {
         let plan = plan_with(&[("a", &[1]), ("b", &[1, 7])]);
-        let env = machine_env(&Layout { root: "/s".into() }, &plan, "a", accel::Resolved::Tcg);
+        let env = machine_env(&SessionDir { root: "/s".into() }, &plan, "a", accel::Resolved::Tcg);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.to_str().unwrap())).collect();
         assert_eq!(
             env,

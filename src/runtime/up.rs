@@ -61,7 +61,7 @@ pub fn prepare(
     let session = Session::create(&plan, keep_state)?;
     let plan_dir = match &spec {
         Some(loaded) => {
-            let dir = session.path().join("build");
+            let dir = session.layout().build_dir();
             crate::emit::write_build(loaded, &dir)?;
             dir
         }

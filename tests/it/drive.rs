@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::common::{processes_mentioning, repo_root, run, vmlab, webserver_guest, Lines};
+use vmlab::layout;
 
 /// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(300);
@@ -143,8 +144,8 @@ fn the_webserver_example_passes_in_python_and_in_shell_two_runs_at_once() {
         assert_eq!(stderr.lines().filter(|l| l.contains("test passed (")).count(), 1, "{stderr}");
         let session = stderr.split("session directory: ").nth(1).unwrap().split(' ').next().unwrap().to_string();
         sessions.push(session);
-        for log in ["vmlab.log", "server.serial.log", "client.serial.log"] {
-            assert!(out.join(log).is_file(), "no {log} in {}", out.display());
+        for log in ["vmlab.log".into(), layout::serial_log_name("server"), layout::serial_log_name("client")] {
+            assert!(out.join(&log).is_file(), "no {log} in {}", out.display());
         }
         assert!(std::fs::read_to_string(out.join("vmlab.log")).unwrap().contains("test passed ("));
     }
