@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::accel::Accel;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Build and run virtual networks of QEMU virtual machines for testing.
@@ -267,17 +268,6 @@ pub enum ClientCommand {
     Subtest(SubtestArgs),
     /// An interactive shell in a machine: each line runs as a command.
     Shell(MachineArgs),
-}
-
-/// How QEMU executes guest code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Accel {
-    /// KVM when /dev/kvm is usable and the CPU has vmx or svm, TCG otherwise.
-    Auto,
-    /// Hardware virtualisation; fails when KVM is unusable.
-    Kvm,
-    /// Software emulation: works everywhere, several times slower.
-    Tcg,
 }
 
 #[derive(Debug, clap::Args)]

@@ -266,7 +266,7 @@ pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
             s += &format!(
                 "{accel}=${{VMLAB_ACCEL:-auto}}\n\
                  if [ \"${accel}\" = auto ]; then\n  \
-                   if [ -r /dev/kvm ] && [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then {accel}=kvm; else {accel}=tcg; fi\n\
+                   if {kvm_usable}; then {accel}=kvm; else {accel}=tcg; fi\n\
                  fi\n\
                  {params}=${{{params}-}}\n\
                  {own}\
@@ -275,6 +275,7 @@ pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
                  set -f\n\
                  exec {qemu} \\\n{opts} \\\n  \"$@\" \\\n  ${{QEMU_OPTS-}}\n",
                 accel = qemu::ACCEL_VAR,
+                kvm_usable = crate::accel::kvm_usable_sh(),
                 params = qemu::KERNEL_PARAMS_VAR,
                 qemu = quote(&plan.qemu.to_string_lossy()),
                 own = own_channels(true),

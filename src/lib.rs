@@ -4,6 +4,7 @@
 //!
 //! Data flows one way: spec → plan (pure) → emitted files → runtime → driver.
 
+pub mod accel;
 pub mod cli;
 pub mod coverage;
 pub mod driver;

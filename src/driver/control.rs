@@ -139,7 +139,7 @@ impl Driver {
     /// accelerator and the machines per core of this host.
     pub fn for_network(network: &Network, out_dir: &Path, log: Arc<Log>, boot_silence: Option<Duration>) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let tcg = network.accel() == crate::runtime::accel::Resolved::Tcg;
+        let tcg = network.accel() == crate::accel::Resolved::Tcg;
         let silence = boot_silence.unwrap_or_else(|| boot_silence_limit(tcg, network.plan().machines.len(), cores));
         let machines = network
             .plan()

@@ -9,7 +9,8 @@
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! use std::time::Duration;
-//! use vmlab::runtime::{accel, load_plan, Network, Session};
+//! use vmlab::accel;
+//! use vmlab::runtime::{load_plan, Network, Session};
 //! let dir = std::path::Path::new("result");
 //! let plan = load_plan(dir)?;
 //! let session = Session::create(&plan, false)?;
@@ -23,7 +24,6 @@
 //! # Ok(()) }
 //! ```
 
-pub mod accel;
 mod console;
 mod machine;
 pub mod process;
@@ -47,6 +47,7 @@ pub use machine::{Exit, Machine};
 pub use session::Session;
 pub use up::{prepare, up_command, Prepared};
 
+use crate::accel;
 use crate::layout::{self, SessionDir};
 use crate::plan::Plan;
 use switch::Switch;

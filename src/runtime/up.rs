@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::signals::{self, BlockedSignals};
-use super::{accel, check_forwarded_ports, load_plan, spawn_thread, Exit, Machine, Network, Session};
-use crate::cli::{Accel, UpArgs};
+use super::{check_forwarded_ports, load_plan, spawn_thread, Exit, Machine, Network, Session};
+use crate::accel::{self, Accel};
+use crate::cli::UpArgs;
 use crate::driver::control::{serve, Driver};
 use crate::driver::log::Log;
 use crate::plan::Plan;

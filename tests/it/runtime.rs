@@ -444,7 +444,7 @@ fn console_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
 #[test]
 fn machines_start_restart_fail_and_stay_stopped_with_their_network() {
     use std::os::unix::process::ExitStatusExt;
-    use vmlab::runtime::accel::Resolved;
+    use vmlab::accel::Resolved;
     use vmlab::runtime::{load_plan, Network, Session};
 
     let tmp = tempfile::tempdir().unwrap();
@@ -494,9 +494,8 @@ fn machines_start_restart_fail_and_stay_stopped_with_their_network() {
 /// crashes and restarts a machine whose QEMU the runtime owns.
 #[test]
 fn the_driver_runs_real_vms_through_the_runtime() {
-    use vmlab::cli::Accel;
+    use vmlab::accel::{self, Accel};
     use vmlab::driver::{log::Log, machine::Machine as Driven};
-    use vmlab::runtime::accel;
     use vmlab::runtime::{load_plan, Network, Session};
 
     let tmp = tempfile::tempdir().unwrap();
