@@ -11,6 +11,7 @@ use super::backdoor::{data_shell_command, Alive, Output, Shell};
 use super::log::{Log, Style};
 use super::monitor::Monitor;
 use super::qmp::Qmp;
+use super::vm::{Killer, Vm};
 use super::{DriverError, Kind};
 use crate::layout;
 use crate::plan::qemu::DATA_PORT_NAME;
@@ -60,28 +61,6 @@ const COPY_IN_RAW_CHUNK: usize = 4 * 1024 * 1024;
 const COPY_OUT_CHUNK: u64 = 1024 * 1024;
 /// The most a copy out reserves on the guest's word of its size.
 const RESERVE_AT_MOST: u64 = 1 << 30;
-
-/// What the driver needs from whoever runs a machine's QEMU (the runtime).
-pub trait Vm: Send {
-    /// Starts QEMU; returns once the process runs, long before the guest boots.
-    fn spawn(&mut self) -> anyhow::Result<()>;
-    /// `None` while QEMU runs; once it has ended, how (status, stderr's tail).
-    fn exited(&mut self) -> Option<String>;
-    /// Stops QEMU at once and reaps it.
-    fn kill(&mut self);
-    /// Stops QEMU at once from any thread, without the machine (which a
-    /// running command holds): the command then sees QEMU gone.
-    fn killer(&self) -> Killer;
-    /// Where QEMU puts `shell.sock` and `qmp.sock`.
-    fn state_dir(&self) -> PathBuf;
-    /// The serial console's log file (appended to while QEMU runs).
-    fn serial_log(&self) -> PathBuf;
-    /// The network has stopped for good: the machine cannot start again.
-    fn retired(&self) -> bool;
-}
-
-/// Stops a machine's current QEMU from any thread.
-pub type Killer = Arc<dyn Fn() + Send + Sync>;
 
 /// `crash()` or `shutdown()` while another request holds the machine: QEMU
 /// is stopped (or the guest told to power off) at once, and the request

@@ -16,6 +16,7 @@ pub mod qmp;
 pub mod run;
 #[cfg(test)]
 pub mod testing;
+pub mod vm;
 
 use std::fmt;
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use super::machine::Vm;
+use super::vm::{Killer, Vm};
 use crate::layout::{self, BANNER};
 
 pub struct LocalVm {
@@ -117,7 +117,7 @@ impl Vm for LocalVm {
         }
     }
 
-    fn killer(&self) -> super::machine::Killer {
+    fn killer(&self) -> Killer {
         let group = self.group.clone();
         Arc::new(move || match group.load(std::sync::atomic::Ordering::SeqCst) {
             0 => {}

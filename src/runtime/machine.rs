@@ -170,43 +170,13 @@ impl Machine {
         Some(self.exit(&current, status))
     }
 
+    /// The network has stopped for good: the machine cannot start again.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
     fn exit(&self, incarnation: &Incarnation, status: ExitStatus) -> Exit {
         Exit { status, stderr_tail: log_tail(&self.qemu_log(), incarnation.qemu_log_offset) }
-    }
-}
-
-/// How the test driver runs a machine: QEMU is the runtime's, the backdoor
-/// and QMP connections are the driver's.
-impl crate::driver::machine::Vm for Arc<Machine> {
-    fn spawn(&mut self) -> Result<()> {
-        self.start()
-    }
-
-    fn exited(&mut self) -> Option<String> {
-        self.wait_exit(Duration::ZERO).map(|exit| exit.to_string())
-    }
-
-    fn kill(&mut self) {
-        Machine::kill(self);
-    }
-
-    fn killer(&self) -> crate::driver::machine::Killer {
-        let machine = self.clone();
-        Arc::new(move || {
-            Machine::kill(&machine);
-        })
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        Machine::state_dir(self)
-    }
-
-    fn serial_log(&self) -> PathBuf {
-        Machine::serial_log(self)
-    }
-
-    fn retired(&self) -> bool {
-        self.retired.load(Ordering::SeqCst)
     }
 }
 

@@ -4,7 +4,7 @@
 //! The driver builds on [`Network`]: start it, start machines (all at once or
 //! lazily), stop and restart single machines, stop everything. The backdoor
 //! and QMP connections are the driver's (`driver::machine`), through the
-//! `driver::machine::Vm` that `Arc<Machine>` implements.
+//! `driver::vm::Vm` that `Arc<Machine>` implements.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {

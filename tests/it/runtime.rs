@@ -489,7 +489,7 @@ fn machines_start_restart_fail_and_stay_stopped_with_their_network() {
     assert!(!session.exists());
 }
 
-/// The seam between driver and runtime (`driver::machine::Vm` for
+/// The seam between driver and runtime (`driver::vm::Vm` for
 /// `Arc<runtime::Machine>`), on real VMs: the driver boots, runs a command,
 /// crashes and restarts a machine whose QEMU the runtime owns.
 #[test]
