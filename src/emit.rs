@@ -6,11 +6,9 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::cli::{BuildArgs, PlanArgs};
 use crate::layout;
 use crate::plan::qemu::{self, Opt};
 use crate::plan::{self, Machine, Plan};
@@ -89,16 +87,6 @@ fn resolve_tool(given: Option<&Path>, field: &str, program: &str, package: &str)
 
 pub fn plan_json(plan: &Plan) -> String {
     serde_json::to_string_pretty(plan).expect("a plan always serialises") + "\n"
-}
-
-pub fn plan_command(args: &PlanArgs) -> Result<ExitCode> {
-    print!("{}", plan_json(&load(&args.spec)?.plan));
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn build_command(args: &BuildArgs) -> Result<ExitCode> {
-    write_build(&load(&args.spec)?, &args.out)?;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes the output directory of a loaded spec (`vmlab build`; `vmlab test`

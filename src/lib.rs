@@ -6,6 +6,7 @@
 
 pub mod accel;
 pub mod cli;
+pub mod commands;
 pub mod coverage;
 pub mod driver;
 pub mod emit;
@@ -27,5 +28,5 @@ pub const EXIT_HARNESS: u8 = 2;
 
 /// Parses the command line and runs the command; errors are printed once by `main`.
 pub fn run() -> anyhow::Result<ExitCode> {
-    cli::run(<cli::Cli as clap::Parser>::parse())
+    commands::run(<cli::Cli as clap::Parser>::parse())
 }

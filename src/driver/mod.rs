@@ -3,7 +3,6 @@
 pub mod atomic;
 pub mod backdoor;
 pub mod base64;
-pub mod client;
 pub mod control;
 pub mod copy;
 pub mod junit;

@@ -26,12 +26,12 @@
 
 mod console;
 mod machine;
+mod prepare;
 pub mod process;
 pub mod reaper;
 pub mod session;
 pub mod signals;
 mod switch;
-mod up;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -44,8 +44,8 @@ use anyhow::{Context, Result};
 
 pub use console::Console;
 pub use machine::{Exit, Machine};
+pub use prepare::{prepare, Prepared};
 pub use session::Session;
-pub use up::{prepare, up_command, Prepared};
 
 use crate::accel;
 use crate::layout::{self, SessionDir};
@@ -167,7 +167,7 @@ fn machine_env(layout: &SessionDir, plan: &Plan, machine: &str, accel: accel::Re
 }
 
 /// Starts a detached helper thread; the name shows in debuggers and panics.
-fn spawn_thread(name: String, body: impl FnOnce() + Send + 'static) -> Result<()> {
+pub fn spawn_thread(name: String, body: impl FnOnce() + Send + 'static) -> Result<()> {
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(body)

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 
-use super::control::{socket_path, Client};
-use super::{base64, DriverError, Kind};
 use crate::cli::{ClientCommand, CommandArgs, Conn, MachineArgs, OnOff, SubtestAction};
+use crate::driver::control::{socket_path, Client};
+use crate::driver::{base64, DriverError, Kind};
 
 /// The request a subcommand sends, and the connection it uses.
 fn request(cmd: &ClientCommand) -> (Value, &Conn) {
@@ -118,7 +118,7 @@ fn bytes(result: &Value, key: &str) -> Vec<u8> {
     }
 }
 
-pub fn client_command(cmd: ClientCommand) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: ClientCommand) -> anyhow::Result<ExitCode> {
     let (req, conn) = request(&cmd);
     let mut client = Client::connect(&socket_path(conn.socket.clone())?)?;
     if let ClientCommand::Shell(_) = cmd {
