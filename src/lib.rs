@@ -11,6 +11,8 @@ pub mod coverage;
 pub mod driver;
 pub mod emit;
 pub mod guest;
+#[cfg(test)]
+mod layers;
 pub mod layout;
 pub mod plan;
 pub mod runtime;
