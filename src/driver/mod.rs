@@ -10,6 +10,7 @@ pub mod log;
 pub mod machine;
 pub mod md5;
 pub mod monitor;
+pub mod protocol;
 pub mod python;
 pub mod qmp;
 pub mod run;
