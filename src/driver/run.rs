@@ -21,6 +21,7 @@ use super::{atomic, junit};
 use crate::runtime::process::{describe_exit, ChildGuard};
 use crate::runtime::signals;
 use crate::runtime::Network;
+use crate::sync::lock;
 use crate::{EXIT_FAILED, EXIT_HARNESS, EXIT_OK};
 
 /// How a test script is run.
@@ -268,7 +269,7 @@ impl Said {
         for _ in 0..2 {
             let _ = self.done.recv_timeout(Duration::from_secs(2));
         }
-        self.last_stderr_line.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.last_stderr_line).clone()
     }
 }
 
@@ -287,7 +288,7 @@ pub(crate) fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Said {
                 let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
                 log.info(None, &line);
                 if is_stderr && !line.trim().is_empty() {
-                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(line.trim().to_string());
+                    *lock(&last) = Some(line.trim().to_string());
                 }
             }
             let _ = done.send(());
