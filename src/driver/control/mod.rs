@@ -191,8 +191,21 @@ impl Driver {
     /// Runs `f` on every machine at once, each in its own thread; the first error.
     fn each_machine(&self, f: impl Fn(&mut Machine) -> Result<(), DriverError> + Sync) -> Result<(), DriverError> {
         let results: Vec<Result<(), DriverError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self.machines.values().map(|slot| s.spawn(|| f(&mut lock(slot)))).collect();
-            handles.into_iter().map(|h| h.join().expect("machine thread")).collect()
+            let f = &f;
+            let handles: Vec<_> = self
+                .machines
+                .iter()
+                .map(|(name, slot)| {
+                    std::thread::Builder::new().name(format!("each-{name}")).spawn_scoped(s, move || f(&mut lock(slot)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(thread) => thread.join().expect("machine thread"),
+                    Err(e) => Err(DriverError::harness(format!("cannot start a thread: {e}"))),
+                })
+                .collect()
         });
         results.into_iter().collect()
     }
