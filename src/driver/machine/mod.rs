@@ -16,6 +16,7 @@ use crate::driver::backdoor::{data_shell_command, Alive, Output, Shell};
 use crate::layout;
 use crate::plan::qemu::DATA_PORT_NAME;
 use crate::runtime::process::Backoff;
+use crate::runtime::stderr_ending;
 use crate::shell::quote;
 use crate::sync::lock;
 
@@ -459,15 +460,13 @@ impl Machine {
     }
 }
 
+/// A failed command's standard error, to end its error message.
 fn stderr_note(stderr: &str) -> String {
-    let t = stderr.trim();
-    if t.is_empty() {
-        String::new()
-    } else {
-        let tail: Vec<&str> = t.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-        format!("; stderr: {}", tail.join("\n"))
-    }
+    stderr_ending(stderr, NOTE_LINES).unwrap_or_default()
 }
+
+/// The most lines of a failed command's standard error its error message quotes.
+const NOTE_LINES: usize = 5;
 
 #[cfg(test)]
 mod tests {
