@@ -278,7 +278,7 @@ mod tests {
     }
 
     fn call(c: &mut Client, v: Value) -> Result<Value, DriverError> {
-        c.call(v.as_object().unwrap().clone()).unwrap()
+        c.call(v.as_object().unwrap().clone())
     }
 
     #[test]
