@@ -15,7 +15,7 @@ use serde_json::json;
 use vmlab::layout::{self, BANNER};
 use vmlab::plan::qemu;
 
-use crate::common::{run, vmlab};
+use crate::support::{run, vmlab};
 
 /// Generous: TCG on a loaded two-core machine, possibly two boots at once.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
@@ -465,7 +465,7 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
 /// duplicate address detection. Needs root (skipped otherwise).
 #[test]
 fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
-    let init_sh = crate::common::repo_root().join("src/guest/init.sh");
+    let init_sh = crate::support::repo_root().join("src/guest/init.sh");
     let sandbox = format!(
         "set -eu
          mount -t sysfs sysfs /sys
@@ -486,7 +486,7 @@ fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
         .arg(&sandbox));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && stderr.contains("unshare failed") {
-        crate::common::skip(&format!("cannot make namespaces (not root?): {}", stderr.trim()));
+        crate::support::skip(&format!("cannot make namespaces (not root?): {}", stderr.trim()));
         return;
     }
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,7 +1,7 @@
 //! Integration tests: the vmlab binary end to end. Tests that boot VMs use TCG
 //! unless VMLAB_ACCEL says otherwise.
 
-mod common;
+mod support;
 
 mod abuse;
 mod build;

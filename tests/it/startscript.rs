@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::common::{fixtures, run, vmlab};
+use crate::support::{fixtures, run, vmlab};
 use vmlab::layout;
 
 fn tool(name: &str) -> PathBuf {
