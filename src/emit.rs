@@ -1,6 +1,6 @@
-//! `vmlab plan` and `vmlab build`: the plan as JSON, the guest configurations
-//! and the run scripts. Rendering is pure; the `*_command` functions and
-//! [`load`] are the I/O edge.
+//! What `vmlab plan` and `vmlab build` write: the plan as JSON, the guest
+//! configurations and the run scripts. Rendering is pure; [`load`] and
+//! [`write_build`] are the I/O edge.
 
 use std::fs;
 use std::io::Read;
