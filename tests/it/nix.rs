@@ -478,8 +478,14 @@ fn run_test_with_coverage_reports_it_as_a_build_product() {
 /// systemd's and journald's `settings` options or one before them
 /// (tests/fixtures/nix/guest-module.nix); `None` where Nix is not installed.
 fn guest_module(settings: bool, attr: &str) -> Option<Value> {
+    guest_module_with(&format!("settings = {settings};"), attr)
+}
+
+/// `attr` of nix/guest-module.nix's merged definitions with the fixture's
+/// arguments `args` (Nix bindings).
+fn guest_module_with(args: &str, attr: &str) -> Option<Value> {
     let expr = format!(
-        "(import {} {{ root = {}; settings = {settings}; }}).{attr}",
+        "(import {} {{ root = {}; {args} }}).{attr}",
         nix_path(&repo_root().join("tests/fixtures/nix/guest-module.nix")),
         nix_path(repo_root())
     );
@@ -513,5 +519,38 @@ fn the_guest_module_configures_systemd_as_nixos_tests_do() {
     ] {
         let Some(got) = guest_module(settings, attr) else { return };
         assert_eq!(got, want, "{attr} (settings = {settings})");
+    }
+}
+
+/// The guest module makes eth0 itself, so qemu-vm.nix's `forwardPorts` and
+/// an explicit `restrictNetwork = false` would be lost: evaluation fails
+/// with what to write instead; `restrictNetwork = true` is what vmlab does.
+#[test]
+fn the_guest_module_refuses_qemu_vm_network_options_it_would_drop() {
+    let forward = "forwardPorts = [ { from = \"host\"; host.port = 8080; guest.port = 80; } ];";
+    let ports = "virtualisation.forwardPorts is not used on vmlab's machines";
+    let restrict = "virtualisation.restrictNetwork = false cannot be had";
+    for (args, want) in [
+        ("", &[][..]),
+        ("restrictNetwork = true;", &[]),
+        (forward, &[ports]),
+        ("restrictNetwork = false;", &[restrict]),
+        (&format!("{forward} restrictNetwork = false;"), &[ports, restrict]),
+    ] {
+        let Some(assertions) = guest_module_with(args, "assertions") else { return };
+        let failing: Vec<&str> = assertions
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["assertion"] == json!(false))
+            .map(|a| a["message"].as_str().unwrap())
+            .collect();
+        assert_eq!(failing.len(), want.len(), "{args}: {failing:?}");
+        for (message, start) in failing.iter().zip(want) {
+            assert!(message.starts_with(start), "{args}: {message}");
+        }
+        if want.contains(&ports) {
+            assert!(failing[0].contains("vmlabNode.forwardPorts = [ { host = 8080; guest = 80; } ]"), "{failing:?}");
+        }
     }
 }
