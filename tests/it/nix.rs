@@ -396,16 +396,22 @@ fn run_test_keeps_a_failed_tests_output_when_asked_and_marks_it_failed() {
     assert!(logs.iter().any(|log| log.contains("vmlab-guest: boot done")), "{logs:?}");
 }
 
+/// The Nix fixture `file` of tests/fixtures/nix applied to this checkout
+/// (`root`) and the bindings `args`.
+fn nix_fixture(file: &str, args: &str) -> String {
+    format!(
+        "import {} {{ root = {}; {args} }}",
+        nix_path(&repo_root().join("tests/fixtures/nix").join(file)),
+        nix_path(repo_root())
+    )
+}
+
 /// flake.nix needs nixpkgs, which this machine lacks: its outputs are
 /// evaluated with a stand-in (tests/fixtures/nix/stub-nixpkgs.nix) whose
 /// packages are fake paths, so what is checked is the flake's own wiring.
 #[test]
 fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
-    let expr = format!(
-        "import {} {{ root = {}; }}",
-        nix_path(&repo_root().join("tests/fixtures/nix/flake-outputs.nix")),
-        nix_path(repo_root())
-    );
+    let expr = nix_fixture("flake-outputs.nix", "");
     let Some(mut cmd) = nix("nix-instantiate") else { return };
     let outputs: Value =
         serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), "flake")).unwrap();
@@ -486,11 +492,7 @@ fn guest_module(settings: bool, attr: &str) -> Option<Value> {
 /// `attr` of nix/guest-module.nix's merged definitions with the fixture's
 /// arguments `args` (Nix bindings).
 fn guest_module_with(args: &str, attr: &str) -> Option<Value> {
-    let expr = format!(
-        "(import {} {{ root = {}; {args} }}).{attr}",
-        nix_path(&repo_root().join("tests/fixtures/nix/guest-module.nix")),
-        nix_path(repo_root())
-    );
+    let expr = format!("({}).{attr}", nix_fixture("guest-module.nix", args));
     let mut cmd = nix("nix-instantiate")?;
     Some(serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), &expr)).unwrap())
 }
@@ -565,11 +567,7 @@ fn the_guest_module_refuses_qemu_vm_network_options_it_would_drop() {
 /// the error, one that says what to write for the forms vmlab once read.
 #[test]
 fn nodes_are_written_as_nixos_tests_write_them() {
-    let stub_lab = format!(
-        "(import {} {{ root = {}; }}).lib.x86_64-linux",
-        nix_path(&repo_root().join("tests/fixtures/nix/stub-flake.nix")),
-        nix_path(repo_root())
-    );
+    let stub_lab = format!("({}).lib.x86_64-linux", nix_fixture("stub-flake.nix", ""));
     let host_lab = lab();
     let nixos = Ok(json!({"startScript": "/stub/vm-n/bin/run-n-vm"}));
     let former =
