@@ -115,8 +115,9 @@ in
       };
 
       # vmlab brings eth0 itself (below), so what qemu-vm.nix would make of
-      # these options would be lost: say so rather than drop them.
-      assertions = lib.optionals (options ? virtualisation.forwardPorts) [
+      # these options would be lost: say so rather than drop them (each where
+      # this NixOS has it).
+      assertions = lib.optional (options ? virtualisation.forwardPorts)
         {
           assertion = config.virtualisation.forwardPorts == [ ];
           message = ''
@@ -126,6 +127,7 @@ in
               nodes.<name>.vmlabNode.forwardPorts = [ { host = 8080; guest = 80; } ];
             (docs/nix.md, "Nodes").'';
         }
+      ++ lib.optional (options ? virtualisation.restrictNetwork)
         {
           # Set to false by the configuration, not left at qemu-vm.nix's
           # default (an option default's priority is 1500).
@@ -135,8 +137,7 @@ in
             virtualisation.restrictNetwork = false cannot be had on vmlab's machines:
             eth0 is always restricted (QEMU's restrict=on), and the vlans reach only
             the network's machines (docs/nix.md, "nixosModules.guest").'';
-        }
-      ];
+        };
 
       virtualisation = lib.optionalAttrs (options ? virtualisation.qemu) {
         graphics = lib.mkDefault false;
