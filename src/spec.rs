@@ -13,7 +13,9 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::error::Category;
 use serde_json::{Map, Value};
 
-use crate::plan::addr::MAX_MACHINES;
+/// The most machines a network may have: machine numbers are the last octet
+/// of 192.168.v.n (plan/addr.rs).
+pub const MAX_MACHINES: usize = 254;
 
 pub const DEFAULT_NETWORK_NAME: &str = "network";
 pub const DEFAULT_MEMORY_MIB: u32 = 256;

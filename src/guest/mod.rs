@@ -12,14 +12,12 @@ pub mod modules;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 
-use crate::cli::GuestArgs;
 use cpio::{Archive, Entry};
 
-const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Run by busybox init; the commands it runs are in [`INITTAB`].
 const INIT_SH: &str = include_str!("init.sh");
@@ -65,59 +63,6 @@ pub struct Addition {
     pub host: PathBuf,
     /// Absolute path in the guest.
     pub guest: String,
-}
-
-impl GuestOptions {
-    /// Resolves defaults (newest /boot kernel and its modules, busybox and
-    /// bash-static on PATH) and checks that every input exists.
-    pub fn from_args(args: &GuestArgs) -> anyhow::Result<Self> {
-        let kernel = match &args.kernel {
-            Some(kernel) => existing(kernel, "kernel")?,
-            None => newest_boot_kernel(Path::new("/boot"))?,
-        };
-        let modules = match &args.modules {
-            Some(modules) => existing(modules, "module tree")?,
-            None => {
-                let version = kernel_version(&read_head(&kernel)?).with_context(|| {
-                    format!("cannot tell the release of kernel {} (pass --modules)", kernel.display())
-                })?;
-                let modules = Path::new("/lib/modules").join(&version);
-                if !modules.join("modules.dep").is_file() {
-                    bail!(
-                        "no kernel modules for {version} (no {}): install {KERNEL_PACKAGE}, or pass --modules",
-                        modules.join("modules.dep").display()
-                    );
-                }
-                modules
-            }
-        };
-        let busybox = match &args.busybox {
-            Some(busybox) => existing(busybox, "busybox")?,
-            None => which::which("busybox").context(
-                "busybox not found on PATH: install busybox-static (apt-get install busybox-static), or pass --busybox",
-            )?,
-        };
-        let bash = match (&args.bash, args.no_bash) {
-            (_, true) => None,
-            (Some(bash), false) => Some(existing(bash, "bash")?),
-            (None, false) => which::which("bash-static").ok(),
-        };
-        let additions = args.add.iter().map(|add| parse_addition(add)).collect::<anyhow::Result<_>>()?;
-        let rc = args.rc.as_deref().map(|rc| existing(rc, "rc script")).transpose()?;
-        Ok(GuestOptions { out: args.out.clone(), kernel, modules, busybox, bash, additions, rc })
-    }
-}
-
-pub fn guest_command(args: &GuestArgs) -> anyhow::Result<ExitCode> {
-    let opts = GuestOptions::from_args(args)?;
-    build(&opts)?;
-    eprintln!(
-        "wrote {} and {}{}",
-        opts.out.join("kernel").display(),
-        opts.out.join("initrd").display(),
-        if opts.bash.is_some() { " (with bash)" } else { " (without bash)" }
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes `kernel` and `initrd` into `opts.out`. Both are written in a
@@ -252,7 +197,7 @@ fn add_host_path(archive: &mut Archive, host: &Path, guest: &str, follow: bool) 
 }
 
 /// `HOST_PATH:GUEST_PATH`, split at the first `:`; GUEST_PATH must be absolute.
-fn parse_addition(arg: &str) -> anyhow::Result<Addition> {
+pub fn parse_addition(arg: &str) -> anyhow::Result<Addition> {
     let (host, guest) = arg.split_once(':').with_context(|| format!("--add {arg}: expected HOST_PATH:GUEST_PATH"))?;
     if !guest.starts_with('/') {
         bail!("--add {arg}: the guest path {guest:?} must be absolute");
@@ -271,7 +216,7 @@ fn parse_addition(arg: &str) -> anyhow::Result<Addition> {
 }
 
 /// The newest `vmlinuz-*` in `boot`, by version order.
-fn newest_boot_kernel(boot: &Path) -> anyhow::Result<PathBuf> {
+pub fn newest_boot_kernel(boot: &Path) -> anyhow::Result<PathBuf> {
     let entries = fs::read_dir(boot).with_context(|| format!("cannot list {}", boot.display()))?;
     let mut versions = Vec::new();
     for entry in entries {
@@ -322,7 +267,7 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// The release of a bzImage (`6.1.0-56-cloud-amd64`), from its setup header:
 /// the `HdrS` magic at 0x202 and the `kernel_version` pointer at 0x20e.
-fn kernel_version(image: &[u8]) -> anyhow::Result<String> {
+pub fn kernel_version(image: &[u8]) -> anyhow::Result<String> {
     if image.get(0x202..0x206) != Some(b"HdrS") {
         bail!("not a bzImage (no HdrS setup header)");
     }
@@ -383,7 +328,7 @@ fn read_static(path: &Path, package: &str) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn existing(path: &Path, what: &str) -> anyhow::Result<PathBuf> {
+pub fn existing(path: &Path, what: &str) -> anyhow::Result<PathBuf> {
     if !path.exists() {
         bail!("{what} {} does not exist", path.display());
     }
@@ -395,7 +340,7 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// The start of a file: enough for a bzImage's setup header and version string.
-fn read_head(path: &Path) -> anyhow::Result<Vec<u8>> {
+pub fn read_head(path: &Path) -> anyhow::Result<Vec<u8>> {
     use std::io::Read;
     let mut head = Vec::new();
     fs::File::open(path)

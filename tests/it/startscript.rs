@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use vmlab::runtime::accel;
+use vmlab::{accel, layout};
 
 use crate::common::{fixtures, run, vmlab};
 
@@ -32,7 +32,7 @@ fn build(out: &Path, qemu_options: &[&str]) {
 /// `args` (as a nixpkgs driver gives them); the stand-in QEMU's arguments,
 /// from the directory it ran in (which must be `state`).
 fn start(out: &Path, state: &Path, env: &[(&str, &str)], args: &[&str]) -> Vec<String> {
-    let started = run(Command::new(out.join("bin/run-machine-vm"))
+    let started = run(Command::new(out.join(layout::run_script("machine")))
         .args(args)
         .env("VMLAB_STATE_DIR", state)
         // Where qemu-vm.nix's script would make its nix-vm.* directories if
@@ -89,9 +89,9 @@ fn vmlab_options_reach_qemu_whole_through_a_start_script() {
         let args = start(&out, &state, &[("QEMU_OPTS", "-device  virtio-balloon")], &[]);
         let (out, state) = (out.display(), state.display());
         for words in [
-            &["-fw_cfg", &format!("name=opt/vmlab/config,file={out}/config/machine.conf")][..],
-            &["-chardev", &format!("socket,id=shell,path={state}/shell.sock,server=on,wait=off")],
-            &["-qmp", &format!("unix:{state}/qmp.sock,server=on,wait=off")],
+            &["-fw_cfg", &format!("name=opt/vmlab/config,file={out}/{}", layout::config_file("machine"))][..],
+            &["-chardev", &format!("socket,id=shell,path={state}/{},server=on,wait=off", layout::SHELL_SOCKET)],
+            &["-qmp", &format!("unix:{state}/{},server=on,wait=off", layout::QMP_SOCKET)],
             &["-netdev", "hubport,id=vlan1,hubid=1"],
             &["-smbios", smbios],
             &["-device", "virtio-balloon"],
@@ -107,7 +107,7 @@ fn vmlab_options_reach_qemu_whole_through_a_start_script() {
 /// `kvm` request fails on a host without, rather than falling back to TCG).
 #[test]
 fn vmlab_accel_chooses_a_start_scripts_accelerator() {
-    let auto = accel::decide(vmlab::cli::Accel::Auto, &accel::probe()).unwrap().accel.to_string();
+    let auto = accel::decide(accel::Accel::Auto, &accel::probe()).unwrap().accel.to_string();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     build(&out, &[]);
@@ -174,6 +174,6 @@ fn the_data_port_joins_a_callers_virtio_serial_bus() {
         }
         // The caller's channels replace the run script's own.
         assert!(!contains(&args, &["-device", "virtio-serial,max_ports=2,vectors=7"]), "{args:?}");
-        assert!(!args.iter().any(|a| a.contains("shell.sock") || a.contains("qmp.sock")), "{args:?}");
+        assert!(!args.iter().any(|a| a.contains(layout::SHELL_SOCKET) || a.contains(layout::QMP_SOCKET)), "{args:?}");
     }
 }
