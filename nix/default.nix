@@ -157,8 +157,9 @@ let
     } // {
       inherit spec;
       plan = numbering spec;
-      # As in NixOS tests: nodes.server.config…
-      nodes = nixos;
+      # As in NixOS tests: nodes.server.networking…, nodes.server.config…;
+      # and the VM's start script.
+      nodes = mapAttrs (_: n: withConfig n.config // { inherit (n) startScript; }) nixos;
     };
 
   # `vmlab test` in a derivation (docs/nix.md for the arguments).

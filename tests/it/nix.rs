@@ -456,7 +456,8 @@ fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
         outputs["server"],
         json!({"hostName": "server", "memory": 512, "nodes": ["server"], "planMachines": ["client", "server"],
                "primaryIPAddress": "192.168.2.2", "primaryIPv6Address": "2001:db8:2::2",
-               "nodeConfigs": ["server", "server"], "ownModule": {"services": {"nginx": {"enable": true}}}})
+               "nodeConfigs": ["server", "server"], "ownModule": {"services": {"nginx": {"enable": true}}},
+               "networkNodes": ["server", "server", "/stub/vm-server/bin/run-server-vm"]})
     );
 }
 
