@@ -2,10 +2,12 @@
 //! below it in [`LAYERS`], so imports point down the pipeline and there is
 //! no loop.
 
-/// Lowest first. `shell`, `layout` and `accel` are facts everyone shares;
+/// Lowest first. `sync`, `shell`, `layout` and `accel` are what everyone shares;
 /// then the pipeline; `cli` describes the command line and `commands` runs it.
-const LAYERS: [&str; 12] =
-    ["shell", "layout", "accel", "spec", "plan", "emit", "guest", "runtime", "driver", "coverage", "cli", "commands"];
+const LAYERS: [&str; 13] = [
+    "sync", "shell", "layout", "accel", "spec", "plan", "emit", "guest", "runtime", "driver", "coverage", "cli",
+    "commands",
+];
 
 #[test]
 fn imports_point_down_the_layers() {

@@ -18,6 +18,7 @@ pub mod plan;
 pub mod runtime;
 pub mod shell;
 pub mod spec;
+pub mod sync;
 
 use std::process::ExitCode;
 

@@ -126,7 +126,7 @@ pub fn run(cmd: ClientCommand) -> anyhow::Result<ExitCode> {
         return shell(&mut client, req);
     }
     let Value::Object(req) = req else { unreachable!("requests are objects") };
-    let result = match client.call(req)? {
+    let result = match client.call(req) {
         Ok(r) => r,
         Err(e) => return Ok(exit_for(&e)),
     };
@@ -179,7 +179,7 @@ fn shell(client: &mut Client, template: Value) -> anyhow::Result<ExitCode> {
         let mut req: Map<String, Value> = template.as_object().cloned().unwrap_or_default();
         req.insert("command".into(), json!(line));
         req.insert("binary".into(), json!(true));
-        match client.call(req)? {
+        match client.call(req) {
             Ok(r) => {
                 std::io::stdout().write_all(&bytes(&r, "stdout"))?;
                 std::io::stdout().flush()?;

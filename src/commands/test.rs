@@ -78,7 +78,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     let session = Session::start(prepared, &out, log.clone(), config.boot_silence)?;
     let (driver, socket) = (&session.driver, &session.socket);
     for m in session.network().machines() {
-        log_console(m.name(), m.console().subscribe(), log.clone());
+        log_console(m.name(), m.console().subscribe(), log.clone())?;
     }
     log.info(None, &format!("control socket: {}", socket.display()));
 
@@ -113,7 +113,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         (Reaped::spawn_in_foreground(&cmd, "the Python prompt")?, None)
     } else {
         let child = Reaped::spawn(&cmd, format!("test script {}", reports.main))?;
-        let said = capture_output(&child, log.clone());
+        let said = capture_output(&child, log.clone())?;
         (child, Some(said))
     };
     let child = Arc::new(child);

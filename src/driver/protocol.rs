@@ -99,23 +99,26 @@ impl Client {
     }
 
     /// Sends a request (an object with `op` and arguments) and returns its
-    /// result, or the driver's error.
-    pub fn call(&mut self, mut request: Map<String, Value>) -> anyhow::Result<Result<Value, DriverError>> {
+    /// result, or the driver's error; a broken connection is a harness error.
+    pub fn call(&mut self, mut request: Map<String, Value>) -> Result<Value, DriverError> {
         self.next_id += 1;
         request.insert("id".into(), json!(self.next_id));
         let mut line = Value::Object(request).to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).context("writing to the control socket")?;
+        let broken = |what: &str, e: &dyn std::fmt::Display| DriverError::harness(format!("{what}: {e}"));
+        self.writer.write_all(line.as_bytes()).map_err(|e| broken("writing to the control socket", &e))?;
         let mut answer = String::new();
-        if self.reader.read_line(&mut answer).context("reading the control socket")? == 0 {
-            anyhow::bail!("the driver closed the control socket");
+        match self.reader.read_line(&mut answer) {
+            Ok(0) => return Err(DriverError::harness("the driver closed the control socket")),
+            Ok(_) => {}
+            Err(e) => return Err(broken("reading the control socket", &e)),
         }
-        let v: Value = serde_json::from_str(&answer).context("the driver's answer is not JSON")?;
+        let v: Value = serde_json::from_str(&answer).map_err(|e| broken("the driver's answer is not JSON", &e))?;
         if v["ok"] == json!(true) {
-            return Ok(Ok(v["result"].clone()));
+            return Ok(v["result"].clone());
         }
         let kind = serde_json::from_value(v["error"]["kind"].clone()).unwrap_or(Kind::Harness);
-        Ok(Err(DriverError::new(kind, v["error"]["message"].as_str().unwrap_or("unknown error"))))
+        Err(DriverError::new(kind, v["error"]["message"].as_str().unwrap_or("unknown error")))
     }
 }
 

@@ -20,7 +20,8 @@ use super::Kind;
 use super::{atomic, junit};
 use crate::runtime::process::{describe_exit, ChildGuard};
 use crate::runtime::signals;
-use crate::runtime::Network;
+use crate::runtime::{spawn_thread, Network};
+use crate::sync::lock;
 use crate::{EXIT_FAILED, EXIT_HARNESS, EXIT_OK};
 
 /// How a test script is run.
@@ -245,13 +246,13 @@ pub(crate) fn script_path() -> Result<std::ffi::OsString> {
 }
 
 /// Serial console lines go to the log, dimmed on a terminal.
-pub(crate) fn log_console(name: &str, lines: mpsc::Receiver<String>, log: Arc<Log>) {
+pub(crate) fn log_console(name: &str, lines: mpsc::Receiver<String>, log: Arc<Log>) -> Result<()> {
     let name = name.to_string();
-    std::thread::spawn(move || {
+    spawn_thread(format!("log-{name}"), move || {
         for line in lines {
             log.write(Some(&name), &format!("# {}", printable(&line)), Style::Serial);
         }
-    });
+    })
 }
 
 /// The script's standard output and error, line by line into the log.
@@ -268,32 +269,32 @@ impl Said {
         for _ in 0..2 {
             let _ = self.done.recv_timeout(Duration::from_secs(2));
         }
-        self.last_stderr_line.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.last_stderr_line).clone()
     }
 }
 
-pub(crate) fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Said {
+pub(crate) fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Result<Said> {
     let last = Arc::new(Mutex::new(None));
     let (done, finished) = mpsc::channel();
-    let streams: [(Option<Box<dyn Read + Send>>, bool); 2] = [
-        (child.take_stdout().map(|s| Box::new(s) as Box<dyn Read + Send>), false),
-        (child.take_stderr().map(|s| Box::new(s) as Box<dyn Read + Send>), true),
+    let streams: [(Option<Box<dyn Read + Send>>, bool, &str); 2] = [
+        (child.take_stdout().map(|s| Box::new(s) as Box<dyn Read + Send>), false, "script-stdout"),
+        (child.take_stderr().map(|s| Box::new(s) as Box<dyn Read + Send>), true, "script-stderr"),
     ];
-    for (stream, is_stderr) in streams {
+    for (stream, is_stderr, thread) in streams {
         let Some(stream) = stream else { continue };
         let (log, last, done) = (log.clone(), last.clone(), done.clone());
-        std::thread::spawn(move || {
+        spawn_thread(thread.into(), move || {
             for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
                 let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
                 log.info(None, &line);
                 if is_stderr && !line.trim().is_empty() {
-                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(line.trim().to_string());
+                    *lock(&last) = Some(line.trim().to_string());
                 }
             }
             let _ = done.send(());
-        });
+        })?;
     }
-    Said { last_stderr_line: last, done: finished }
+    Ok(Said { last_stderr_line: last, done: finished })
 }
 
 /// Each machine's serial console log and QEMU messages, those there are.

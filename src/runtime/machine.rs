@@ -16,6 +16,7 @@ use super::console::Console;
 use super::process::{describe_exit, ChildGuard, STOP_GRACE};
 use super::{log_tail, spawn_thread};
 use crate::layout::SessionDir;
+use crate::sync::lock;
 
 pub struct Machine {
     name: String,
@@ -101,7 +102,7 @@ impl Machine {
     /// guest boots in the background. A machine whose QEMU exited may be
     /// started again.
     pub fn start(&self) -> Result<()> {
-        let mut current = self.current.lock().unwrap();
+        let mut current = lock(&self.current);
         if self.retired.load(Ordering::SeqCst) {
             bail!("machine {:?} cannot start: its network has stopped", self.name);
         }
@@ -127,7 +128,7 @@ impl Machine {
     }
 
     fn current(&self) -> Option<Arc<Incarnation>> {
-        self.current.lock().unwrap().clone()
+        lock(&self.current).clone()
     }
 
     /// QEMU's process id while it runs.
@@ -159,7 +160,7 @@ impl Machine {
     pub fn retire(&self) -> Option<Exit> {
         self.retired.store(true, Ordering::SeqCst);
         // Taking the lock waits out a start that is under way, so it is stopped below.
-        drop(self.current.lock().unwrap());
+        drop(lock(&self.current));
         self.stop()
     }
 

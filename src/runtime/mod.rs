@@ -196,14 +196,22 @@ fn log_tail(path: &Path, offset: u64) -> String {
     }
 }
 
-/// Pure: the last [`TAIL_LINES`] non-blank lines, indented, after a colon.
+/// Pure: a child's standard error, as the end of a message: the last
+/// [`TAIL_LINES`] non-blank lines, or that it printed nothing.
 fn format_tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
-    if lines.is_empty() {
-        return "; it printed nothing on its standard error".to_owned();
+    stderr_ending(text, TAIL_LINES).unwrap_or_else(|| "; it printed nothing on its standard error".to_owned())
+}
+
+/// Pure: how every message that reports a failure ends with what a child
+/// or a guest command wrote on its standard error: its last `lines`
+/// non-blank lines, indented after a colon; `None` when it wrote nothing.
+pub fn stderr_ending(text: &str, lines: usize) -> Option<String> {
+    let all: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
+    if all.is_empty() {
+        return None;
     }
-    let tail = &lines[lines.len().saturating_sub(TAIL_LINES)..];
-    format!("; its standard error ended with:\n  {}", tail.join("\n  "))
+    let tail = &all[all.len().saturating_sub(lines)..];
+    Some(format!("; its standard error ended with:\n  {}", tail.join("\n  ")))
 }
 
 #[cfg(test)]

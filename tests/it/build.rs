@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::common::{fixtures, repo_root, run, vmlab};
+use crate::support::{fixtures, repo_root, run, vmlab};
 use vmlab::layout;
 
 const GOLDEN_SPECS: [&str; 3] = ["webserver", "vlans", "nixos"];

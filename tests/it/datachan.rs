@@ -7,8 +7,8 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::common::{run, vmlab, webserver_guest};
-use crate::drive::{passing_script, text};
+use crate::support::{passing_script, text};
+use crate::support::{run, vmlab, webserver_guest};
 use vmlab::layout;
 
 /// A spec of the default guest: one machine, `server`, with `memory` MiB.

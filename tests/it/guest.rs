@@ -15,7 +15,7 @@ use serde_json::json;
 use vmlab::layout::{self, BANNER};
 use vmlab::plan::qemu;
 
-use crate::common::{run, vmlab};
+use crate::support::{run, vmlab};
 
 /// Generous: TCG on a loaded two-core machine, possibly two boots at once.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
@@ -463,7 +463,7 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
 /// so nothing of the host changes. `before` and `after` are shell commands
 /// around it; their standard output, or `None` (and why) without root.
 fn init_sh_network(config: &str, before: &str, after: &str) -> Option<String> {
-    let init_sh = crate::common::repo_root().join("src/guest/init.sh");
+    let init_sh = crate::support::repo_root().join("src/guest/init.sh");
     let fw_cfg = "/sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config";
     let sandbox = format!(
         "set -eu
@@ -482,7 +482,7 @@ fn init_sh_network(config: &str, before: &str, after: &str) -> Option<String> {
         .arg(&sandbox));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && stderr.contains("unshare failed") {
-        crate::common::skip(&format!("cannot make namespaces (not root?): {}", stderr.trim()));
+        crate::support::skip(&format!("cannot make namespaces (not root?): {}", stderr.trim()));
         return None;
     }
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -519,7 +519,7 @@ fn init_sh_network_adds_the_machines_to_the_hosts_nixos_wrote() {
         &format!("printf '{nixos}' > /etc/hosts; chmod 0604 /etc/hosts"),
         &format!(
             "sh {:?} network; stat -c %a /etc/hosts; cat /etc/hosts",
-            crate::common::repo_root().join("src/guest/init.sh")
+            crate::support::repo_root().join("src/guest/init.sh")
         ),
     ) else {
         return;

@@ -11,7 +11,7 @@ use vmlab::accel::{self, Accel};
 use vmlab::driver::{log::Log, machine::Machine as Driven};
 use vmlab::runtime::{load_plan, Network, Session};
 
-use crate::common::{processes_mentioning, repo_root, run, vmlab, webserver_guest};
+use crate::support::{processes_mentioning, repo_root, run, vmlab, webserver_guest};
 
 /// Builds the network `nodes` (name → vlans) on the webserver example's
 /// default guest into `tmp/out`.

@@ -6,8 +6,8 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{fixtures, processes_mentioning, run, vmlab};
-use crate::drive::{spec, text};
+use crate::support::{fixtures, processes_mentioning, run, vmlab};
+use crate::support::{spec, text};
 use vmlab::layout;
 
 #[test]

@@ -9,9 +9,8 @@ use std::process::Command;
 
 use serde_json::json;
 
+use crate::support::{fixtures, run, vmlab};
 use vmlab::{accel, layout};
-
-use crate::common::{fixtures, run, vmlab};
 
 fn tool(name: &str) -> PathBuf {
     fixtures().join("specs/tools").join(name)

@@ -22,6 +22,7 @@ use super::monitor::Monitor;
 use super::protocol::Op;
 use super::DriverError;
 use crate::runtime::Network;
+use crate::sync::lock;
 use ops::{arg, machine_op, opt_str, qemu_op, str_arg, summary, Args};
 
 /// Every machine, each behind its own lock, and the test's log.
@@ -84,8 +85,8 @@ impl Driver {
 
     /// Runs `f` on a machine, holding its lock; `None` when there is no such machine.
     pub fn with_machine<T>(&self, name: &str, f: impl FnOnce(&mut Machine) -> T) -> Option<T> {
-        let lock = self.machines.get(name)?;
-        let mut machine = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = self.machines.get(name)?;
+        let mut machine = lock(slot);
         Some(f(&mut machine))
     }
 
@@ -101,11 +102,11 @@ impl Driver {
 
     /// What is being done right now, oldest first.
     pub fn running_steps(&self) -> Vec<String> {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        lock(&self.in_flight).values().cloned().collect()
     }
 
     pub fn last_error(&self) -> Option<DriverError> {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.last_error).clone()
     }
 
     /// Answers one request line (the response has no trailing newline).
@@ -118,7 +119,7 @@ impl Driver {
         let response = match result {
             Ok(value) => json!({ "id": id, "ok": true, "result": value }),
             Err(e) => {
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                *lock(&self.last_error) = Some(e.clone());
                 json!({ "id": id, "ok": false, "error": { "kind": e.kind.as_str(), "message": e.message } })
             }
         };
@@ -137,12 +138,12 @@ impl Driver {
             None => format!("{op_name} {}", summary(req)),
         };
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(serial, step.trim_end().to_string());
+        lock(&self.in_flight).insert(serial, step.trim_end().to_string());
         let result = match (machine, op) {
             (None, Some(op)) if op.is_global() => self.global(op, req),
             (None, _) => Err(DriverError::request(format!("operation {op_name:?} needs a \"machine\""))),
             (Some(name), op) => {
-                let lock = self.machines.get(name).ok_or_else(|| {
+                let slot = self.machines.get(name).ok_or_else(|| {
                     DriverError::request(format!("no machine {name:?} (machines: {})", self.machine_names().join(", ")))
                 })?;
                 let op = op
@@ -151,7 +152,7 @@ impl Driver {
                 if op == Op::Crash {
                     self.interrupts[name].crash();
                 }
-                match lock.try_lock() {
+                match slot.try_lock() {
                     Ok(mut m) => machine_op(&mut m, op, req),
                     Err(std::sync::TryLockError::Poisoned(p)) => machine_op(&mut p.into_inner(), op, req),
                     // Busy with a command: QEMU-level operations go straight to QEMU.
@@ -161,13 +162,13 @@ impl Driver {
                             if op == Op::Shutdown {
                                 self.power_off_busy(name);
                             }
-                            machine_op(&mut lock.lock().unwrap_or_else(|e| e.into_inner()), op, req)
+                            machine_op(&mut lock(slot), op, req)
                         }
                     },
                 }
             }
         };
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&serial);
+        lock(&self.in_flight).remove(&serial);
         if let Err(e) = &result {
             self.log.write(machine, &format!("error: {}", e.message), Style::Bad);
         }
@@ -190,12 +191,21 @@ impl Driver {
     /// Runs `f` on every machine at once, each in its own thread; the first error.
     fn each_machine(&self, f: impl Fn(&mut Machine) -> Result<(), DriverError> + Sync) -> Result<(), DriverError> {
         let results: Vec<Result<(), DriverError>> = std::thread::scope(|s| {
+            let f = &f;
             let handles: Vec<_> = self
                 .machines
-                .values()
-                .map(|lock| s.spawn(|| f(&mut lock.lock().unwrap_or_else(|e| e.into_inner()))))
+                .iter()
+                .map(|(name, slot)| {
+                    std::thread::Builder::new().name(format!("each-{name}")).spawn_scoped(s, move || f(&mut lock(slot)))
+                })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("machine thread")).collect()
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(thread) => thread.join().expect("machine thread"),
+                    Err(e) => Err(DriverError::harness(format!("cannot start a thread: {e}"))),
+                })
+                .collect()
         });
         results.into_iter().collect()
     }
@@ -203,11 +213,8 @@ impl Driver {
     fn global(&self, op: Op, req: &Args) -> Result<Value, DriverError> {
         match op {
             Op::Machines => {
-                let list: Vec<Value> = self
-                    .machines
-                    .iter()
-                    .map(|(name, m)| json!({ "name": name, "up": m.lock().unwrap_or_else(|e| e.into_inner()).is_up() }))
-                    .collect();
+                let list: Vec<Value> =
+                    self.machines.iter().map(|(name, m)| json!({ "name": name, "up": lock(m).is_up() })).collect();
                 Ok(json!({ "machines": list }))
             }
             Op::StartAll => self.each_machine(Machine::start).map(|()| json!({})),
@@ -241,8 +248,8 @@ impl Driver {
     /// Stops every machine that runs (end of the test); waits for machines
     /// busy with a request, which end once their QEMU is gone.
     pub fn release_all(&self) {
-        for lock in self.machines.values() {
-            lock.lock().unwrap_or_else(|e| e.into_inner()).release();
+        for slot in self.machines.values() {
+            lock(slot).release();
         }
     }
 }
@@ -271,7 +278,7 @@ mod tests {
     }
 
     fn call(c: &mut Client, v: Value) -> Result<Value, DriverError> {
-        c.call(v.as_object().unwrap().clone()).unwrap()
+        c.call(v.as_object().unwrap().clone())
     }
 
     #[test]

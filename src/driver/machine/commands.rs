@@ -17,10 +17,7 @@ impl Machine {
     ) -> Result<T, DriverError> {
         self.wait_for_boot()?;
         let (vm, name) = (&mut self.vm, &self.name);
-        let mut alive = || match vm.exited() {
-            None => Ok(()),
-            Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
-        };
+        let mut alive = || qemu_alive(&mut **vm, name);
         let shell = match self.data.as_mut() {
             Some(data) => data,
             None => self.shell.as_mut().expect("a booted machine has a shell"),
@@ -88,7 +85,7 @@ impl Machine {
     ) -> Result<T, DriverError> {
         let started = Instant::now();
         let deadline = started + timeout;
-        let mut delay = Duration::ZERO;
+        let mut backoff = backoff();
         self.say(&format!("waiting for {what}"));
         loop {
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
@@ -104,8 +101,7 @@ impl Machine {
             if now >= deadline {
                 return Err(self.err(Kind::Timeout, format!("timed out after {} waiting for {what}", secs(timeout))));
             }
-            delay = next_delay(delay);
-            std::thread::sleep(delay.min(deadline - now));
+            std::thread::sleep(backoff.pause().min(deadline - now));
         }
     }
 

@@ -232,9 +232,8 @@ impl Machine {
 
 /// Pure: why a guest-side step failed, in the guest's words.
 fn guest_says(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    match err.trim() {
-        "" => format!("exit code {}, and the guest said nothing", out.status),
-        said => format!("{said} (exit code {})", out.status),
+    match stderr_ending(&String::from_utf8_lossy(&out.stderr), NOTE_LINES) {
+        None => format!("exit code {}, and the guest said nothing", out.status),
+        Some(said) => format!("exit code {}{said}", out.status),
     }
 }

@@ -32,7 +32,10 @@ fn commands_boot_the_machine_and_check_their_status() {
     assert!(f.m.is_up());
     let e = f.m.succeed(&cmds(&["echo oops >&2; exit 4"]), None).unwrap_err();
     assert_eq!(e.kind, Kind::Failed);
-    assert_eq!(e.message, "machine server: command `echo oops >&2; exit 4` failed (exit code 4); stderr: oops");
+    assert_eq!(
+        e.message,
+        "machine server: command `echo oops >&2; exit 4` failed (exit code 4); its standard error ended with:\n  oops"
+    );
     assert_eq!(f.m.fail(&cmds(&["false"]), None).unwrap(), b"");
     assert_eq!(f.m.fail(&cmds(&["true"]), None).unwrap_err().kind, Kind::Failed);
     let out = f.m.execute_logged("echo x; exit 2", None).unwrap();

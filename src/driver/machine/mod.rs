@@ -15,7 +15,10 @@ use super::{DriverError, Kind};
 use crate::driver::backdoor::{data_shell_command, Alive, Output, Shell};
 use crate::layout;
 use crate::plan::qemu::DATA_PORT_NAME;
+use crate::runtime::process::Backoff;
+use crate::runtime::stderr_ending;
 use crate::shell::quote;
+use crate::sync::lock;
 
 mod commands;
 mod copies;
@@ -69,7 +72,7 @@ pub struct Interrupt {
 
 impl Interrupt {
     fn note(&self, what: Option<&'static str>) {
-        *self.requested.lock().unwrap_or_else(|e| e.into_inner()) = what;
+        *lock(&self.requested) = what;
     }
 
     pub fn crash(&self) {
@@ -84,9 +87,19 @@ impl Interrupt {
     }
 }
 
-/// The next pause of a poll loop: fast at first, then about a second.
-pub fn next_delay(previous: Duration) -> Duration {
-    (previous * 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
+/// How a machine's poll loops pause: each try is a connect or a command in
+/// the guest, so fast at first, then about a second.
+fn backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Whether QEMU still runs, as the backdoor checks while it waits: an error
+/// naming the machine once QEMU has ended.
+fn qemu_alive(vm: &mut dyn Vm, name: &str) -> Result<(), DriverError> {
+    match vm.exited() {
+        None => Ok(()),
+        Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
+    }
 }
 
 /// The shell command for "something listens on `addr`:`port`". `nc -z`
@@ -167,7 +180,7 @@ impl Machine {
 
     /// What [`Interrupt`] did since this was last asked.
     fn interrupted(&self) -> Option<&'static str> {
-        self.interrupt.requested.lock().unwrap_or_else(|e| e.into_inner()).take()
+        lock(&self.interrupt.requested).take()
     }
 
     /// How long a booting machine may show no sign of life.
@@ -211,7 +224,7 @@ impl Machine {
     /// Connects to a socket QEMU listens on, as soon as QEMU has made it.
     fn wait_for_socket(&mut self, path: &Path) -> Result<std::os::unix::net::UnixStream, DriverError> {
         let deadline = Instant::now() + SOCKET_TIMEOUT;
-        let mut delay = Duration::ZERO;
+        let mut backoff = backoff();
         loop {
             match std::os::unix::net::UnixStream::connect(path) {
                 Ok(s) => return Ok(s),
@@ -225,8 +238,7 @@ impl Machine {
                     }
                 }
             }
-            delay = next_delay(delay);
-            std::thread::sleep(delay);
+            std::thread::sleep(backoff.pause());
         }
     }
 
@@ -280,14 +292,16 @@ impl Machine {
         loop {
             let (vm, name) = (&mut self.vm, &self.name);
             let serial = vm.serial_log();
-            let mut alive = || match vm.exited() {
-                None if silence.is_some_and(|s| started.elapsed() >= s)
-                    && std::fs::metadata(&serial).map_or(true, |m| m.len() == 0) =>
+            let mut alive = || match qemu_alive(&mut **vm, name) {
+                // Before the backdoor is up, QEMU's end is the harness's problem.
+                Err(e) => Err(DriverError::new(Kind::Harness, e.message)),
+                Ok(())
+                    if silence.is_some_and(|s| started.elapsed() >= s)
+                        && std::fs::metadata(&serial).map_or(true, |m| m.len() == 0) =>
                 {
                     Err(DriverError::new(Kind::Machine, SILENT))
                 }
-                None => Ok(()),
-                Some(how) => Err(DriverError::new(Kind::Harness, format!("machine {name}: QEMU {how}"))),
+                Ok(()) => Ok(()),
             };
             let shell = self.shell.as_mut().expect("a started machine has a shell");
             // Too far to represent (`Duration::MAX`): no deadline.
@@ -354,10 +368,7 @@ impl Machine {
         }
         let device = String::from_utf8_lossy(&started.stdout).trim().to_string();
         let (vm, name) = (&mut self.vm, &self.name);
-        let mut alive = || match vm.exited() {
-            None => Ok(()),
-            Some(how) => Err(DriverError::new(Kind::Machine, format!("machine {name}: QEMU {how}"))),
-        };
+        let mut alive = || qemu_alive(&mut **vm, name);
         match shell.run("true", Some(DATA_SHELL_TIMEOUT), &mut alive) {
             Ok(out) if out.status == 0 => Ok(Ok((shell, device))),
             Ok(out) => Ok(Err(format!("the shell on {device} answers with exit code {}", out.status))),
@@ -398,11 +409,8 @@ impl Machine {
     }
 
     fn send_to_shell(&mut self, line: &str) -> Result<(), DriverError> {
-        let vm = &mut self.vm;
-        let mut alive = || match vm.exited() {
-            None => Ok(()),
-            Some(how) => Err(DriverError::new(Kind::Machine, how)),
-        };
+        let (vm, name) = (&mut self.vm, &self.name);
+        let mut alive = || qemu_alive(&mut **vm, name);
         let shell = self.shell.as_mut().expect("a booted machine has a shell");
         // QEMU exiting while we write is what we asked for.
         let _ = shell.send_raw(line, &mut alive);
@@ -452,15 +460,13 @@ impl Machine {
     }
 }
 
+/// A failed command's standard error, to end its error message.
 fn stderr_note(stderr: &str) -> String {
-    let t = stderr.trim();
-    if t.is_empty() {
-        String::new()
-    } else {
-        let tail: Vec<&str> = t.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
-        format!("; stderr: {}", tail.join("\n"))
-    }
+    stderr_ending(stderr, NOTE_LINES).unwrap_or_default()
 }
+
+/// The most lines of a failed command's standard error its error message quotes.
+const NOTE_LINES: usize = 5;
 
 #[cfg(test)]
 mod tests {
@@ -468,13 +474,8 @@ mod tests {
 
     #[test]
     fn delays_start_fast_and_settle_at_a_second() {
-        let mut d = Duration::ZERO;
-        let seq: Vec<u64> = (0..8)
-            .map(|_| {
-                d = next_delay(d);
-                d.as_millis() as u64
-            })
-            .collect();
+        let mut b = backoff();
+        let seq: Vec<u64> = (0..8).map(|_| b.pause().as_millis() as u64).collect();
         assert_eq!(seq, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
     }
 

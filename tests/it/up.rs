@@ -4,21 +4,20 @@
 //! example on the default guest) for a forwarded port, SIGTERM and SIGKILL.
 //! Also a run script alone, on a stand-in machine: its state directory.
 
-use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{fixtures, processes_mentioning, repo_root, run, vmlab, webserver_guest, Lines};
+use crate::support::{
+    count, fixtures, free_port, http_get, leftovers, processes_mentioning, repo_root, run, vmlab, webserver_guest, Up,
+    PATIENCE,
+};
 use vmlab::layout::{self, SessionDir};
-
-/// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
-const PATIENCE: Duration = Duration::from_secs(120);
 
 /// Writes `spec` to `tmp/spec.json` and builds it into `tmp/out`.
 fn build(tmp: &Path, spec: serde_json::Value) -> PathBuf {
@@ -55,87 +54,6 @@ fn build_webserver(tmp: &Path, port: u16) -> PathBuf {
     let mut server = machine.clone();
     server["forwardPorts"] = json!([{"host": port, "guest": 80}]);
     build(tmp, json!({"name": "webserver", "nodes": {"server": server, "client": machine}}))
-}
-
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
-}
-
-/// A running `vmlab up`, its session under a private TMPDIR; stopped on drop
-/// so a failing test leaves nothing running.
-pub(crate) struct Up {
-    child: Child,
-    /// Standard output and error, each line with `out: ` or `err: ` first.
-    output: Option<Lines>,
-}
-
-impl Up {
-    fn start(dir: &Path, tmpdir: &Path, env: &[(&str, &str)]) -> Up {
-        let mut cmd = vmlab();
-        cmd.arg("up").arg(dir);
-        Up::spawn(cmd, tmpdir, env)
-    }
-
-    /// Runs `cmd`, a `vmlab up` or a script that runs one (`bin/run-vms`).
-    pub(crate) fn spawn(mut cmd: Command, tmpdir: &Path, env: &[(&str, &str)]) -> Up {
-        std::fs::create_dir_all(tmpdir).unwrap();
-        cmd.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", tmpdir);
-        cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let output = Lines::merged(vec![
-            (Box::new(child.stdout.take().unwrap()), "out: "),
-            (Box::new(child.stderr.take().unwrap()), "err: "),
-        ]);
-        Up { child, output: Some(output) }
-    }
-
-    /// Reads output until a line contains `needle`; returns that line.
-    pub(crate) fn wait_for(&mut self, needle: &str) -> String {
-        self.output.as_mut().expect("read until finish").wait_for(needle)
-    }
-
-    /// The session directory, as `vmlab up` announces it.
-    pub(crate) fn session(&mut self) -> PathBuf {
-        let line = self.wait_for("vmlab: session directory: ");
-        let rest = line.split_once("session directory: ").unwrap().1;
-        PathBuf::from(rest.split_once(" (").unwrap().0)
-    }
-
-    pub(crate) fn signal(&self, signal: libc::c_int) {
-        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, signal) }, 0);
-    }
-
-    /// Waits for vmlab to exit; returns its status and all its output.
-    pub(crate) fn finish(mut self) -> (ExitStatus, String) {
-        let status = self.child.wait().unwrap();
-        (status, self.output.take().expect("finished once").rest())
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGTERM);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// How many of `processes` have `what` in their command line.
-pub(crate) fn count(processes: &[(u32, String)], what: &str) -> usize {
-    processes.iter().filter(|(_, cmdline)| cmdline.contains(what)).count()
-}
-
-/// Polls until no process mentions `session`; returns the ones left at the deadline.
-pub(crate) fn leftovers(session: &Path) -> Vec<(u32, String)> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let found = processes_mentioning(session);
-        if found.is_empty() || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -381,17 +299,6 @@ fn a_switch_that_cannot_start_fails_up_with_its_messages() {
     assert!(output.contains(&expected), "{output}");
     assert!(!output.contains(": starting"), "a machine started: {output}");
     assert!(!session.exists());
-}
-
-/// `GET /` on 127.0.0.1:`port`; the response body.
-pub(crate) fn http_get(port: u16) -> String {
-    let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
-    std::io::Write::write_all(&mut stream, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {response}"));
-    assert_eq!(head.split(' ').nth(1), Some("200"), "{head}");
-    body.to_owned()
 }
 
 #[test]
