@@ -11,6 +11,7 @@ use super::backdoor::{data_shell_command, Alive, Output, Shell};
 use super::log::{Log, Style};
 use super::monitor::Monitor;
 use super::qmp::Qmp;
+use super::snapshot::Restore;
 use super::{DriverError, Kind};
 use crate::plan::qemu::DATA_PORT_NAME;
 use crate::shell::quote;
@@ -77,6 +78,15 @@ pub trait Vm: Send {
     fn serial_log(&self) -> PathBuf;
     /// The network has stopped for good: the machine cannot start again.
     fn retired(&self) -> bool;
+    /// Starts QEMU waiting for a saved state (`-incoming defer`) instead of
+    /// booting; only a real QEMU can.
+    fn spawn_incoming(&mut self) -> anyhow::Result<()> {
+        anyhow::bail!("this machine cannot be restored from a snapshot")
+    }
+    /// QEMU's process id while it runs, where known.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Stops a machine's current QEMU from any thread.
@@ -146,6 +156,14 @@ pub struct Machine {
     console_offset: u64,
     out_dir: PathBuf,
     log: Arc<Log>,
+    /// The next start loads this saved state instead of booting (once: a
+    /// machine started again boots cold).
+    restore: Option<Restore>,
+    /// This QEMU was restored: its shell is up, and no banner comes.
+    restored: bool,
+    /// Whether commands may move to the data port (`vmlab snapshot` keeps
+    /// them on the backdoor, so no data shell is saved).
+    use_data_port: bool,
 }
 
 fn secs(d: Duration) -> String {
@@ -173,7 +191,20 @@ impl Machine {
             console_offset: 0,
             out_dir: out_dir.to_path_buf(),
             log,
+            restore: None,
+            restored: false,
+            use_data_port: true,
         }
+    }
+
+    /// The next start restores `restore` instead of booting.
+    pub fn restore_from(&mut self, restore: Restore) {
+        self.restore = Some(restore);
+    }
+
+    /// Keeps commands on the backdoor console, off the data port.
+    pub fn without_data_port(&mut self) {
+        self.use_data_port = false;
     }
 
     fn say(&self, msg: &str) {
@@ -221,7 +252,9 @@ impl Machine {
         self.died = None;
         self.console_offset = std::fs::metadata(self.vm.serial_log()).map(|m| m.len()).unwrap_or(0);
         self.console.clear();
-        self.vm.spawn().map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
+        let restore = self.restore.take();
+        let spawned = if restore.is_some() { self.vm.spawn_incoming() } else { self.vm.spawn() };
+        spawned.map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
         self.running = true;
         self.ever_started = true;
         // At once: QEMU drops what the guest writes to the backdoor while no
@@ -229,7 +262,59 @@ impl Machine {
         let shell = self.wait_for_socket(&self.vm.state_dir().join("shell.sock"))?;
         self.shell =
             Some(Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?);
-        Ok(())
+        match restore {
+            Some(restore) => self.resume(restore),
+            None => Ok(()),
+        }
+    }
+
+    /// Loads the saved state into the QEMU just started; on failure QEMU is
+    /// stopped and the restore stays pending, so that a later start fails
+    /// the same way rather than boot cold unasked.
+    fn resume(&mut self, restore: Restore) -> Result<(), DriverError> {
+        let started = Instant::now();
+        let pid = self.vm.pid().ok_or_else(|| "QEMU's process is unknown".to_owned());
+        let argv = pid.and_then(|pid| {
+            super::snapshot::qemu_argv(pid, &restore.session).map_err(|e| format!("cannot read its command line: {e}"))
+        });
+        match argv.and_then(|argv| super::snapshot::resume(&self.monitor, &restore, &argv)) {
+            Ok(()) => {
+                self.restored = true;
+                self.say(&format!("restored from {} ({})", restore.file.display(), secs(started.elapsed())));
+                Ok(())
+            }
+            Err(why) => {
+                let exit = self.vm.exited().map(|how| format!("; QEMU {how}")).unwrap_or_default();
+                self.vm.kill();
+                self.forget_process();
+                let file = restore.file.display().to_string();
+                self.restore = Some(restore);
+                Err(self.err(Kind::Harness, format!("cannot restore it from {file}: {why}{exit}")))
+            }
+        }
+    }
+
+    /// Saves the booted machine's state into `file`, then stops it: QEMU's
+    /// command line (session directory marked) and version, for the key.
+    pub fn save_state(
+        &mut self,
+        file: &Path,
+        compression: crate::runtime::manifest::Compression,
+        session: &str,
+    ) -> Result<(Vec<String>, String), DriverError> {
+        self.wait_for_boot()?;
+        let refuse = |m: &Self, why: String| m.err(Kind::Harness, format!("cannot be snapshotted: {why}"));
+        super::snapshot::unsaved_files(&self.vm.state_dir()).map_err(|why| refuse(self, why))?;
+        let pid = self.vm.pid().ok_or_else(|| refuse(self, "QEMU's process is unknown".into()))?;
+        let argv = super::snapshot::qemu_argv(pid, session)
+            .map_err(|e| refuse(self, format!("cannot read its command line: {e}")))?;
+        let version = super::snapshot::qemu_version(&self.monitor)?;
+        let started = Instant::now();
+        super::snapshot::save(&self.monitor, file, compression)
+            .map_err(|why| refuse(self, format!("QEMU cannot save it: {why}")))?;
+        self.say(&format!("saved to {} ({})", file.display(), secs(started.elapsed())));
+        self.release();
+        Ok((argv, version))
     }
 
     /// Connects to a socket QEMU listens on, as soon as QEMU has made it.
@@ -260,6 +345,7 @@ impl Machine {
         self.shell_is_bash = None;
         self.shell = None;
         self.data = None;
+        self.restored = false;
         self.monitor.reset();
     }
 
@@ -296,6 +382,9 @@ impl Machine {
         self.start()?;
         if self.booted {
             return Ok(());
+        }
+        if self.restored {
+            return self.settle_restored();
         }
         self.say("waiting for the guest to boot");
         let started = Instant::now();
@@ -340,12 +429,37 @@ impl Machine {
         self.open_data_channel()
     }
 
+    /// A restored guest, before anything else runs there: its backdoor shell
+    /// must answer (no banner comes after a restore), then its clock and
+    /// random pool are put right, then the data port gets a new shell (the
+    /// host end of its socket is new).
+    fn settle_restored(&mut self) -> Result<(), DriverError> {
+        let started = Instant::now();
+        self.booted = true;
+        let seed = super::snapshot::host_seed()
+            .map_err(|e| self.err(Kind::Harness, format!("cannot read the host's random numbers: {e}")))?;
+        let command = super::snapshot::after_restore_command(std::time::SystemTime::now(), &seed);
+        let out = self.execute(&command, Some(DATA_SHELL_TIMEOUT))?;
+        if out.status != 0 {
+            let why = guest_says(&out);
+            return Err(self.err(
+                Kind::Harness,
+                format!("after the restore, cannot set its clock or seed its random numbers: {why}"),
+            ));
+        }
+        self.say(&format!("backdoor shell answers; clock set, random pool seeded ({})", secs(started.elapsed())));
+        self.open_data_channel()
+    }
+
     /// Moves commands and copies to a shell on the data port when the run
     /// script gave the machine one (`data.sock`) and the guest has it, and
     /// says which channel the machine uses and why. Anything that keeps the
     /// data port from working leaves the machine on the backdoor console;
     /// only the machine dying is an error.
     fn open_data_channel(&mut self) -> Result<(), DriverError> {
+        if !self.use_data_port {
+            return Ok(());
+        }
         let channel = match self.start_data_shell()? {
             Ok((shell, device)) => {
                 self.data = Some(shell);

@@ -240,8 +240,12 @@ pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
         }
     }
 
+    let plan_dir = prepared.plan_dir.clone();
     let network = prepared.start()?;
     let driver = Arc::new(Driver::for_network(&network, &out, log.clone(), args.boot_silence));
+    if let Some(snapshot) = &args.snapshot {
+        crate::runtime::snapshot::attach(snapshot, &driver, &network, &plan_dir)?;
+    }
     for m in network.machines() {
         log_console(m.name(), m.console().subscribe(), log.clone());
     }

@@ -26,10 +26,12 @@
 pub mod accel;
 mod console;
 mod machine;
+pub mod manifest;
 pub mod process;
 pub mod reaper;
 pub mod session;
 pub mod signals;
+pub mod snapshot;
 mod switch;
 mod up;
 

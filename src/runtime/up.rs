@@ -90,10 +90,15 @@ pub fn up_command(args: &UpArgs) -> Result<ExitCode> {
     // Before any thread exists, so that every thread inherits the mask.
     let signals = BlockedSignals::block(&signals::TERMINATION)?;
     let warn = |line: &str| eprintln!("{line}");
-    let network = prepare(&args.dir, args.accel, args.keep_state, &say, &warn)?.start()?;
+    let prepared = prepare(&args.dir, args.accel, args.keep_state, &say, &warn)?;
+    let plan_dir = prepared.plan_dir.clone();
+    let network = prepared.start()?;
     // Copies and screenshots clients ask for land where `vmlab up` was started.
     let out_dir = std::env::current_dir().context("cannot find the current directory")?;
     let driver = Arc::new(Driver::for_network(&network, &out_dir, Arc::new(Log::stderr(None)), args.boot_silence));
+    if let Some(snapshot) = &args.snapshot {
+        super::snapshot::attach(snapshot, &driver, &network, &plan_dir)?;
+    }
     let socket = network.session().layout().control_socket();
     serve(driver.clone(), &socket)?;
     say(&format!("control socket: export VMLAB_SOCKET={}", crate::shell::quote(&socket.to_string_lossy())));
