@@ -15,4 +15,5 @@ mod nixapi;
 mod nixdriver;
 mod runtime;
 mod script;
+mod snapshot;
 mod startscript;
