@@ -159,8 +159,6 @@ pub struct Machine {
     /// The next start loads this saved state instead of booting (once: a
     /// machine started again boots cold).
     restore: Option<Restore>,
-    /// This QEMU was restored: its shell is up, and no banner comes.
-    restored: bool,
     /// Whether commands may move to the data port (`vmlab snapshot` keeps
     /// them on the backdoor, so no data shell is saved).
     use_data_port: bool,
@@ -192,7 +190,6 @@ impl Machine {
             out_dir: out_dir.to_path_buf(),
             log,
             restore: None,
-            restored: false,
             use_data_port: true,
         }
     }
@@ -263,7 +260,8 @@ impl Machine {
         self.shell =
             Some(Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?);
         match restore {
-            Some(restore) => self.resume(restore),
+            // Settled here, so that start_all() restores machines in parallel.
+            Some(restore) => self.resume(restore).and_then(|()| self.settle_restored()),
             None => Ok(()),
         }
     }
@@ -279,7 +277,6 @@ impl Machine {
         });
         match argv.and_then(|argv| super::snapshot::resume(&self.monitor, &restore, &argv)) {
             Ok(()) => {
-                self.restored = true;
                 self.say(&format!("restored from {} ({})", restore.file.display(), secs(started.elapsed())));
                 Ok(())
             }
@@ -345,7 +342,6 @@ impl Machine {
         self.shell_is_bash = None;
         self.shell = None;
         self.data = None;
-        self.restored = false;
         self.monitor.reset();
     }
 
@@ -382,9 +378,6 @@ impl Machine {
         self.start()?;
         if self.booted {
             return Ok(());
-        }
-        if self.restored {
-            return self.settle_restored();
         }
         self.say("waiting for the guest to boot");
         let started = Instant::now();
