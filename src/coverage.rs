@@ -396,14 +396,6 @@ fn check_build_dirs(build_dirs: &[PathBuf]) -> Result<()> {
     }
 }
 
-pub fn coverage_command(args: &crate::cli::CoverageArgs) -> Result<std::process::ExitCode> {
-    match report(&args.dir, &args.build_dirs)? {
-        r @ Report::NoData => eprintln!("{}", r.summary()),
-        r => println!("{}", r.summary()),
-    }
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

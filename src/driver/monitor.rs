@@ -12,6 +12,7 @@ use serde_json::json;
 use super::log::{Log, Style};
 use super::qmp::Qmp;
 use super::{DriverError, Kind};
+use crate::sync::lock;
 
 /// QMP ids for a machine's vlan NICs (`-netdev vde,id=vlan<v>`).
 pub fn link_names(interfaces: &[(String, u8)], only: Option<&str>) -> Result<Vec<String>, String> {
@@ -83,7 +84,7 @@ impl Monitor {
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<Qmp>> {
-        self.qmp.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.qmp)
     }
 
     /// Whether a QMP connection is made (QEMU runs and was reached).

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::addr::{self, MacAddr};
 use super::Machine;
+use crate::layout;
 use crate::shell::Word;
 use crate::spec::ForwardPort;
 
@@ -82,14 +83,10 @@ pub fn direct_boot(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Vec<O
 
 /// The machine's network configuration, so one guest image serves every topology.
 pub fn guest_config(m: &Machine) -> Vec<Opt> {
-    let value =
-        Word::lit(format!("name={FW_CFG_NAME},file=")).then_var(OUT_VAR).then(format!("/{}", config_path(&m.name)));
+    let value = Word::lit(format!("name={FW_CFG_NAME},file="))
+        .then_var(OUT_VAR)
+        .then(format!("/{}", layout::config_file(&m.name)));
     vec![vec![Word::lit("-fw_cfg"), value]]
-}
-
-/// Where `vmlab build` writes a machine's guest configuration, relative to the output directory.
-pub fn config_path(machine: &str) -> String {
-    format!("config/{machine}.conf")
 }
 
 /// The name the guest finds the data channel by, under
@@ -110,13 +107,13 @@ pub fn control_sockets() -> Vec<Opt> {
         // polled output raises for nothing make the guest kernel disable it
         // ("irq N: nobody cared"), input notifications with it.
         opt(&["-device", "virtio-serial,max_ports=2,vectors=7"]),
-        vec![Word::lit("-chardev"), listening("socket,id=shell,path=", "shell.sock")],
+        vec![Word::lit("-chardev"), listening("socket,id=shell,path=", layout::SHELL_SOCKET)],
         opt(&["-device", "virtconsole,chardev=shell"]),
         // Not a console, so QEMU throttles it: the guest waits while the host
         // reads slowly instead of losing what it writes.
-        vec![Word::lit("-chardev"), listening("socket,id=data,path=", "data.sock")],
+        vec![Word::lit("-chardev"), listening("socket,id=data,path=", layout::DATA_SOCKET)],
         opt(&["-device", &format!("virtserialport,chardev=data,name={DATA_PORT_NAME}")]),
-        vec![Word::lit("-qmp"), listening("unix:", "qmp.sock")],
+        vec![Word::lit("-qmp"), listening("unix:", layout::QMP_SOCKET)],
     ]
 }
 

@@ -7,9 +7,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The manifest's file name in a snapshot directory.
-pub const MANIFEST: &str = "manifest.json";
-
 /// Bumped when what a snapshot holds changes meaning.
 pub const FORMAT: u32 = 1;
 
@@ -61,9 +58,10 @@ pub enum Compression {
 impl Compression {
     /// The state file's name for a machine.
     pub fn file_name(self, machine: &str) -> String {
+        let raw = crate::layout::snapshot_state(machine);
         match self {
-            Compression::None => format!("{machine}.state"),
-            Compression::Zstd => format!("{machine}.state.zst"),
+            Compression::None => raw,
+            Compression::Zstd => format!("{raw}.zst"),
         }
     }
 

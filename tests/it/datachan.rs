@@ -7,8 +7,9 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::common::{run, vmlab, webserver_guest};
-use crate::drive::{passing_script, text};
+use crate::support::{passing_script, text};
+use crate::support::{run, vmlab, webserver_guest};
+use vmlab::layout;
 
 /// A spec of the default guest: one machine, `server`, with `memory` MiB.
 fn one_machine(tmp: &Path, memory: u32) -> std::path::PathBuf {
@@ -116,7 +117,7 @@ fn a_run_script_without_the_data_port_is_driven_over_the_backdoor_console() {
     let built = tmp.path().join("built");
     let made = run(vmlab().arg("build").arg(one_machine(tmp.path(), 192)).arg("--out").arg(&built));
     assert!(made.status.success(), "{}", text(&made.stderr));
-    let run_script = built.join("bin/run-server-vm");
+    let run_script = built.join(layout::run_script("server"));
     let original = std::fs::read_to_string(&run_script).unwrap();
     let without: String = original
         .lines()

@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 
 use serde_json::{json, Value};
 
-use crate::common::{repo_root, run, vmlab};
-use crate::runtime::{count, free_port, http_get, leftovers, Up};
+use crate::support::{count, free_port, http_get, leftovers, Up};
+use crate::support::{repo_root, run, vmlab};
 
 /// Root without build users, no binary cache (no network), host paths in builders.
 const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n\
@@ -25,7 +25,7 @@ const NIX_CONFIG: &str = "sandbox = false\nbuild-users-group =\nsubstituters =\n
 /// where Nix is not installed.
 fn nix(program: &str) -> Option<Command> {
     if which::which(program).is_err() {
-        crate::common::skip(&format!("{program} not found (Debian: nix-bin; .ci/install installs it)"));
+        crate::support::skip(&format!("{program} not found (Debian: nix-bin; .ci/install installs it)"));
         return None;
     }
     let mut cmd = Command::new(program);
@@ -226,7 +226,7 @@ fn the_nix_built_example_network_serves_its_page() {
     let session = up.session();
     up.wait_for(&format!("vmlab: http://127.0.0.1:{} -> server:80", example.port));
     up.wait_for("vmlab: all 2 machines are up");
-    let running = crate::common::processes_mentioning(&session);
+    let running = crate::support::processes_mentioning(&session);
     assert_eq!((count(&running, "qemu-system-"), count(&running, "vde_switch")), (2, 1), "{running:#?}");
     let page = std::fs::read_to_string(repo_root().join("examples/webserver/www/index.html")).unwrap();
     assert_eq!(http_get(example.port), page);

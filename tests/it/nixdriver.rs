@@ -6,8 +6,9 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{fixtures, processes_mentioning, run, vmlab};
-use crate::drive::{spec, text};
+use crate::support::{fixtures, processes_mentioning, run, vmlab};
+use crate::support::{spec, text};
+use vmlab::layout;
 
 #[test]
 fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
@@ -21,7 +22,7 @@ fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
     // Started from the configuration `vmlab build` writes for nixpkgs' driver.
     let out = run(std::process::Command::new("python3")
         .arg(fixtures().join("nixdriver/harness.py"))
-        .arg(built.join("nixos-test-driver.json"))
+        .arg(built.join(layout::DRIVER_CONFIG))
         .arg(&state));
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));

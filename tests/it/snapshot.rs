@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 
-use crate::common::{run, vmlab, webserver_guest};
-use crate::drive::{assert_nothing_left, test_run, text, vmlab_in, write_script};
+use crate::support::{assert_nothing_left, free_port, test_run, text, vmlab_in, write_script};
+use crate::support::{run, vmlab, webserver_guest};
 
 /// A network saved once for every test here.
 struct Snapshot {
@@ -41,7 +41,7 @@ fn snapshot() -> &'static Snapshot {
     static SNAPSHOT: OnceLock<Snapshot> = OnceLock::new();
     SNAPSHOT.get_or_init(|| {
         let root = tempfile::Builder::new().prefix("snapshot-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let spec = root.join("snapweb.json");
         write_spec(&spec, port, 128);
         let dir = root.join("snap");

@@ -9,7 +9,8 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::common::{fixtures, run, vmlab};
+use crate::support::{fixtures, run, vmlab};
+use vmlab::layout;
 
 fn tool(name: &str) -> PathBuf {
     fixtures().join("specs/tools").join(name)
@@ -29,7 +30,7 @@ fn build(out: &Path, qemu_options: &[&str]) {
 /// Runs the machine of `out` with state directory `state`, `env` added; the
 /// stand-in QEMU's arguments, from the directory it ran in (which must be `state`).
 fn start(out: &Path, state: &Path, env: &[(&str, &str)]) -> Vec<String> {
-    let started = run(Command::new(out.join("bin/run-machine-vm"))
+    let started = run(Command::new(out.join(layout::run_script("machine")))
         .env("VMLAB_STATE_DIR", state)
         // Where qemu-vm.nix's script would make its nix-vm.* directories if
         // it did not take the state directory as its own.
@@ -81,9 +82,9 @@ fn vmlab_options_reach_qemu_whole_through_a_start_script() {
         let args = start(&out, &state, &[("QEMU_OPTS", "-device  virtio-balloon")]);
         let (out, state) = (out.display(), state.display());
         for words in [
-            &["-fw_cfg", &format!("name=opt/vmlab/config,file={out}/config/machine.conf")][..],
-            &["-chardev", &format!("socket,id=shell,path={state}/shell.sock,server=on,wait=off")],
-            &["-qmp", &format!("unix:{state}/qmp.sock,server=on,wait=off")],
+            &["-fw_cfg", &format!("name=opt/vmlab/config,file={out}/{}", layout::config_file("machine"))][..],
+            &["-chardev", &format!("socket,id=shell,path={state}/{},server=on,wait=off", layout::SHELL_SOCKET)],
+            &["-qmp", &format!("unix:{state}/{},server=on,wait=off", layout::QMP_SOCKET)],
             &["-netdev", "hubport,id=vlan1,hubid=1"],
             &["-smbios", smbios],
             &["-device", "virtio-balloon"],

@@ -13,15 +13,16 @@ use std::sync::{mpsc, Arc};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::manifest::{named_files, Compression, Manifest, Saved, FORMAT, MANIFEST};
-use super::signals::{self, BlockedSignals};
-use super::{prepare, spawn_thread, Network};
 use crate::cli::SnapshotArgs;
 use crate::driver::control::Driver;
 use crate::driver::log::Log;
 use crate::driver::machine::DEFAULT_TIMEOUT;
 use crate::driver::snapshot::Restore;
 use crate::driver::DriverError;
+use crate::layout;
+use crate::runtime::manifest::{named_files, Compression, Manifest, Saved, FORMAT};
+use crate::runtime::signals::{self, BlockedSignals};
+use crate::runtime::{prepare, spawn_thread, Network};
 use crate::EXIT_OK;
 
 /// Store paths never change: their name is their digest.
@@ -44,7 +45,7 @@ pub fn readiness(args: &[String]) -> Result<BTreeMap<String, String>> {
     Ok(ready)
 }
 
-pub fn snapshot_command(args: &SnapshotArgs) -> Result<ExitCode> {
+pub fn run(args: &SnapshotArgs) -> Result<ExitCode> {
     // Before any thread exists, so that every thread inherits the mask.
     let signals = BlockedSignals::block(&signals::TERMINATION)?;
     let mut ready = readiness(&args.ready)?;
@@ -116,7 +117,7 @@ pub fn snapshot_command(args: &SnapshotArgs) -> Result<ExitCode> {
     driver.release_all();
     let manifest = Manifest { format: FORMAT, plan, compression: args.compress, machines };
     let text = serde_json::to_string_pretty(&manifest).expect("a manifest always serialises") + "\n";
-    write_private(&out.join(MANIFEST), text.as_bytes())?;
+    write_private(&out.join(layout::SNAPSHOT_MANIFEST), text.as_bytes())?;
     for (name, saved) in &manifest.machines {
         say(&format!(
             "{name}: {} ({:.1} MiB)",
@@ -135,7 +136,7 @@ fn failed(e: DriverError, network: &Network) -> anyhow::Error {
 }
 
 fn run_script(plan_dir: &Path, machine: &str) -> Result<String> {
-    let path = plan_dir.join("bin").join(format!("run-{machine}-vm"));
+    let path = plan_dir.join(layout::run_script(machine));
     fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
 }
 
@@ -214,7 +215,7 @@ pub fn attach(dir: &Path, driver: &Driver, network: &Network, plan_dir: &Path) -
     let dir = fs::canonicalize(dir).with_context(|| format!("cannot find snapshot {}", dir.display()))?;
     let refused = |why: String| anyhow!("snapshot {} does not fit this network: {why}", dir.display());
     trusted(&dir)?;
-    let path = dir.join(MANIFEST);
+    let path = dir.join(layout::SNAPSHOT_MANIFEST);
     trusted(&path)?;
     let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let manifest: Manifest =

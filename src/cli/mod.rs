@@ -1,9 +1,10 @@
-//! Command line. The doc comments here are the `--help` text.
+//! The command line: clap types only (src/commands/ runs them). The doc
+//! comments here are the `--help` text.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
+use crate::accel::Accel;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Build and run virtual networks of QEMU virtual machines for testing.
@@ -279,17 +280,6 @@ pub enum ClientCommand {
     Shell(MachineArgs),
 }
 
-/// How QEMU executes guest code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Accel {
-    /// KVM when /dev/kvm is usable and the CPU has vmx or svm, TCG otherwise.
-    Auto,
-    /// Hardware virtualisation; fails when KVM is unusable.
-    Kvm,
-    /// Software emulation: works everywhere, several times slower.
-    Tcg,
-}
-
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     /// Network spec (JSON); `-` reads standard input.
@@ -440,20 +430,6 @@ pub struct ReapArgs {
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<OsString>,
-}
-
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Plan(args) => crate::emit::plan_command(&args),
-        Command::Build(args) => crate::emit::build_command(&args),
-        Command::Up(args) => crate::runtime::up_command(&args),
-        Command::Test(args) => crate::driver::run::test_command(&args),
-        Command::Snapshot(args) => crate::runtime::snapshot::snapshot_command(&args),
-        Command::Guest(args) => crate::guest::guest_command(&args),
-        Command::Client(cmd) => crate::driver::client::client_command(cmd),
-        Command::Coverage(args) => crate::coverage::coverage_command(&args),
-        Command::Reap(args) => crate::runtime::reaper::reap_command(&args.command),
-    }
 }
 
 /// A positive number of seconds.
