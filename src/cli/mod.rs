@@ -311,11 +311,8 @@ pub struct UpArgs {
     /// with many machines per core].
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
     pub boot_silence: Option<std::time::Duration>,
-    /// Restore every machine from this snapshot (`vmlab snapshot`) instead
-    /// of booting it; refused, saying what differs, unless it was taken of
-    /// this very network. A machine started again boots cold.
-    #[arg(long, value_name = "DIR")]
-    pub snapshot: Option<PathBuf>,
+    #[command(flatten)]
+    pub restore: RestoreArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -344,11 +341,8 @@ pub struct TestArgs {
     /// with many machines per core].
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
     pub boot_silence: Option<std::time::Duration>,
-    /// Restore every machine from this snapshot (`vmlab snapshot`) instead
-    /// of booting it; refused, saying what differs, unless it was taken of
-    /// this very network. A machine started again boots cold.
-    #[arg(long, value_name = "DIR")]
-    pub snapshot: Option<PathBuf>,
+    #[command(flatten)]
+    pub restore: RestoreArgs,
     /// A Python prompt with the machines bound, instead of a test run (with a
     /// `.py` SCRIPT, `test_script()` runs it there); no global timeout.
     #[arg(long)]
@@ -366,6 +360,16 @@ pub struct TestArgs {
     /// per machine, OUT/coverage.info and OUT/coverage/index.html (needs lcov).
     #[arg(long = "build-dir", value_name = "DIR", requires = "coverage")]
     pub build_dirs: Vec<PathBuf>,
+}
+
+/// Where `vmlab up` and `vmlab test` restore machines from.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Restore every machine from this snapshot (`vmlab snapshot`) instead
+    /// of booting it; refused, saying what differs, unless it was taken of
+    /// this very network. A machine started again boots cold.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
