@@ -54,11 +54,13 @@ pub fn qemu_version(monitor: &Monitor) -> Result<String, DriverError> {
 
 /// Why a machine's state directory keeps it from being saved: a file QEMU
 /// writes there (a start script's disk image) would have to be saved with
-/// it, and a snapshot holds memory and devices only. Sockets are the run's own.
+/// it, and a snapshot holds memory and devices only. Sockets are the run's
+/// own; directories (a start script's exchange directories) are shared over
+/// 9p, if at all, which QEMU itself refuses to save while mounted.
 pub fn unsaved_files(state_dir: &Path) -> Result<(), String> {
     let entries = std::fs::read_dir(state_dir).map_err(|e| format!("cannot read {}: {e}", state_dir.display()))?;
     for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_file() || t.is_dir()) {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
             return Err(format!(
                 "its state directory holds {}, which a snapshot would not save (a disk image? give the machine none: docs/snapshots.md)",
                 entry.path().display()
@@ -183,6 +185,7 @@ mod tests {
     fn state_directories_with_files_cannot_be_saved() {
         let dir = tempfile::tempdir().unwrap();
         let _socket = std::os::unix::net::UnixListener::bind(dir.path().join("qmp.sock")).unwrap();
+        std::fs::create_dir(dir.path().join("xchg")).unwrap();
         assert_eq!(unsaved_files(dir.path()), Ok(()));
         std::fs::write(dir.path().join("a.qcow2"), b"").unwrap();
         let why = unsaved_files(dir.path()).unwrap_err();
