@@ -10,6 +10,7 @@
 # tools.coreutils  a directory with coreutils, put on the builders' PATH (mkdir,
 #                  cp; the run scripts' dirname and mkdir when vmlab test runs them)
 # tools.python3    python3, for Python test scripts
+# tools.zstd       optional: zstd, for snapshots (docs/snapshots.md); else none on PATH
 # tools.busybox    a static busybox, for the default guest
 # tools.bash       a static bash for the default guest, or null for none
 # tools.kernel     the default guest's kernel, or null for vmlab's choice
@@ -162,6 +163,28 @@ let
       nodes = mapAttrs (_: n: withConfig n.config // { inherit (n) startScript; }) nixos;
     };
 
+  # The builders' PATH: coreutils, and zstd for snapshots when given.
+  toolPath = "${tools.coreutils}" + (if tools ? zstd then ":${dirOf tools.zstd}" else "");
+
+  # `vmlab snapshot` in a derivation: every machine of `network` (a
+  # buildVirtualNetwork) booted once and saved (docs/snapshots.md). `ready`:
+  # a readiness command by machine name.
+  snapshot =
+    { network
+    , ready ? { }
+    , accel ? null
+    , requiredSystemFeatures ? [ "nixos-test" "kvm" ]
+    }:
+    shellDerivation {
+      name = "${network.spec.name}-snapshot";
+      inherit network requiredSystemFeatures;
+      vmlab = tools.vmlab;
+      PATH = toolPath;
+      scriptArgs = optionalArgs "--accel" accel
+        ++ concatMap (m: [ "--ready" "${m}=${ready.${m}}" ]) (attrNames ready);
+      script = ''exec "$vmlab" snapshot "$network" --out "$out" "$@"'';
+    };
+
   # `vmlab test` in a derivation (docs/nix.md for the arguments).
   runTest =
     { name
@@ -175,9 +198,12 @@ let
     , extraArgs ? [ ]
     , coverage ? false
     , coverageBuildDirs ? [ ]
+    , snapshot ? false
     }:
     let
       network = buildVirtualNetwork { inherit name nodes guest; };
+      # Booted once per network and closure, shared through the store.
+      saved = self.snapshot { inherit network accel requiredSystemFeatures; };
       # A string is Python source, as in NixOS tests; so is what a function
       # of `nodes` (NixOS nodes' configs, as NixOS tests pass them) and
       # `machines` (the plan's machines by name) returns. A path or
@@ -195,13 +221,14 @@ let
       inherit requiredSystemFeatures;
       vmlab = tools.vmlab;
       network = network;
-      PATH = "${tools.coreutils}:${dirOf tools.python3}";
+      PATH = "${toolPath}:${dirOf tools.python3}";
       keepFailedOutput = if keepFailedOutput then "1" else "";
       scriptArgs = optionalArgs "--global-timeout" (if globalTimeout == null then null else toString globalTimeout)
         ++ optionalArgs "--accel" accel
         ++ (if coverage then [ "--coverage" ] ++ concatMap (dir: [ "--build-dir" "${dir}" ]) coverageBuildDirs
             else if coverageBuildDirs != [ ] then throw "runTest: coverageBuildDirs needs coverage = true"
             else [ ])
+        ++ (if snapshot then [ "--snapshot" "${saved}" ] else [ ])
         ++ extraArgs;
       # The script is copied under a plain name: the name reports show.
       script = ''
@@ -235,7 +262,7 @@ let
     })) // {
       inherit network;
       inherit (network) spec plan nodes;
-    };
+    } // (if snapshot then { snapshot = saved; } else { });
 
   # A path's or store path's file name, without the store hash.
   fileName = file:
@@ -251,7 +278,8 @@ let
     f (if wanted == { } then inputs else builtins.intersectAttrs wanted inputs);
 
   numbering = import ./numbering.nix;
+
+  # runTest's `snapshot` argument hides the function of that name.
+  self = { inherit buildVirtualNetwork runTest defaultGuest networkSpec numbering snapshot; };
 in
-{
-  inherit buildVirtualNetwork runTest defaultGuest networkSpec numbering;
-}
+self

@@ -46,6 +46,16 @@ pub const DATA_SOCKET: &str = "data.sock";
 /// QMP.
 pub const QMP_SOCKET: &str = "qmp.sock";
 
+// A snapshot directory (`vmlab snapshot`, docs/snapshots.md).
+
+/// What the saved states depend on, and which file holds each.
+pub const SNAPSHOT_MANIFEST: &str = "manifest.json";
+
+/// A machine's saved state, uncompressed (`.zst` added when compressed).
+pub fn snapshot_state(machine: &str) -> String {
+    format!("{machine}.state")
+}
+
 // The session directory of `vmlab up` and `vmlab test`.
 
 /// Where a network given as a spec is built.

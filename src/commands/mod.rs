@@ -5,6 +5,7 @@ mod client;
 mod coverage;
 mod guest;
 mod session;
+mod snapshot;
 mod test;
 mod up;
 
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Up(args) => up::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Snapshot(args) => snapshot::run(&args),
         Command::Guest(args) => guest::run(&args),
         Command::Client(cmd) => client::run(cmd),
         Command::Coverage(args) => coverage::run(&args),

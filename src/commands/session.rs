@@ -47,9 +47,20 @@ impl Session {
     /// Starts the network's switches (machines start on demand), builds the
     /// driver on it (copies and screenshots land in `out`), and serves the
     /// control socket.
-    pub fn start(prepared: Prepared, out: &Path, log: Arc<Log>, boot_silence: Option<Duration>) -> Result<Session> {
+    /// With a `snapshot`, machines are restored from it rather than booted.
+    pub fn start(
+        prepared: Prepared,
+        out: &Path,
+        log: Arc<Log>,
+        boot_silence: Option<Duration>,
+        snapshot: Option<&Path>,
+    ) -> Result<Session> {
+        let plan_dir = prepared.plan_dir.clone();
         let network = prepared.start()?;
         let driver = Arc::new(Driver::for_network(&network, out, log, boot_silence));
+        if let Some(dir) = snapshot {
+            super::snapshot::attach(dir, &driver, &network, &plan_dir)?;
+        }
         let socket = network.session().layout().control_socket();
         serve(driver.clone(), &socket)?;
         Ok(Session { network, driver, socket })

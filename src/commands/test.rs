@@ -75,7 +75,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         }
     }
 
-    let session = Session::start(prepared, &out, log.clone(), config.boot_silence)?;
+    let session = Session::start(prepared, &out, log.clone(), config.boot_silence, args.restore.snapshot.as_deref())?;
     let (driver, socket) = (&session.driver, &session.socket);
     for m in session.network().machines() {
         log_console(m.name(), m.console().subscribe(), log.clone())?;

@@ -32,7 +32,13 @@ pub fn run(args: &UpArgs) -> Result<ExitCode> {
     let prepared = session::prepare_network(&config, &say, &warn)?;
     // Copies and screenshots clients ask for land where `vmlab up` was started.
     let out_dir = std::env::current_dir().context("cannot find the current directory")?;
-    let session = Session::start(prepared, &out_dir, Arc::new(Log::stderr(None)), config.boot_silence)?;
+    let session = Session::start(
+        prepared,
+        &out_dir,
+        Arc::new(Log::stderr(None)),
+        config.boot_silence,
+        args.restore.snapshot.as_deref(),
+    )?;
     say(&format!("control socket: export VMLAB_SOCKET={}", crate::shell::quote(&session.socket.to_string_lossy())));
 
     let (events, received) = mpsc::channel();

@@ -14,6 +14,7 @@ pub mod protocol;
 pub mod python;
 pub mod qmp;
 pub mod run;
+pub mod snapshot;
 #[cfg(test)]
 pub mod testing;
 pub mod vm;

@@ -47,6 +47,9 @@ pub fn screenshot_path(out_dir: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// How long QEMU may take to answer a command sent by [`Monitor::execute`].
+const QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Monitor {
     name: String,
     /// (`eth<k>`, vlan), in order.
@@ -120,6 +123,12 @@ impl Monitor {
             *slot = None;
         }
         result
+    }
+
+    /// Runs a QMP command, connecting first if need be; its `return` value.
+    pub fn execute(&self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value, DriverError> {
+        self.connect(QMP_TIMEOUT)?;
+        self.with(|q| q.execute(command, arguments))
     }
 
     /// Runs a QEMU monitor (HMP) command; its output.

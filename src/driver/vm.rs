@@ -27,6 +27,15 @@ pub trait Vm: Send {
     fn serial_log(&self) -> PathBuf;
     /// The network has stopped for good: the machine cannot start again.
     fn retired(&self) -> bool;
+    /// Starts QEMU waiting for a saved state (`-incoming defer`) instead of
+    /// booting; only a real QEMU can.
+    fn spawn_incoming(&mut self) -> anyhow::Result<()> {
+        anyhow::bail!("this machine cannot be restored from a snapshot")
+    }
+    /// QEMU's process id while it runs, where known.
+    fn pid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Stops a machine's current QEMU from any thread.
@@ -64,5 +73,13 @@ impl Vm for Arc<Machine> {
 
     fn retired(&self) -> bool {
         self.is_retired()
+    }
+
+    fn spawn_incoming(&mut self) -> Result<()> {
+        self.start_incoming()
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Machine::pid(self)
     }
 }

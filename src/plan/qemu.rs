@@ -252,6 +252,7 @@ mod tests {
             memory: 128,
             cpus: 2,
             forward_ports: vec![ForwardPort { host: 8081, guest: 80 }, ForwardPort { host: 2222, guest: 22 }],
+            snapshot_ready: None,
         }
     }
 

@@ -94,6 +94,20 @@ impl Machine {
     /// guest boots in the background. A machine whose QEMU exited may be
     /// started again.
     pub fn start(&self) -> Result<()> {
+        self.start_with(&[])
+    }
+
+    /// Starts QEMU waiting for a saved state to be loaded over QMP
+    /// (`-incoming defer`, through `QEMU_OPTS`, after the caller's own)
+    /// instead of booting the guest.
+    pub fn start_incoming(&self) -> Result<()> {
+        let mut opts = std::env::var_os("QEMU_OPTS").unwrap_or_default();
+        opts.push(" -incoming defer");
+        self.start_with(&[("QEMU_OPTS".to_owned(), opts)])
+    }
+
+    /// [`Machine::start`] with more environment for the run script.
+    fn start_with(&self, extra_env: &[(String, OsString)]) -> Result<()> {
         let mut current = lock(&self.current);
         if self.retired.load(Ordering::SeqCst) {
             bail!("machine {:?} cannot start: its network has stopped", self.name);
@@ -110,7 +124,10 @@ impl Machine {
         let qemu_log_offset =
             qemu_log.metadata().with_context(|| format!("cannot stat {}", self.qemu_log().display()))?.len();
         let mut cmd = Command::new(&self.script);
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(qemu_log);
+        cmd.envs(self.env.iter().chain(extra_env).map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(qemu_log);
         let guard = ChildGuard::spawn(cmd, format!("machine {:?}", self.name))?;
         let serial = guard.take_stdout().expect("stdout is piped");
         let console = self.console.clone();

@@ -26,6 +26,7 @@
 
 mod console;
 mod machine;
+pub mod manifest;
 mod prepare;
 pub mod process;
 pub mod reaper;

@@ -40,6 +40,9 @@ pub struct Node {
     pub boot: Boot,
     pub forward_ports: Vec<ForwardPort>,
     pub qemu_options: Vec<String>,
+    /// `vmlab snapshot` waits until this command succeeds in the guest
+    /// before saving it (docs/snapshots.md).
+    pub snapshot_ready: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,6 +128,7 @@ fn node(name: &str, value: &Value, base: &Path) -> Result<Node> {
             list(v).and_then(|l| l.iter().map(string).collect::<Result<_>>()).map_err(|e| err("qemuOptions", e))?
         }
     };
+    let snapshot_ready = f.take("snapshotReady").map(string).transpose().map_err(|e| err("snapshotReady", e))?;
     f.finish()?;
 
     let boot = match (kernel, start_script) {
@@ -138,7 +142,7 @@ fn node(name: &str, value: &Value, base: &Path) -> Result<Node> {
         (Some(_), Some(_)) => bail!("{place}kernel and startScript both given; a machine boots one way"),
         (None, None) => bail!("{place}needs kernel (direct boot) or startScript (a NixOS VM script)"),
     };
-    Ok(Node { vlans, memory, cpus, boot, forward_ports, qemu_options })
+    Ok(Node { vlans, memory, cpus, boot, forward_ports, qemu_options, snapshot_ready })
 }
 
 fn vlans(v: &Value) -> Result<Vec<u8>> {

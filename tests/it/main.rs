@@ -13,6 +13,7 @@ mod nix;
 mod nixapi;
 mod nixdriver;
 mod script;
+mod snapshot;
 mod startscript;
 mod test_command;
 mod up;

@@ -424,7 +424,7 @@ fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
     assert_eq!(outputs["hydraJobs"], json!({"vmlab": every_system, "vms": every_system, "webserver": every_system}));
     assert_eq!(
         outputs["overlayLib"],
-        json!(["buildVirtualNetwork", "defaultGuest", "networkSpec", "numbering", "runTest"])
+        json!(["buildVirtualNetwork", "defaultGuest", "networkSpec", "numbering", "runTest", "snapshot"])
     );
     assert_eq!((&outputs["guestModule"], &outputs["devShell"]), (&json!(true), &json!(true)));
 
@@ -481,6 +481,23 @@ fn run_test_with_coverage_reports_it_as_a_build_product() {
     assert_eq!(crate::coverage::hits(&out.join("coverage.info"), "serve"), 1);
     let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
     assert!(log.contains("coverage: lines "), "{log}");
+}
+
+/// `snapshot = true`: the library's `snapshot` derivation boots the network
+/// and saves it, and the test restores its machine from that store path.
+#[test]
+fn run_test_restores_from_its_snapshot_derivation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("restored.py");
+    std::fs::write(&script, "a.succeed(\"test -e /etc/vmlab/config || true\")\n").unwrap();
+    let options = format!(r#"snapshot = true; accel = "tcg"; testScript = {};"#, nix_path(&script));
+    let expr = run_test_expr("snapped", &options);
+    let Some(out) = built(&expr) else { return };
+    let Some(snapshot) = built(&format!("({expr}).snapshot")) else { return };
+    assert!(snapshot.join("manifest.json").is_file(), "{}", snapshot.display());
+    let log = std::fs::read_to_string(out.join("vmlab.log")).unwrap();
+    assert!(log.contains(&format!("a: restored from {}", snapshot.join("a.state.zst").display())), "{log}");
+    assert!(!log.contains("backdoor shell ready"), "booted instead: {log}");
 }
 
 /// `attr` of nix/guest-module.nix's merged definitions, on a NixOS with

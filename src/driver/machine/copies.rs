@@ -231,7 +231,7 @@ impl Machine {
 }
 
 /// Pure: why a guest-side step failed, in the guest's words.
-fn guest_says(out: &Output) -> String {
+pub(super) fn guest_says(out: &Output) -> String {
     match stderr_ending(&String::from_utf8_lossy(&out.stderr), NOTE_LINES) {
         None => format!("exit code {}, and the guest said nothing", out.status),
         Some(said) => format!("exit code {}{said}", out.status),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::log::{Log, Style};
 use super::monitor::Monitor;
 use super::qmp::Qmp;
+use super::snapshot::Restore;
 use super::vm::{Killer, Vm};
 use super::{DriverError, Kind};
 use crate::driver::backdoor::{data_shell_command, Alive, Output, Shell};
@@ -25,6 +26,7 @@ mod copies;
 #[cfg(test)]
 mod local_tests;
 mod qemu;
+mod snapshots;
 
 /// NixOS's default for every wait and for `execute`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -126,6 +128,12 @@ pub struct Machine {
     console_offset: u64,
     out_dir: PathBuf,
     log: Arc<Log>,
+    /// The next start loads this saved state instead of booting (once: a
+    /// machine started again boots cold).
+    restore: Option<Restore>,
+    /// Whether commands may move to the data port (`vmlab snapshot` keeps
+    /// them on the backdoor, so no data shell is saved).
+    use_data_port: bool,
 }
 
 fn secs(d: Duration) -> String {
@@ -154,6 +162,8 @@ impl Machine {
             console_offset: 0,
             out_dir: out_dir.to_path_buf(),
             log,
+            restore: None,
+            use_data_port: true,
         }
     }
 
@@ -202,7 +212,9 @@ impl Machine {
         self.died = None;
         self.console_offset = std::fs::metadata(self.vm.serial_log()).map(|m| m.len()).unwrap_or(0);
         self.console.clear();
-        self.vm.spawn().map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
+        let restore = self.restore.take();
+        let spawned = if restore.is_some() { self.vm.spawn_incoming() } else { self.vm.spawn() };
+        spawned.map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
         self.running = true;
         self.ever_started = true;
         // At once: QEMU drops what the guest writes to the backdoor while no
@@ -210,7 +222,11 @@ impl Machine {
         let shell = self.wait_for_socket(&self.vm.state_dir().join(layout::SHELL_SOCKET))?;
         self.shell =
             Some(Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?);
-        Ok(())
+        match restore {
+            // Settled here, so that start_all() restores machines in parallel.
+            Some(restore) => self.resume(restore).and_then(|()| self.settle_restored()),
+            None => Ok(()),
+        }
     }
 
     /// Connects to a socket QEMU listens on, as soon as QEMU has made it.
@@ -328,6 +344,9 @@ impl Machine {
     /// data port from working leaves the machine on the backdoor console;
     /// only the machine dying is an error.
     fn open_data_channel(&mut self) -> Result<(), DriverError> {
+        if !self.use_data_port {
+            return Ok(());
+        }
         let channel = match self.start_data_shell()? {
             Ok((shell, device)) => {
                 self.data = Some(shell);
