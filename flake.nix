@@ -29,7 +29,7 @@
         # What vmlab finds on PATH when a spec does not name it.
         postInstall = ''
           wrapProgram $out/bin/vmlab --suffix PATH : ${lib.makeBinPath [
-            pkgs.qemu_kvm pkgs.vde2 pkgs.python3 pkgs.pkgsStatic.busybox pkgs.pkgsStatic.bash pkgs.lcov
+            pkgs.qemu_kvm pkgs.vde2 pkgs.python3 pkgs.zstd pkgs.pkgsStatic.busybox pkgs.pkgsStatic.bash pkgs.lcov
           ]}
         '';
         meta = {
@@ -54,6 +54,7 @@
             sh = "${pkgs.bash}/bin/sh";
             coreutils = "${pkgs.coreutils}/bin";
             python3 = "${pkgs.python3}/bin/python3";
+            zstd = "${pkgs.zstd}/bin/zstd";
             busybox = "${pkgs.pkgsStatic.busybox}/bin/busybox";
             bash = "${pkgs.pkgsStatic.bash}/bin/bash";
             kernel = "${kernel}/${pkgs.stdenv.hostPlatform.linux-kernel.target}";

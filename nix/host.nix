@@ -1,6 +1,6 @@
 # The library on a Debian host without nixpkgs: the host's programs as tools
 # (Debian packages: qemu-system-x86, vde2, busybox-static, bash-static,
-# linux-image-cloud-amd64, python3, coreutils). Builds need the sandbox off
+# linux-image-cloud-amd64, python3, coreutils, zstd). Builds need the sandbox off
 # (`--option sandbox false`), since host paths are not in the store; see
 # docs/nix.md.
 #
@@ -12,6 +12,7 @@
 , sh ? "/bin/sh"
 , coreutils ? "/usr/bin"
 , python3 ? "/usr/bin/python3"
+, zstd ? "/usr/bin/zstd"
 , busybox ? "/bin/busybox"
 , bash ? "/bin/bash-static"
   # The newest /boot/vmlinuz-*, in version order, named in the derivation so
@@ -27,5 +28,5 @@
 , modules ? null
 }:
 import ./. {
-  tools = { inherit vmlab qemu vdeSwitch sh coreutils python3 busybox bash kernel modules; };
+  tools = { inherit vmlab qemu vdeSwitch sh coreutils python3 zstd busybox bash kernel modules; };
 }

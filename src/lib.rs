@@ -4,15 +4,21 @@
 //!
 //! Data flows one way: spec → plan (pure) → emitted files → runtime → driver.
 
+pub mod accel;
 pub mod cli;
+pub mod commands;
 pub mod coverage;
 pub mod driver;
 pub mod emit;
 pub mod guest;
+#[cfg(test)]
+mod layers;
+pub mod layout;
 pub mod plan;
 pub mod runtime;
 pub mod shell;
 pub mod spec;
+pub mod sync;
 
 use std::process::ExitCode;
 
@@ -25,5 +31,5 @@ pub const EXIT_HARNESS: u8 = 2;
 
 /// Parses the command line and runs the command; errors are printed once by `main`.
 pub fn run() -> anyhow::Result<ExitCode> {
-    cli::run(<cli::Cli as clap::Parser>::parse())
+    commands::run(<cli::Cli as clap::Parser>::parse())
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::DriverError;
+use crate::sync::lock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {
@@ -169,7 +170,7 @@ impl Log {
 
     pub fn write(&self, machine: Option<&str>, msg: &str, style: Style) {
         let elapsed = self.start.elapsed();
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = lock(&self.inner);
         let depth = inner.open.len();
         let shown = format_line(elapsed, depth, machine, msg, style, self.color);
         let plain = format_line(elapsed, depth, machine, msg, style, false);
@@ -193,7 +194,7 @@ impl Log {
 
     /// What the log file has is on disk, or why it is not (said as it happened).
     pub fn sync_file(&self) -> anyhow::Result<()> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = lock(&self.inner);
         inner.file.as_ref().map_or(Ok(()), LogFile::sync)
     }
 
@@ -211,14 +212,14 @@ impl Log {
 
     pub fn subtest_begin(&self, name: &str) {
         self.write(None, &format!("subtest: {name}"), Style::Heading);
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = lock(&self.inner);
         inner.open.push(Open { name: name.to_string(), started: Instant::now(), log: String::new() });
     }
 
     /// Closes the innermost subtest, failed when `failure` is given.
     pub fn subtest_end(&self, failure: Option<String>) -> Result<Subtest, DriverError> {
         let open = {
-            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = lock(&self.inner);
             inner.open.pop().ok_or_else(|| DriverError::request("subtest_end: no subtest is open"))?
         };
         let duration = open.started.elapsed();
@@ -228,7 +229,7 @@ impl Log {
             Some(f) => self.write(None, &format!("subtest {} failed ({secs:.2}s): {f}", open.name), Style::Bad),
         }
         let done = Subtest { name: open.name, duration, failure, log: open.log };
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).done.push(done.clone());
+        lock(&self.inner).done.push(done.clone());
         Ok(done)
     }
 
@@ -240,7 +241,7 @@ impl Log {
 
     /// Finished subtests, in the order they ended, and the whole plain log.
     pub fn records(&self) -> (Vec<Subtest>, String) {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = lock(&self.inner);
         (inner.done.clone(), inner.all.clone())
     }
 

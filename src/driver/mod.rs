@@ -3,7 +3,6 @@
 pub mod atomic;
 pub mod backdoor;
 pub mod base64;
-pub mod client;
 pub mod control;
 pub mod copy;
 pub mod junit;
@@ -11,11 +10,14 @@ pub mod log;
 pub mod machine;
 pub mod md5;
 pub mod monitor;
+pub mod protocol;
 pub mod python;
 pub mod qmp;
 pub mod run;
+pub mod snapshot;
 #[cfg(test)]
 pub mod testing;
+pub mod vm;
 
 use std::fmt;
 
@@ -57,9 +59,6 @@ pub struct DriverError {
 impl DriverError {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
         DriverError { kind, message: message.into() }
-    }
-    pub fn failed(message: impl Into<String>) -> Self {
-        Self::new(Kind::Failed, message)
     }
     pub fn request(message: impl Into<String>) -> Self {
         Self::new(Kind::Request, message)

@@ -12,6 +12,7 @@ use serde_json::json;
 use super::log::{Log, Style};
 use super::qmp::Qmp;
 use super::{DriverError, Kind};
+use crate::sync::lock;
 
 /// QMP ids for a machine's vlan NICs (`-netdev vde,id=vlan<v>`).
 pub fn link_names(interfaces: &[(String, u8)], only: Option<&str>) -> Result<Vec<String>, String> {
@@ -45,6 +46,9 @@ pub fn screenshot_path(out_dir: &Path, name: &str) -> PathBuf {
         out_dir.join(file)
     }
 }
+
+/// How long QEMU may take to answer a command sent by [`Monitor::execute`].
+const QMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct Monitor {
     name: String,
@@ -80,7 +84,7 @@ impl Monitor {
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<Qmp>> {
-        self.qmp.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.qmp)
     }
 
     /// Whether a QMP connection is made (QEMU runs and was reached).
@@ -119,6 +123,12 @@ impl Monitor {
             *slot = None;
         }
         result
+    }
+
+    /// Runs a QMP command, connecting first if need be; its `return` value.
+    pub fn execute(&self, command: &str, arguments: serde_json::Value) -> Result<serde_json::Value, DriverError> {
+        self.connect(QMP_TIMEOUT)?;
+        self.with(|q| q.execute(command, arguments))
     }
 
     /// Runs a QEMU monitor (HMP) command; its output.

@@ -1,10 +1,8 @@
-//! A small QMP client: greeting, capability negotiation, commands (matched to
-//! their replies by id) and the asynchronous events that arrive in between.
+//! A small QMP client: greeting, capability negotiation, and commands matched
+//! to their replies by id (asynchronous events in between are skipped).
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -18,23 +16,11 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
-    events: VecDeque<Value>,
     next_id: u64,
     machine: String,
 }
 
 impl Qmp {
-    /// Connects to a QMP socket and negotiates capabilities.
-    pub fn connect(path: &Path, machine: &str) -> Result<Self, DriverError> {
-        let stream = UnixStream::connect(path).map_err(|e| {
-            DriverError::new(
-                super::Kind::Machine,
-                format!("machine {machine}: cannot connect to QMP at {}: {e}", path.display()),
-            )
-        })?;
-        Self::handshake(stream, machine)
-    }
-
     /// Reads the greeting and enters command mode.
     pub fn handshake(stream: UnixStream, machine: &str) -> Result<Self, DriverError> {
         Self::handshake_within(stream, machine, REPLY_TIMEOUT)
@@ -45,13 +31,7 @@ impl Qmp {
         let io_err = |e: std::io::Error| DriverError::harness(format!("machine {machine}: QMP: {e}"));
         stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
         let writer = stream.try_clone().map_err(io_err)?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            events: VecDeque::new(),
-            next_id: 0,
-            machine: machine.to_string(),
-        };
+        let mut qmp = Qmp { reader: BufReader::new(stream), writer, next_id: 0, machine: machine.to_string() };
         let greeting = qmp.read_message()?;
         if greeting.get("QMP").is_none() {
             return Err(qmp.error(format!("expected a QMP greeting, got {greeting}")));
@@ -89,10 +69,7 @@ impl Qmp {
         }
         loop {
             let message = self.read_message()?;
-            if message.get("event").is_some() {
-                self.events.push_back(message);
-                continue;
-            }
+            // Asynchronous events (no id) and late answers are not ours.
             if message.get("id") != Some(&json!(id)) {
                 continue;
             }
@@ -108,11 +85,6 @@ impl Qmp {
     pub fn human(&mut self, command_line: &str) -> Result<String, DriverError> {
         let out = self.execute("human-monitor-command", json!({ "command-line": command_line }))?;
         Ok(out.as_str().unwrap_or_default().to_string())
-    }
-
-    /// Events received so far, oldest first; they are handed out once.
-    pub fn take_events(&mut self) -> Vec<Value> {
-        self.events.drain(..).collect()
     }
 }
 
@@ -146,18 +118,16 @@ mod tests {
     }
 
     #[test]
-    fn negotiates_executes_and_keeps_events() {
+    fn negotiates_executes_and_skips_events() {
         let (dir, server) = fake(|r| match r["execute"].as_str().unwrap() {
             "human-monitor-command" => json!({ "return": format!("ran {}", r["arguments"]["command-line"]) }),
             "set_link" => json!({ "error": { "class": "DeviceNotFound", "desc": "Device 'nope' not found" } }),
             _ => json!({ "return": {} }),
         });
-        let mut q = Qmp::connect(&dir.path().join("qmp.sock"), "server").unwrap();
+        let mut q = Qmp::handshake(UnixStream::connect(dir.path().join("qmp.sock")).unwrap(), "server").unwrap();
         assert_eq!(q.human("info network").unwrap(), "ran \"info network\"");
         let e = q.execute("set_link", json!({ "name": "nope", "up": false })).unwrap_err();
         assert_eq!(e.message, "machine server: QMP: set_link: Device 'nope' not found");
-        assert_eq!(q.take_events().len(), 3);
-        assert!(q.take_events().is_empty());
         drop(q);
         let seen = server.join().unwrap();
         let names: Vec<&str> = seen.iter().map(|r| r["execute"].as_str().unwrap()).collect();
@@ -172,7 +142,7 @@ mod tests {
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || drop(listener.accept().unwrap()));
-        let e = Qmp::connect(&path, "client").err().unwrap();
+        let e = Qmp::handshake(UnixStream::connect(&path).unwrap(), "client").err().unwrap();
         server.join().unwrap();
         assert_eq!(e.kind, super::super::Kind::Machine);
         assert!(e.message.contains("machine client") && e.message.contains("closed"), "{e}");

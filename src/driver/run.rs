@@ -1,29 +1,27 @@
-//! `vmlab test NETWORK SCRIPT`: runs a test script against a network, with
-//! a verdict, a log and a JUnit report (docs/testing.md). The verdict and the
-//! report's contents are pure ([`verdict`], [`junit_cases`]); this module's
-//! command function is the edge that starts things and writes files.
+//! What `vmlab test NETWORK SCRIPT` (src/commands/test.rs) is made of: the
+//! script and how it ran, the verdict, the log and the JUnit report
+//! (docs/testing.md). The verdict and the report's contents are pure
+//! ([`verdict`], [`junit_cases`]); the rest starts threads and writes files.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::control::{serve, Driver};
-use super::log::{printable, Log, LogFile, Style, Subtest};
+use super::control::Driver;
+use super::log::{printable, Log, Style, Subtest};
+use super::Kind;
 use super::{atomic, junit};
-use super::{python, Kind};
-use crate::cli::TestArgs;
-use crate::coverage;
 use crate::runtime::process::{describe_exit, ChildGuard};
-use crate::runtime::reaper::Reaped;
-use crate::runtime::signals::{self, BlockedSignals};
-use crate::runtime::{prepare, Network};
+use crate::runtime::signals;
+use crate::runtime::{spawn_thread, Network};
+use crate::sync::lock;
 use crate::{EXIT_FAILED, EXIT_HARNESS, EXIT_OK};
 
 /// How a test script is run.
@@ -44,7 +42,7 @@ impl Script {
         }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             Script::Python(p) | Script::Executable(p) => p,
         }
@@ -138,7 +136,7 @@ pub fn junit_cases(
 
 /// Checks the script exists and can run, before anything starts; an
 /// absolute path, since the script may change directory.
-fn resolve_script(path: &Path) -> Result<Script> {
+pub(crate) fn resolve_script(path: &Path) -> Result<Script> {
     let meta = std::fs::metadata(path).with_context(|| format!("test script {path:?}"))?;
     if !meta.is_file() {
         bail!("test script {path:?} is not a file");
@@ -151,17 +149,17 @@ fn resolve_script(path: &Path) -> Result<Script> {
     Ok(script)
 }
 
-enum Event {
+pub(crate) enum Event {
     Signal(libc::c_int),
     Exited(ExitStatus),
 }
 
 /// Where the reports go.
-struct Reports {
-    out: PathBuf,
-    junit: PathBuf,
-    suite: String,
-    main: String,
+pub(crate) struct Reports {
+    pub out: PathBuf,
+    pub junit: PathBuf,
+    pub suite: String,
+    pub main: String,
 }
 
 impl Reports {
@@ -169,7 +167,7 @@ impl Reports {
     /// elsewhere), the JUnit report, and the log file to disk. Only then is
     /// the verdict said: a run whose reports are not safe ends with the
     /// error saying which and why (exit 2) instead.
-    fn finish(&self, log: &Log, verdict: &Verdict, logs: &[PathBuf]) -> Result<()> {
+    pub(crate) fn finish(&self, log: &Log, verdict: &Verdict, logs: &[PathBuf]) -> Result<()> {
         log.close_open_subtests(verdict.failure.as_deref());
         let took = log.elapsed();
         for from in logs {
@@ -191,174 +189,9 @@ impl Reports {
     }
 }
 
-pub fn test_command(args: &TestArgs) -> Result<ExitCode> {
-    // Before any thread exists, so that every thread inherits the mask.
-    let signals = BlockedSignals::block(&signals::TERMINATION)?;
-    if !(args.global_timeout.is_finite() && args.global_timeout > 0.0) {
-        bail!("--global-timeout must be a positive number of seconds, not {}", args.global_timeout);
-    }
-    let script = args.script.as_deref().map(resolve_script).transpose()?;
-    if !args.build_dirs.is_empty() {
-        coverage::check_report_tools(&args.build_dirs)?;
-    }
-    let python = match (&script, args.interactive) {
-        (Some(Script::Python(_)), _) | (_, true) => Some(python::python3()?),
-        _ => None,
-    };
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {:?}", args.out))?;
-    let out = std::fs::canonicalize(&args.out).with_context(|| format!("cannot resolve {:?}", args.out))?;
-    // Before anything is written there: two runs would mix their reports.
-    let _out_lock = lock_out_dir(&out)?;
-    let log = Arc::new(Log::stderr(Some(LogFile::create(&out.join("vmlab.log"))?)));
-
-    let say = |line: &str| log.info(None, line);
-    let warn = |line: &str| log.write(None, line, Style::Bad);
-    let prepared = prepare(&args.network, args.accel, args.keep_state, &say, &warn)?;
-    let names: Vec<String> = prepared.plan.machines.iter().map(|m| m.name.clone()).collect();
-    let vlans = vlans_env(&prepared.plan.vlans);
-    let reports = Reports {
-        junit: args.junit.clone().unwrap_or_else(|| out.join("junit.xml")),
-        out: out.clone(),
-        suite: prepared.plan.name.clone(),
-        main: script
-            .as_ref()
-            .map_or("interactive".into(), |s| s.path().file_name().unwrap_or_default().to_string_lossy().into_owned()),
-    };
-    let pythonpath = match &python {
-        Some(_) => Some(python::install(&prepared.session.path().join("python"))?),
-        None => None,
-    };
-    if let (Some(Script::Python(path)), Some(py), Some(pp)) = (&script, &python, &pythonpath) {
-        if let Err(problems) = python::precheck(py, pp, path, &names, &vlans)? {
-            for line in problems.lines() {
-                log.write(None, line, Style::Bad);
-            }
-            let verdict =
-                Verdict { code: EXIT_FAILED, failure: Some(format!("the script was checked before boot: {problems}")) };
-            reports.finish(&log, &verdict, &[])?;
-            return Ok(ExitCode::from(verdict.code));
-        }
-    }
-
-    let network = prepared.start()?;
-    let driver = Arc::new(Driver::for_network(&network, &out, log.clone(), args.boot_silence));
-    for m in network.machines() {
-        log_console(m.name(), m.console().subscribe(), log.clone());
-    }
-    let socket = network.session().layout().control_socket();
-    serve(driver.clone(), &socket)?;
-    log.info(None, &format!("control socket: {}", socket.display()));
-
-    let mut cmd = match (&script, args.interactive) {
-        (script, true) => {
-            let script = match script {
-                Some(Script::Python(p)) => Some(p.as_path()),
-                _ => None,
-            };
-            python::interactive_command(
-                python.as_deref().expect("found above"),
-                pythonpath.as_deref().expect("installed above"),
-                &names,
-                script,
-            )
-        }
-        (Some(Script::Python(p)), false) => python::script_command(
-            python.as_deref().expect("found above"),
-            pythonpath.as_deref().expect("installed above"),
-            p,
-            &names,
-        ),
-        (Some(Script::Executable(p)), false) => Command::new(p),
-        (None, false) => unreachable!("clap requires a script unless --interactive"),
-    };
-    cmd.env("VMLAB_SOCKET", &socket)
-        .env("VMLAB_OUT", &out)
-        .env("VMLAB_VLANS", &vlans)
-        .env("PYTHONUNBUFFERED", "1")
-        .env("PATH", script_path()?);
-    let (child, said) = if args.interactive {
-        (Reaped::spawn_in_foreground(&cmd, "the Python prompt")?, None)
-    } else {
-        let child = Reaped::spawn(&cmd, format!("test script {}", reports.main))?;
-        let said = capture_output(&child, log.clone());
-        (child, Some(said))
-    };
-    let child = Arc::new(child);
-    log.info(None, &format!("running {} (pid {})", reports.main, child.pid()));
-
-    let (events, received) = mpsc::channel();
-    let to_events = events.clone();
-    std::thread::spawn(move || while to_events.send(Event::Signal(signals.wait())).is_ok() {});
-    let waited = child.clone();
-    std::thread::spawn(move || {
-        if let Some(status) = waited.wait_exit(Duration::MAX) {
-            let _ = events.send(Event::Exited(status));
-        }
-    });
-    // A person at the prompt has no deadline.
-    let limit = (!args.interactive).then(|| Duration::from_secs_f64(args.global_timeout));
-    let ending = wait_for_end(&received, limit, &driver, args.interactive);
-    let last_error = driver.last_error().map(|e| e.kind);
-
-    // Stop what runs: the script and what it left behind, then every machine
-    // and switch. In between, the machines still run for anything to be
-    // fetched from them at the end (through `driver.with_machine`).
-    driver.close();
-    child.stop();
-    if args.coverage {
-        match &ending {
-            Ending::Exited(_) => {
-                coverage::collect_all(&driver, &log);
-                if args.build_dirs.is_empty() {
-                    let hint = format!("`vmlab coverage {} --build-dir DIR` makes the report", out.display());
-                    log.info(None, &format!("coverage: data in {}; {hint}", out.join(coverage::DATA_DIR).display()));
-                }
-            }
-            _ => log.write(
-                None,
-                "warning: coverage: not collected: the test was stopped before its script ended",
-                Style::Bad,
-            ),
-        }
-    }
-    network.stop();
-    driver.release_all();
-    let last_words = said.and_then(|s| s.last_words());
-    let (subtests, _) = log.records();
-    let failed: Vec<&str> = subtests.iter().filter(|s| s.failure.is_some()).map(|s| s.name.as_str()).collect();
-    let mut verdict = verdict(&ending, last_error, &failed, last_words.as_deref());
-    if args.coverage && !args.build_dirs.is_empty() {
-        match coverage::report(&out, &args.build_dirs) {
-            Ok(report @ coverage::Report::NoData) => log.write(None, &report.summary(), Style::Bad),
-            Ok(report) => log.write(None, &report.summary(), Style::Plain),
-            // A passed test whose requested report is missing did not do what was asked.
-            Err(e) if verdict.code == EXIT_OK => {
-                verdict = Verdict { code: EXIT_HARNESS, failure: Some(format!("coverage report: {e:#}")) }
-            }
-            Err(e) => log.write(None, &format!("error: coverage report: {e:#}"), Style::Bad),
-        }
-    }
-    // What the lossy console cost (the data port needs no recovery): read by bench/ and the tests.
-    let (reasked, probed) = super::backdoor::recoveries();
-    log.info(None, &format!("backdoor console: {reasked} replies asked for again, {probed} probes sent"));
-    reports.finish(&log, &verdict, &machine_logs(&network))?;
-    let (dir, kept) = (network.session().path().to_owned(), network.session().kept());
-    drop(network);
-    log.info(
-        None,
-        &format!(
-            "reports in {}; session directory {} {}",
-            reports.out.display(),
-            dir.display(),
-            if kept { "kept" } else { "removed" }
-        ),
-    );
-    Ok(ExitCode::from(verdict.code))
-}
-
 /// Takes the output directory for this run until vmlab ends (an flock,
 /// which goes with the process, however it ends), or says another run has it.
-fn lock_out_dir(dir: &Path) -> Result<File> {
+pub(crate) fn lock_out_dir(dir: &Path) -> Result<File> {
     let file = File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
     // SAFETY: plain system call on a descriptor the File owns.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -372,7 +205,12 @@ fn lock_out_dir(dir: &Path) -> Result<File> {
 }
 
 /// Waits for the script to end, a signal or the global timeout.
-fn wait_for_end(events: &mpsc::Receiver<Event>, limit: Option<Duration>, driver: &Driver, interactive: bool) -> Ending {
+pub(crate) fn wait_for_end(
+    events: &mpsc::Receiver<Event>,
+    limit: Option<Duration>,
+    driver: &Driver,
+    interactive: bool,
+) -> Ending {
     let started = Instant::now();
     loop {
         let event = match limit {
@@ -394,13 +232,13 @@ fn wait_for_end(events: &mpsc::Receiver<Event>, limit: Option<Duration>, driver:
 
 /// `VMLAB_VLANS`: the network's vlan numbers, space-separated (the Python
 /// client's `vlans` and `vlanN` globals).
-fn vlans_env(vlans: &[u8]) -> String {
+pub(crate) fn vlans_env(vlans: &[u8]) -> String {
     vlans.iter().map(u8::to_string).collect::<Vec<_>>().join(" ")
 }
 
 /// The script's PATH: vmlab's own directory first, so shell scripts reach
 /// the client subcommands of this very vmlab.
-fn script_path() -> Result<std::ffi::OsString> {
+pub(crate) fn script_path() -> Result<std::ffi::OsString> {
     let exe = std::env::current_exe().context("cannot find the vmlab executable")?;
     let mut dirs: Vec<PathBuf> = exe.parent().map(Path::to_path_buf).into_iter().collect();
     dirs.extend(std::env::var_os("PATH").iter().flat_map(std::env::split_paths));
@@ -408,17 +246,17 @@ fn script_path() -> Result<std::ffi::OsString> {
 }
 
 /// Serial console lines go to the log, dimmed on a terminal.
-fn log_console(name: &str, lines: mpsc::Receiver<String>, log: Arc<Log>) {
+pub(crate) fn log_console(name: &str, lines: mpsc::Receiver<String>, log: Arc<Log>) -> Result<()> {
     let name = name.to_string();
-    std::thread::spawn(move || {
+    spawn_thread(format!("log-{name}"), move || {
         for line in lines {
             log.write(Some(&name), &format!("# {}", printable(&line)), Style::Serial);
         }
-    });
+    })
 }
 
 /// The script's standard output and error, line by line into the log.
-struct Said {
+pub(crate) struct Said {
     last_stderr_line: Arc<Mutex<Option<String>>>,
     done: mpsc::Receiver<()>,
 }
@@ -427,40 +265,40 @@ impl Said {
     /// The last non-blank line the script wrote on standard error, once both
     /// streams are closed (or a moment has passed: should a process the
     /// reaper could not kill still hold them open).
-    fn last_words(self) -> Option<String> {
+    pub(crate) fn last_words(self) -> Option<String> {
         for _ in 0..2 {
             let _ = self.done.recv_timeout(Duration::from_secs(2));
         }
-        self.last_stderr_line.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.last_stderr_line).clone()
     }
 }
 
-fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Said {
+pub(crate) fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Result<Said> {
     let last = Arc::new(Mutex::new(None));
     let (done, finished) = mpsc::channel();
-    let streams: [(Option<Box<dyn Read + Send>>, bool); 2] = [
-        (child.take_stdout().map(|s| Box::new(s) as Box<dyn Read + Send>), false),
-        (child.take_stderr().map(|s| Box::new(s) as Box<dyn Read + Send>), true),
+    let streams: [(Option<Box<dyn Read + Send>>, bool, &str); 2] = [
+        (child.take_stdout().map(|s| Box::new(s) as Box<dyn Read + Send>), false, "script-stdout"),
+        (child.take_stderr().map(|s| Box::new(s) as Box<dyn Read + Send>), true, "script-stderr"),
     ];
-    for (stream, is_stderr) in streams {
+    for (stream, is_stderr, thread) in streams {
         let Some(stream) = stream else { continue };
         let (log, last, done) = (log.clone(), last.clone(), done.clone());
-        std::thread::spawn(move || {
+        spawn_thread(thread.into(), move || {
             for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
                 let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
                 log.info(None, &line);
                 if is_stderr && !line.trim().is_empty() {
-                    *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(line.trim().to_string());
+                    *lock(&last) = Some(line.trim().to_string());
                 }
             }
             let _ = done.send(());
-        });
+        })?;
     }
-    Said { last_stderr_line: last, done: finished }
+    Ok(Said { last_stderr_line: last, done: finished })
 }
 
 /// Each machine's serial console log and QEMU messages, those there are.
-fn machine_logs(network: &Network) -> Vec<PathBuf> {
+pub(crate) fn machine_logs(network: &Network) -> Vec<PathBuf> {
     network.machines().iter().flat_map(|m| [m.serial_log(), m.qemu_log()]).filter(|log| log.exists()).collect()
 }
 

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use super::backdoor::BANNER;
-use super::machine::Vm;
+use super::vm::{Killer, Vm};
+use crate::layout::{self, BANNER};
 
 pub struct LocalVm {
     dir: PathBuf,
@@ -55,7 +55,7 @@ impl Vm for LocalVm {
         // What a dead "guest" left behind in its process group goes with it.
         self.kill();
         std::fs::create_dir_all(&self.dir)?;
-        for s in ["shell.sock", "qmp.sock"] {
+        for s in [layout::SHELL_SOCKET, layout::QMP_SOCKET] {
             let _ = std::fs::remove_file(self.dir.join(s));
         }
         let (ours, theirs) = UnixStream::pair()?;
@@ -73,14 +73,14 @@ impl Vm for LocalVm {
             .spawn()?;
         self.group.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
         self.child = Some(child);
-        let shell = UnixListener::bind(self.dir.join("shell.sock"))?;
+        let shell = UnixListener::bind(self.dir.join(layout::SHELL_SOCKET))?;
         std::thread::spawn(move || {
             if let Ok((client, _)) = shell.accept() {
                 relay(ours.try_clone().unwrap(), client.try_clone().unwrap());
                 relay(client, ours);
             }
         });
-        let qmp = UnixListener::bind(self.dir.join("qmp.sock"))?;
+        let qmp = UnixListener::bind(self.dir.join(layout::QMP_SOCKET))?;
         let log = self.qmp_log.clone();
         std::thread::spawn(move || {
             let Ok((mut s, _)) = qmp.accept() else { return };
@@ -117,7 +117,7 @@ impl Vm for LocalVm {
         }
     }
 
-    fn killer(&self) -> super::machine::Killer {
+    fn killer(&self) -> Killer {
         let group = self.group.clone();
         Arc::new(move || match group.load(std::sync::atomic::Ordering::SeqCst) {
             0 => {}

@@ -7,9 +7,6 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The most machines a network may have: machine numbers are the last octet of 192.168.v.n.
-pub const MAX_MACHINES: usize = 254;
-
 pub const IPV4_PREFIX_LENGTH: u8 = 24;
 pub const IPV6_PREFIX_LENGTH: u8 = 64;
 

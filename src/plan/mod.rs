@@ -45,6 +45,10 @@ pub struct Machine {
     pub memory: u32,
     pub cpus: u32,
     pub forward_ports: Vec<ForwardPort>,
+    /// The spec's `snapshotReady`; absent when not given, so plans without it
+    /// read as they always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ready: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +94,7 @@ pub fn plan(spec: &Spec, qemu: PathBuf, vde_switch: PathBuf) -> Plan {
                 memory: node.memory,
                 cpus: node.cpus,
                 forward_ports: node.forward_ports.clone(),
+                snapshot_ready: node.snapshot_ready.clone(),
             }
         })
         .collect();

@@ -2,6 +2,7 @@
 //! subscribers (`vmlab up` prints them; the driver's `wait_for_console_text`
 //! searches them).
 
+use crate::sync::lock;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{mpsc, Arc, Mutex};
@@ -18,12 +19,12 @@ impl Console {
     /// Dropping the receiver ends the subscription.
     pub fn subscribe(&self) -> mpsc::Receiver<String> {
         let (tx, rx) = mpsc::channel();
-        self.subscribers.lock().unwrap().push(tx);
+        lock(&self.subscribers).push(tx);
         rx
     }
 
     fn publish(&self, line: String) {
-        self.subscribers.lock().unwrap().retain(|s| s.send(line.clone()).is_ok());
+        lock(&self.subscribers).retain(|s| s.send(line.clone()).is_ok());
     }
 
     /// Copies `serial` to `log` as is and publishes each line; returns at end of file.

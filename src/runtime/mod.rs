@@ -2,13 +2,15 @@
 //! vlan, one QEMU per machine, nothing left behind (docs/running.md).
 //!
 //! The driver builds on [`Network`]: start it, start machines (all at once or
-//! lazily), wait for their backdoor, take the backdoor connection, stop and
-//! restart single machines, stop everything.
+//! lazily), stop and restart single machines, stop everything. The backdoor
+//! and QMP connections are the driver's (`driver::machine`), through the
+//! `driver::vm::Vm` that `Arc<Machine>` implements.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
 //! use std::time::Duration;
-//! use vmlab::runtime::{accel, load_plan, Network, Session};
+//! use vmlab::accel;
+//! use vmlab::runtime::{load_plan, Network, Session};
 //! let dir = std::path::Path::new("result");
 //! let plan = load_plan(dir)?;
 //! let session = Session::create(&plan, false)?;
@@ -16,22 +18,21 @@
 //! let server = network.machine("server").unwrap();
 //! let console = server.console().subscribe();
 //! server.start()?;
-//! server.wait_ready(Duration::from_secs(900))?;
-//! let backdoor = server.take_backdoor().unwrap();
-//! # drop((console, backdoor));
+//! let exit = server.wait_exit(Duration::from_secs(900));
+//! # drop((console, exit));
 //! network.stop();
 //! # Ok(()) }
 //! ```
 
-pub mod accel;
 mod console;
 mod machine;
+pub mod manifest;
+mod prepare;
 pub mod process;
 pub mod reaper;
 pub mod session;
 pub mod signals;
 mod switch;
-mod up;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -43,10 +44,12 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 pub use console::Console;
-pub use machine::{Exit, Machine, BACKDOOR_BANNER};
-pub use session::{Layout, Session};
-pub use up::{prepare, up_command, Prepared};
+pub use machine::{Exit, Machine};
+pub use prepare::{prepare, Prepared};
+pub use session::Session;
 
+use crate::accel;
+use crate::layout::{self, SessionDir};
 use crate::plan::Plan;
 use switch::Switch;
 
@@ -72,7 +75,7 @@ impl Network {
             .machines
             .iter()
             .map(|m| {
-                let script = plan_dir.join("bin").join(format!("run-{}-vm", m.name));
+                let script = plan_dir.join(layout::run_script(&m.name));
                 Arc::new(Machine::new(
                     m.name.clone(),
                     script,
@@ -133,7 +136,7 @@ impl Drop for Network {
 
 /// Reads `DIR/plan.json`, as written by `vmlab build`.
 pub fn load_plan(dir: &Path) -> Result<Plan> {
-    let path = dir.join("plan.json");
+    let path = dir.join(layout::PLAN_FILE);
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {path:?} (is {dir:?} a directory written by `vmlab build`?)"))?;
     serde_json::from_str(&text).with_context(|| format!("{path:?} is not a plan written by this version of vmlab"))
@@ -157,7 +160,7 @@ pub fn check_forwarded_ports(plan: &Plan) -> Result<()> {
 }
 
 /// Pure: the run script's environment (docs/design.md).
-fn machine_env(layout: &Layout, plan: &Plan, machine: &str, accel: accel::Resolved) -> Vec<(String, OsString)> {
+fn machine_env(layout: &SessionDir, plan: &Plan, machine: &str, accel: accel::Resolved) -> Vec<(String, OsString)> {
     let mut env = vec![("VMLAB_STATE_DIR".to_owned(), layout.state_dir(machine).into())];
     env.extend(plan.vlans.iter().map(|&v| (format!("QEMU_VDE_SOCKET_{v}"), layout.vlan_dir(v).into())));
     env.push(("VMLAB_ACCEL".to_owned(), accel.to_string().into()));
@@ -165,7 +168,7 @@ fn machine_env(layout: &Layout, plan: &Plan, machine: &str, accel: accel::Resolv
 }
 
 /// Starts a detached helper thread; the name shows in debuggers and panics.
-fn spawn_thread(name: String, body: impl FnOnce() + Send + 'static) -> Result<()> {
+pub fn spawn_thread(name: String, body: impl FnOnce() + Send + 'static) -> Result<()> {
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(body)
@@ -194,14 +197,22 @@ fn log_tail(path: &Path, offset: u64) -> String {
     }
 }
 
-/// Pure: the last [`TAIL_LINES`] non-blank lines, indented, after a colon.
+/// Pure: a child's standard error, as the end of a message: the last
+/// [`TAIL_LINES`] non-blank lines, or that it printed nothing.
 fn format_tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
-    if lines.is_empty() {
-        return "; it printed nothing on its standard error".to_owned();
+    stderr_ending(text, TAIL_LINES).unwrap_or_else(|| "; it printed nothing on its standard error".to_owned())
+}
+
+/// Pure: how every message that reports a failure ends with what a child
+/// or a guest command wrote on its standard error: its last `lines`
+/// non-blank lines, indented after a colon; `None` when it wrote nothing.
+pub fn stderr_ending(text: &str, lines: usize) -> Option<String> {
+    let all: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
+    if all.is_empty() {
+        return None;
     }
-    let tail = &lines[lines.len().saturating_sub(TAIL_LINES)..];
-    format!("; its standard error ended with:\n  {}", tail.join("\n  "))
+    let tail = &all[all.len().saturating_sub(lines)..];
+    Some(format!("; its standard error ended with:\n  {}", tail.join("\n  ")))
 }
 
 #[cfg(test)]
@@ -220,7 +231,7 @@ pub(crate) mod tests {
     #[test]
     fn run_script_environment() {
         let plan = plan_with(&[("a", &[1]), ("b", &[1, 7])]);
-        let env = machine_env(&Layout { root: "/s".into() }, &plan, "a", accel::Resolved::Tcg);
+        let env = machine_env(&SessionDir { root: "/s".into() }, &plan, "a", accel::Resolved::Tcg);
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.to_str().unwrap())).collect();
         assert_eq!(
             env,

@@ -6,14 +6,15 @@
 //! reaches the direct child only, which is why run scripts `exec` QEMU, and
 //! why a test script runs under a reaper ([`super::reaper`]).
 
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::sync::{lock, wait, wait_timeout};
 use anyhow::{Context, Result};
 
 /// How long a child gets to exit after SIGTERM before its group gets SIGKILL.
@@ -43,7 +44,7 @@ struct ExitCell {
 
 impl ExitCell {
     fn set(&self, status: ExitStatus) {
-        self.status.lock().unwrap().get_or_insert(status);
+        lock(&self.status).get_or_insert(status);
         self.changed.notify_all();
     }
 }
@@ -87,43 +88,64 @@ impl ChildGuard {
         Ok(guard)
     }
 
+    /// Runs `cmd` to its end under a guard (so it dies with vmlab), as
+    /// `Command::output` does without one: no standard input, standard
+    /// output and error collected.
+    pub fn output(mut cmd: Command, what: impl Into<String>) -> Result<Output> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let guard = ChildGuard::spawn(cmd, what)?;
+        let mut stderr = guard.take_stderr().expect("stderr is piped");
+        let (sender, received) = mpsc::channel();
+        super::spawn_thread(format!("stderr-{}", guard.pid), move || {
+            let mut bytes = Vec::new();
+            let _ = stderr.read_to_end(&mut bytes);
+            let _ = sender.send(bytes);
+        })?;
+        let mut stdout = Vec::new();
+        let read = guard.take_stdout().expect("stdout is piped").read_to_end(&mut stdout);
+        read.with_context(|| format!("cannot read the output of {}", guard.what))?;
+        let stderr = received.recv().unwrap_or_default();
+        let status = guard.wait_exit(Duration::MAX).expect("waited without a limit");
+        Ok(Output { status, stdout, stderr })
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid as u32
     }
 
     /// Takes the child's standard output, when it was `Stdio::piped()`.
     pub fn take_stdout(&self) -> Option<ChildStdout> {
-        self.child.lock().unwrap().as_mut()?.stdout.take()
+        lock(&self.child).as_mut()?.stdout.take()
     }
 
     /// Takes the child's standard error, when it was `Stdio::piped()`.
     pub fn take_stderr(&self) -> Option<ChildStderr> {
-        self.child.lock().unwrap().as_mut()?.stderr.take()
+        lock(&self.child).as_mut()?.stderr.take()
     }
 
     /// Takes the child's standard input, when it was `Stdio::piped()`.
     pub fn take_stdin(&self) -> Option<ChildStdin> {
-        self.child.lock().unwrap().as_mut()?.stdin.take()
+        lock(&self.child).as_mut()?.stdin.take()
     }
 
     /// The exit status, once the process has exited; never blocks.
     pub fn exit_status(&self) -> Option<ExitStatus> {
-        *self.exit.status.lock().unwrap()
+        *lock(&self.exit.status)
     }
 
     /// Waits until the process exits or `timeout` passes (`Duration::MAX`: no limit).
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = deadline_after(timeout);
-        let mut status = self.exit.status.lock().unwrap();
+        let mut status = lock(&self.exit.status);
         while status.is_none() {
             let Some(left) = deadline.map(|d| d.saturating_duration_since(Instant::now())) else {
-                status = self.exit.changed.wait(status).unwrap();
+                status = wait(&self.exit.changed, status);
                 continue;
             };
             if left.is_zero() {
                 break;
             }
-            status = self.exit.changed.wait_timeout(status, left).unwrap().0;
+            status = wait_timeout(&self.exit.changed, status, left);
         }
         *status
     }
@@ -132,7 +154,7 @@ impl ChildGuard {
     /// passes (`None`: no deadline). Between calls it waits for the process's
     /// exit, 10 ms at first, backing off to 200 ms, so an exit ends the wait at once.
     pub fn poll_until<T>(&self, deadline: Option<Instant>, mut probe: impl FnMut() -> Option<T>) -> Poll<T> {
-        let mut pause = Duration::from_millis(10);
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
         loop {
             if let Some(status) = self.exit_status() {
                 return Poll::Exited(status);
@@ -140,19 +162,19 @@ impl ChildGuard {
             if let Some(value) = probe() {
                 return Poll::Ready(value);
             }
+            let pause = backoff.pause();
             let left = deadline.map_or(pause, |d| d.saturating_duration_since(Instant::now()));
             if left.is_zero() {
                 return Poll::TimedOut;
             }
             self.wait_exit(pause.min(left));
-            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
     /// Stops the whole process group: SIGTERM, up to `grace` to exit, then
     /// SIGKILL for whatever is left; reaps the leader. Idempotent.
     pub fn stop(&self, grace: Duration) -> ExitStatus {
-        let mut child = self.child.lock().unwrap();
+        let mut child = lock(&self.child);
         if let Some(c) = child.as_mut() {
             if self.exit_status().is_none() {
                 self.signal(libc::SIGTERM);
@@ -293,6 +315,27 @@ fn spawn_on_spawner_thread(cmd: Command) -> io::Result<Child> {
     let (reply, answer) = mpsc::channel();
     spawner.send((cmd, reply)).expect("the spawner thread never exits");
     answer.recv().expect("the spawner thread always answers")
+}
+
+/// The back-off of every poll loop: pauses start at `first` and double up
+/// to `most`. The caller chooses both by what a try costs: a connect to a
+/// socket is cheap, a command in a guest is not.
+pub struct Backoff {
+    next: Duration,
+    most: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, most: Duration) -> Backoff {
+        Backoff { next: first, most }
+    }
+
+    /// The pause to take now.
+    pub fn pause(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (now * 2).min(self.most);
+        now
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
+use crate::layout::SessionDir;
 use crate::plan::Plan;
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -37,7 +38,7 @@ impl Session {
         let base = std::env::current_dir().context("cannot find the current directory")?.join(base);
         let prefix = format!("vmlab-{}-", plan.name);
         // The real name has the same length, so a check on a placeholder holds for it.
-        let placeholder = Layout { root: base.join(format!("{prefix}{}", "X".repeat(RANDOM_CHARS))) };
+        let placeholder = SessionDir { root: base.join(format!("{prefix}{}", "X".repeat(RANDOM_CHARS))) };
         check_socket_paths(&placeholder, plan)?;
         let mut dir = tempfile::Builder::new()
             .prefix(&prefix)
@@ -49,8 +50,8 @@ impl Session {
         Ok(Session { dir, keep })
     }
 
-    pub fn layout(&self) -> Layout {
-        Layout { root: self.dir.path().to_owned() }
+    pub fn layout(&self) -> SessionDir {
+        SessionDir::new(self.dir.path())
     }
 
     pub fn path(&self) -> &Path {
@@ -63,58 +64,6 @@ impl Session {
     }
 }
 
-/// Paths inside a session directory; pure.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Layout {
-    pub root: PathBuf,
-}
-
-impl Layout {
-    /// The vde_switch socket directory of a vlan (`QEMU_VDE_SOCKET_<v>`).
-    pub fn vlan_dir(&self, vlan: u8) -> PathBuf {
-        self.root.join(format!("vlan{vlan}"))
-    }
-
-    /// The switch's control socket, which accepts connections once it is ready.
-    pub fn vlan_control_socket(&self, vlan: u8) -> PathBuf {
-        self.vlan_dir(vlan).join("ctl")
-    }
-
-    /// vde_switch's standard error.
-    pub fn switch_log(&self, vlan: u8) -> PathBuf {
-        self.root.join(format!("vlan{vlan}.log"))
-    }
-
-    /// The machine's `VMLAB_STATE_DIR`.
-    pub fn state_dir(&self, machine: &str) -> PathBuf {
-        self.root.join(machine)
-    }
-
-    /// The backdoor root shell (virtconsole), QEMU listening.
-    pub fn shell_socket(&self, machine: &str) -> PathBuf {
-        self.state_dir(machine).join("shell.sock")
-    }
-
-    /// QMP, QEMU listening.
-    pub fn qmp_socket(&self, machine: &str) -> PathBuf {
-        self.state_dir(machine).join("qmp.sock")
-    }
-
-    pub fn serial_log(&self, machine: &str) -> PathBuf {
-        self.root.join(format!("{machine}.serial.log"))
-    }
-
-    /// QEMU's standard error.
-    pub fn qemu_log(&self, machine: &str) -> PathBuf {
-        self.root.join(format!("{machine}.qemu.log"))
-    }
-
-    /// The driver's control socket (docs/protocol.md).
-    pub fn control_socket(&self) -> PathBuf {
-        self.root.join("control.sock")
-    }
-}
-
 /// Pure: where session directories go: `$XDG_RUNTIME_DIR`, else `$TMPDIR`,
 /// else /tmp (empty values count as unset).
 pub fn base_dir(xdg_runtime_dir: Option<OsString>, tmpdir: Option<OsString>) -> PathBuf {
@@ -123,7 +72,7 @@ pub fn base_dir(xdg_runtime_dir: Option<OsString>, tmpdir: Option<OsString>) -> 
 
 /// Pure: fails, naming the longest offending path, when a socket of the
 /// network would not fit in `sun_path`.
-pub fn check_socket_paths(layout: &Layout, plan: &Plan) -> Result<()> {
+pub fn check_socket_paths(layout: &SessionDir, plan: &Plan) -> Result<()> {
     let vlan_sockets = plan.vlans.iter().map(|&v| layout.vlan_dir(v).join(VDE_PORT_SOCKET));
     let machine_sockets = plan.machines.iter().flat_map(|m| [layout.shell_socket(&m.name), layout.qmp_socket(&m.name)]);
     let all = std::iter::once(layout.control_socket()).chain(vlan_sockets).chain(machine_sockets);
@@ -161,42 +110,14 @@ mod tests {
     }
 
     #[test]
-    fn layout_matches_the_design() {
-        let l = Layout { root: "/s".into() };
-        let got = [
-            l.vlan_dir(3),
-            l.vlan_control_socket(3),
-            l.switch_log(3),
-            l.state_dir("server"),
-            l.shell_socket("server"),
-            l.qmp_socket("server"),
-            l.serial_log("server"),
-            l.qemu_log("server"),
-            l.control_socket(),
-        ];
-        let expected = [
-            "/s/vlan3",
-            "/s/vlan3/ctl",
-            "/s/vlan3.log",
-            "/s/server",
-            "/s/server/shell.sock",
-            "/s/server/qmp.sock",
-            "/s/server.serial.log",
-            "/s/server.qemu.log",
-            "/s/control.sock",
-        ];
-        assert_eq!(got.map(|p| p.display().to_string()), expected);
-    }
-
-    #[test]
     fn socket_path_limit() {
         let name63 = "m".repeat(63);
         let plan = plan_with(&[(&name63, &[1])]);
         // "/rrr…" + "/" + 63 + "/shell.sock": a 32-byte root fills the 107 bytes exactly.
-        let fits = Layout { root: format!("/{}", "r".repeat(31)).into() };
+        let fits = SessionDir { root: format!("/{}", "r".repeat(31)).into() };
         assert_eq!(fits.shell_socket(&name63).as_os_str().len(), MAX_SOCKET_PATH);
         check_socket_paths(&fits, &plan).unwrap();
-        let over = Layout { root: format!("/{}", "r".repeat(32)).into() };
+        let over = SessionDir { root: format!("/{}", "r".repeat(32)).into() };
         let err = check_socket_paths(&over, &plan).unwrap_err().to_string();
         let expected_path = format!("/{}/{name63}/shell.sock", "r".repeat(32));
         assert!(
@@ -205,7 +126,7 @@ mod tests {
         );
         // Switch directories count too, with room for QEMU's own socket in them.
         let switch_only = plan_with(&[("a", &[255])]);
-        let deep = Layout { root: format!("/{}", "r".repeat(89)).into() };
+        let deep = SessionDir { root: format!("/{}", "r".repeat(89)).into() };
         let err = check_socket_paths(&deep, &switch_only).unwrap_err().to_string();
         assert!(err.contains("/vlan255/000.00000 would be 108 bytes"), "{err}");
     }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use super::log_tail;
 use super::process::{deadline_after, describe_exit, ChildGuard, Poll, STOP_GRACE};
-use super::session::Layout;
+use crate::layout::SessionDir;
 
 /// A switch comes up in milliseconds; this only bounds a broken one.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,8 +30,8 @@ pub struct Switch {
 
 impl Switch {
     /// Starts the switch of `vlan` for `machines` machines, its sockets in
-    /// [`Layout::vlan_dir`], and waits until its control socket accepts connections.
-    pub fn start(vde_switch: &Path, vlan: u8, machines: usize, layout: &Layout) -> Result<Switch> {
+    /// [`SessionDir::vlan_dir`], and waits until its control socket accepts connections.
+    pub fn start(vde_switch: &Path, vlan: u8, machines: usize, layout: &SessionDir) -> Result<Switch> {
         let what = format!("vde_switch for vlan {vlan}");
         let log_path = layout.switch_log(vlan);
         let log = File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;

@@ -5,7 +5,7 @@
 //! thread do not wait for a running command. On a real VM (the default guest, whose commands run as
 //! root), with host-side checks in the test script itself.
 
-use crate::drive::{junit_cases, passing_script, Passed};
+use crate::support::{junit_cases, passing_script, Passed};
 
 const SCRIPT: &str = r#"
 import io, os, stat, tarfile, threading, time
@@ -116,7 +116,7 @@ with subtest("a shutdown from another thread powers the guest off while a comman
 #[test]
 fn a_hostile_guest_cannot_plant_files_or_mix_output_and_qemu_operations_are_at_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = crate::drive::spec(tmp.path(), "hostile", &["machine"]);
+    let spec = crate::support::spec(tmp.path(), "hostile", &["machine"]);
     let Passed { stderr, out, .. } = passing_script(tmp.path(), &spec, "hostile.py", SCRIPT);
     let cases = junit_cases(&out.join("junit.xml"));
     assert_eq!(cases.len(), 6, "{cases:?}");

@@ -5,7 +5,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::common::{fixtures, repo_root, run, vmlab};
+use crate::support::{fixtures, repo_root, run, vmlab};
+use vmlab::layout;
 
 const GOLDEN_SPECS: [&str; 3] = ["webserver", "vlans", "nixos"];
 
@@ -90,8 +91,8 @@ fn build_is_deterministic_and_matches_plan() {
     assert_eq!(normalised(&a), normalised(&b));
     let plan = run(vmlab().arg("plan").arg(spec("vlans")));
     assert!(plan.status.success());
-    assert_eq!(plan.stdout, fs::read(a.join("plan.json")).unwrap());
-    let modes: Vec<u32> = ["bin/run-vms", "bin/run-a-vm", "plan.json"]
+    assert_eq!(plan.stdout, fs::read(a.join(layout::PLAN_FILE)).unwrap());
+    let modes: Vec<u32> = [layout::RUN_VMS, &layout::run_script("a"), layout::PLAN_FILE]
         .iter()
         .map(|f| std::os::unix::fs::PermissionsExt::mode(&fs::metadata(a.join(f)).unwrap().permissions()) & 0o777)
         .collect();
@@ -119,7 +120,7 @@ fn emitted_scripts_are_valid_sh() {
     for name in GOLDEN_SPECS {
         let tmp = tempfile::tempdir().unwrap();
         assert!(build(&spec(name), tmp.path()).status.success(), "{name}");
-        for script in fs::read_dir(tmp.path().join("bin")).unwrap() {
+        for script in fs::read_dir(tmp.path().join(layout::BIN_DIR)).unwrap() {
             let path = script.unwrap().path();
             let check = run(std::process::Command::new("sh").arg("-n").arg(&path));
             assert!(check.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&check.stderr));
@@ -219,5 +220,5 @@ fn non_empty_output_directory_is_refused() {
     let empty = tmp.path().join("empty");
     fs::create_dir(&empty).unwrap();
     assert!(build(&spec("webserver"), &empty).status.success());
-    assert!(empty.join("bin/run-vms").is_file());
+    assert!(empty.join(layout::RUN_VMS).is_file());
 }

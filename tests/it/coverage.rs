@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{repo_root, run, vmlab};
+use crate::support::{repo_root, run, vmlab};
 
 /// Compiles examples/coverage/greet.c with --coverage into `build`, statically
 /// linked so the same binary runs in the busybox guest.
@@ -166,7 +166,7 @@ fn a_test_combines_coverage_from_every_machine() {
     check_summary(summary, &out, [12, 16, 3, 3], &[("a", [7, 16, 2, 3]), ("b", [8, 16, 2, 3])]);
     let log = fs::read_to_string(out.join("vmlab.log")).unwrap();
     assert!(log.contains(summary.split_once("coverage: ").unwrap().1), "the summary is not in the log");
-    assert_eq!(crate::common::processes_mentioning(&runs), []);
+    assert_eq!(crate::support::processes_mentioning(&runs), []);
 }
 
 #[test]
@@ -175,7 +175,7 @@ fn a_missing_build_dir_or_lcov_fails_before_anything_boots() {
     let script = tmp.path().join("test.sh");
     fs::write(&script, "#!/bin/sh\n").unwrap();
     fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let spec = crate::common::fixtures().join("specs/webserver.json");
+    let spec = crate::support::fixtures().join("specs/webserver.json");
     let missing = tmp.path().join("nope");
     let result = run(vmlab().arg("test").arg(&spec).arg(&script).arg("--coverage").arg("--build-dir").arg(&missing));
     assert_eq!(result.status.code(), Some(2));

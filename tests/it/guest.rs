@@ -1,5 +1,5 @@
 //! `vmlab guest`: the default guest is built by the binary, then booted with
-//! QEMU directly (the flags of docs/design.md) and checked through its
+//! QEMU directly (the options a run script gives it) and checked through its
 //! backdoor shell.
 
 use std::fs;
@@ -11,9 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{run, vmlab};
+use serde_json::json;
+use vmlab::layout::{self, BANNER};
+use vmlab::plan::qemu;
 
-const BANNER: &str = "Spawning backdoor root shell...\n";
+use crate::support::{run, vmlab};
+
 /// Generous: TCG on a loaded two-core machine, possibly two boots at once.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
@@ -45,40 +48,44 @@ struct Qemu {
 }
 
 impl Qemu {
-    /// Boots `guest` (kernel + initrd) with `config` as fw_cfg
-    /// `opt/vmlab/config`: the user NIC as eth0, then two more virtio NICs
-    /// on QEMU hubs, the vlan 2 one first, so the kernel's names are the
-    /// reverse of the configuration's and init must swap them.
-    fn boot(guest: &Path, config: &Path, state: &Path) -> Qemu {
-        fs::create_dir_all(state).unwrap();
+    /// Boots `guest` (kernel + initrd) as machine "server" of a network
+    /// with "client", with the QEMU options its run script would give it
+    /// (plan/qemu.rs) and [`CONFIG`] as its guest configuration. Its vlan
+    /// NICs are on private hubs (as the script has them without switches)
+    /// and in reverse order on the PCI bus, vlan 2's first, so the kernel's
+    /// names are the reverse of the configuration's and init must swap them.
+    fn boot(guest: &Path, work: &Path) -> Qemu {
+        let state = work.join("state");
+        fs::create_dir_all(&state).unwrap();
+        let config = work.join(layout::config_file("server"));
+        fs::create_dir_all(config.parent().unwrap()).unwrap();
+        fs::write(&config, CONFIG).unwrap();
         let accel = match std::env::var("VMLAB_ACCEL") {
             Ok(accel) if accel != "auto" => accel,
             _ => "tcg".to_string(),
         };
-        let path = |p: &Path| p.to_str().unwrap().to_string();
-        let socket = |name: &str| path(&state.join(name));
-        #[rustfmt::skip]
-        let args: Vec<String> = [
-            "-name", "server", "-accel", &accel, "-m", "192", "-smp", "1",
-            "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-vga", "std", "-serial", "stdio",
-            "-kernel", &path(&guest.join("kernel")), "-initrd", &path(&guest.join("initrd")),
-            "-append", "console=ttyS0 panic=-1 no_timer_check",
-            "-fw_cfg", &format!("name=opt/vmlab/config,file={}", path(config)),
-            "-device", "virtio-serial",
-            "-chardev", &format!("socket,id=shell,path={},server=on,wait=off", socket("shell.sock")),
-            "-device", "virtconsole,chardev=shell",
-            "-qmp", &format!("unix:{},server=on,wait=off", socket("qmp.sock")),
-            "-netdev", "user,id=user,restrict=on",
-            "-device", "virtio-net-pci,netdev=user,mac=52:54:00:12:00:00",
-            "-netdev", "hubport,id=vlan2,hubid=2",
-            "-device", "virtio-net-pci,netdev=vlan2,mac=52:54:00:12:02:02",
-            "-netdev", "hubport,id=vlan1,hubid=1",
-            "-device", "virtio-net-pci,netdev=vlan1,mac=52:54:00:12:01:02",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let serial_log = state.join("serial.log");
+        let (kernel, initrd) = (guest.join("kernel"), guest.join("initrd"));
+        let node = json!({ "kernel": kernel, "initrd": initrd, "memory": 192 });
+        let mut server = node.clone();
+        server["vlans"] = json!([1, 2]);
+        let spec = json!({ "nodes": { "client": node, "server": server } });
+        let spec = vmlab::spec::parse(&spec.to_string(), work).unwrap();
+        let plan = vmlab::plan::plan(&spec, "qemu-system-x86_64".into(), "vde_switch".into());
+        let mut machine = plan.machine("server").unwrap().clone();
+        machine.interfaces.reverse();
+        let opts = [qemu::direct_boot_opts(&machine, &kernel, Some(&initrd), "", &[]), qemu::own_channels(true)];
+        let value = |var: &str| match var {
+            qemu::OUT_VAR => work.display().to_string(),
+            qemu::STATE_VAR => state.display().to_string(),
+            qemu::ACCEL_VAR => accel.clone(),
+            qemu::KERNEL_PARAMS_VAR => String::new(),
+            _ => match (1..=2).find(|&v| qemu::netdev_var(v) == var) {
+                Some(vlan) => qemu::hub_netdev(vlan),
+                None => panic!("the run script's ${var} is not known here"),
+            },
+        };
+        let args: Vec<String> = opts.concat().iter().flatten().map(|word| word.expand(value)).collect();
+        let serial_log = state.join(layout::serial_log_name("server"));
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(&args)
             .stdin(Stdio::null())
@@ -194,7 +201,7 @@ impl Backdoor {
     }
 
     fn wait_for_banner(&mut self, qemu: &mut Qemu) {
-        let before = self.read_until(qemu, BANNER, BOOT_DEADLINE);
+        let before = self.read_until(qemu, &format!("{BANNER}\n"), BOOT_DEADLINE);
         assert_eq!(before, "", "nothing but the banner on hvc0");
     }
 
@@ -226,11 +233,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// A booted guest and its backdoor, ready for commands.
 fn boot(work: &Path, guest: &Path) -> (Qemu, Backdoor) {
-    let config = work.join("server.conf");
-    fs::write(&config, CONFIG).unwrap();
-    let state = work.join("state");
-    let mut qemu = Qemu::boot(guest, &config, &state);
-    let mut backdoor = Backdoor::connect(&mut qemu, &state.join("shell.sock"));
+    let mut qemu = Qemu::boot(guest, work);
+    let mut backdoor = Backdoor::connect(&mut qemu, &work.join("state").join(layout::SHELL_SOCKET));
     backdoor.wait_for_banner(&mut qemu);
     (qemu, backdoor)
 }
@@ -260,8 +264,8 @@ fn assert_configured(qemu: &mut Qemu, backdoor: &mut Backdoor) {
     assert!(serial.contains("vmlabaside0: renamed from eth1"), "eth1 and eth2 traded names:\n{serial}");
     assert_eq!(
         backdoor.succeed(qemu, "cat /etc/hosts"),
-        "127.0.0.1 localhost\n::1 localhost\n192.168.1.1 client\n2001:db8:1::1 client\n\
-         192.168.1.2 server\n2001:db8:1::2 server\n"
+        "127.0.0.1 localhost\n::1 localhost\n# vmlab: the network's machines (fw_cfg opt/vmlab/config)\n\
+         192.168.1.1 client\n2001:db8:1::1 client\n192.168.1.2 server\n2001:db8:1::2 server\n"
     );
     let ping = backdoor.succeed(qemu, "ping -c 1 server && ping6 -c 1 server");
     assert!(ping.contains("PING server (192.168.1.2)"), "{ping}");
@@ -453,40 +457,78 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
     }
 }
 
-/// `init.sh network` (what a NixOS guest runs) on the host, in namespaces of
-/// its own: network, host name, and mounts (sysfs of that network, a fake
-/// fw_cfg configuration, tmpfs on /etc and /run), so nothing of the host
-/// changes. Its NIC exists before it runs, as a NixOS guest's does: the
-/// IPv6 address must be usable at once, not tentative for a second of
-/// duplicate address detection. Needs root (skipped otherwise).
-#[test]
-fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
-    let init_sh = crate::common::repo_root().join("src/guest/init.sh");
+/// Runs `init.sh network` (what a NixOS guest runs) on the host, in
+/// namespaces of its own: network, host name, and mounts (sysfs of that
+/// network, a fake fw_cfg configuration `config`, tmpfs on /etc and /run),
+/// so nothing of the host changes. `before` and `after` are shell commands
+/// around it; their standard output, or `None` (and why) without root.
+fn init_sh_network(config: &str, before: &str, after: &str) -> Option<String> {
+    let init_sh = crate::support::repo_root().join("src/guest/init.sh");
+    let fw_cfg = "/sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config";
     let sandbox = format!(
         "set -eu
          mount -t sysfs sysfs /sys
          mount -t tmpfs tmpfs /sys/firmware
          mount -t tmpfs tmpfs /etc
          mount -t tmpfs tmpfs /run
-         mkdir -p /sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config
-         printf 'hostname server\\ninterface eth1 52:54:00:12:01:02 2001:db8:1::2/64\\n' \
-             > /sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config/raw
-         ip link add veth0 address 52:54:00:12:01:02 type veth peer name peer
-         ip link set dev peer up
+         mkdir -p {fw_cfg}
+         printf '%s' '{config}' > {fw_cfg}/raw
+         {before}
          sh {init_sh:?} network
-         cat /proc/sys/net/ipv6/conf/eth1/accept_dad
-         ip -6 address show dev eth1 scope global"
+         {after}"
     );
     let out = run(Command::new("unshare")
         .args(["--mount", "--net", "--uts", "--propagation", "private", "sh", "-c"])
         .arg(&sandbox));
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && stderr.contains("unshare failed") {
-        crate::common::skip(&format!("cannot make namespaces (not root?): {}", stderr.trim()));
-        return;
+        crate::support::skip(&format!("cannot make namespaces (not root?): {}", stderr.trim()));
+        return None;
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.starts_with("0\n") && stdout.contains("inet6 2001:db8:1::2/64"), "{stdout}{stderr}");
-    assert!(!stdout.contains("tentative"), "{stdout}{stderr}");
+    Some(stdout)
+}
+
+/// The NIC exists before `init.sh network` runs, as a NixOS guest's does:
+/// the IPv6 address must be usable at once, not tentative for a second of
+/// duplicate address detection.
+#[test]
+fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
+    let Some(stdout) = init_sh_network(
+        "hostname server\ninterface eth1 52:54:00:12:01:02 2001:db8:1::2/64\n",
+        "ip link add veth0 address 52:54:00:12:01:02 type veth peer name peer
+         ip link set dev peer up",
+        "cat /proc/sys/net/ipv6/conf/eth1/accept_dad
+         ip -6 address show dev eth1 scope global",
+    ) else {
+        return;
+    };
+    assert!(stdout.starts_with("0\n") && stdout.contains("inet6 2001:db8:1::2/64"), "{stdout}");
+    assert!(!stdout.contains("tentative"), "{stdout}");
+}
+
+/// On a NixOS guest /etc/hosts holds what NixOS wrote (its own lines,
+/// networking.hosts, extraHosts; the last line without a line end): the
+/// network's machines are added after it, once however often the service runs.
+#[test]
+fn init_sh_network_adds_the_machines_to_the_hosts_nixos_wrote() {
+    let nixos = "127.0.0.1 localhost\n::1 localhost\n127.0.0.2 server\n10.0.0.9 db.example # extraHosts";
+    let Some(stdout) = init_sh_network(
+        "hostname server\nhost 192.168.1.1 client\nhost 2001:db8:1::1 client\n",
+        &format!("printf '{nixos}' > /etc/hosts; chmod 0604 /etc/hosts"),
+        &format!(
+            "sh {:?} network; stat -c %a /etc/hosts; cat /etc/hosts",
+            crate::support::repo_root().join("src/guest/init.sh")
+        ),
+    ) else {
+        return;
+    };
+    assert_eq!(
+        stdout,
+        format!(
+            "604\n{nixos}\n# vmlab: the network's machines (fw_cfg opt/vmlab/config)\n\
+             192.168.1.1 client\n2001:db8:1::1 client\n"
+        )
+    );
 }

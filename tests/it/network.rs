@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use vmlab::accel::{self, Accel};
 use vmlab::driver::{log::Log, machine::Machine as Driven};
-use vmlab::runtime::{accel, load_plan, Network, Session};
+use vmlab::runtime::{load_plan, Network, Session};
 
-use crate::common::{processes_mentioning, repo_root, run, vmlab, webserver_guest};
+use crate::support::{processes_mentioning, repo_root, run, vmlab, webserver_guest};
 
 /// Builds the network `nodes` (name → vlans) on the webserver example's
 /// default guest into `tmp/out`.
@@ -46,7 +47,7 @@ fn machines_reach_each_other_on_a_shared_vlan_and_never_across_vlans() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = build_on_webserver_guest(tmp.path(), &[("server", &[1]), ("client", &[1, 2]), ("island", &[2])]);
     let plan = load_plan(&dir).unwrap();
-    let accel = accel::decide(vmlab::cli::Accel::Auto, &accel::probe()).unwrap().accel;
+    let accel = accel::decide(Accel::Auto, &accel::probe()).unwrap().accel;
     let network = Network::start(&dir, plan.clone(), Session::create(&plan, false).unwrap(), accel).unwrap();
     let session = network.session().path().to_owned();
     let log = Arc::new(Log::new(Box::new(std::io::sink()), false, None));

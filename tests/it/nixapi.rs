@@ -9,8 +9,8 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::common::{run, webserver_guest};
-use crate::drive::{assert_nothing_left, junit_cases, test_run, text, write_script};
+use crate::support::{assert_nothing_left, junit_cases, test_run, text, write_script};
+use crate::support::{run, webserver_guest};
 
 const SCRIPT: &str = r#"
 import vmlab

@@ -6,8 +6,9 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{fixtures, processes_mentioning, run, vmlab};
-use crate::drive::{spec, text};
+use crate::support::{fixtures, processes_mentioning, run, vmlab};
+use crate::support::{spec, text};
+use vmlab::layout;
 
 #[test]
 fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
@@ -21,7 +22,7 @@ fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
     // Started from the configuration `vmlab build` writes for nixpkgs' driver.
     let out = run(std::process::Command::new("python3")
         .arg(fixtures().join("nixdriver/harness.py"))
-        .arg(built.join("nixos-test-driver.json"))
+        .arg(built.join(layout::DRIVER_CONFIG))
         .arg(&state));
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
@@ -30,6 +31,8 @@ fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
     assert_eq!(result["outputs"]["echo"], json!([0, "hello\n"]));
     assert_eq!(result["outputs"]["server"], json!([0, "server\n"]));
     assert_eq!(result["outputs"]["client"], json!([0, "client\n"]));
+    // vmlab's data port joined the driver's virtio-serial bus, next to its console.
+    assert_eq!(result["outputs"]["ports"], json!([0, "vmlab.data\n"]), "{result}");
     // Over the driver's own vde_switch, by name.
     assert_eq!(result["outputs"]["ping"], json!(0), "{result}");
     assert_eq!(result["exits"], json!({"server": 0, "client": 0}));
@@ -40,13 +43,16 @@ fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
         assert_eq!(serial.matches(note).count(), 1, "{machine}: {serial}");
     }
     // The run scripts took the driver's state directories (TMPDIR with
-    // USE_TMPDIR) rather than making their own there, and left nothing running.
+    // USE_TMPDIR) rather than making their own there (QEMU removes its
+    // listening sockets, the data port's among them, as it exits), and left
+    // nothing running.
     for machine in ["server", "client"] {
         let entries: Vec<String> = std::fs::read_dir(state.join(format!("vm-state-{machine}")))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(entries.iter().all(|e| ["monitor", "shell", "qmp"].contains(&e.as_str())), "{entries:?}");
+        let known = ["monitor", "shell", "qmp", layout::DATA_SOCKET];
+        assert!(entries.iter().all(|e| known.contains(&e.as_str())), "{entries:?}");
     }
     assert_eq!(processes_mentioning(tmp.path()), []);
 }

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{processes_mentioning, Lines};
-use crate::drive::{
+use crate::support::{
     assert_no_process_left, assert_nothing_left, spec, test_run, text, vmlab_in, write_script, Running,
 };
+use crate::support::{processes_mentioning, Lines};
 
 /// A number no other process has on its command line: `sleep MARKER` is
 /// how a test finds the processes its script started.
@@ -111,7 +111,7 @@ impl Tmpfs {
             Ok(out) => text(&out.stderr),
             Err(e) => format!("cannot run mount: {e}"),
         };
-        crate::common::skip(&format!("cannot mount a tmpfs on {}: {}", dir.display(), why.trim()));
+        crate::support::skip(&format!("cannot mount a tmpfs on {}: {}", dir.display(), why.trim()));
         None
     }
 }

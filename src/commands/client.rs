@@ -7,95 +7,96 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 
-use super::control::{socket_path, Client};
-use super::{base64, DriverError, Kind};
 use crate::cli::{ClientCommand, CommandArgs, Conn, MachineArgs, OnOff, SubtestAction};
+use crate::driver::protocol::{socket_path, Client, Op};
+use crate::driver::{base64, DriverError, Kind};
 
 /// The request a subcommand sends, and the connection it uses.
 fn request(cmd: &ClientCommand) -> (Value, &Conn) {
     use ClientCommand as C;
     let command = |a: &CommandArgs| a.command.join(" ");
-    fn machine_op<'a>(op: &str, a: &'a MachineArgs) -> (Value, &'a Conn) {
-        (json!({"op": op, "machine": a.machine, "timeout": a.timeout}), &a.conn)
+    fn machine_op(op: Op, a: &MachineArgs) -> (Value, &Conn) {
+        (json!({"op": op.name(), "machine": a.machine, "timeout": a.timeout}), &a.conn)
     }
     let (mut v, conn) = match cmd {
         C::Succeed(a) => (
-            json!({"op": "succeed", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
+            json!({"op": Op::Succeed.name(), "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
             &a.conn,
         ),
         C::Fail(a) => (
-            json!({"op": "fail", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
+            json!({"op": Op::Fail.name(), "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
             &a.conn,
         ),
         C::Execute(a) => (
-            json!({"op": "execute", "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
+            json!({"op": Op::Execute.name(), "machine": a.machine, "command": command(a), "timeout": a.timeout, "binary": true}),
             &a.conn,
         ),
         C::WaitUntilSucceeds(a) => (
-            json!({"op": "wait_until_succeeds", "machine": a.machine, "command": command(a), "timeout": a.timeout}),
+            json!({"op": Op::WaitUntilSucceeds.name(), "machine": a.machine, "command": command(a), "timeout": a.timeout}),
             &a.conn,
         ),
         C::WaitUntilFails(a) => (
-            json!({"op": "wait_until_fails", "machine": a.machine, "command": command(a), "timeout": a.timeout}),
+            json!({"op": Op::WaitUntilFails.name(), "machine": a.machine, "command": command(a), "timeout": a.timeout}),
             &a.conn,
         ),
         C::WaitForOpenPort(a) => (
-            json!({"op": "wait_for_open_port", "machine": a.machine, "port": a.port, "addr": a.addr, "timeout": a.timeout}),
+            json!({"op": Op::WaitForOpenPort.name(), "machine": a.machine, "port": a.port, "addr": a.addr, "timeout": a.timeout}),
             &a.conn,
         ),
         C::WaitForClosedPort(a) => (
-            json!({"op": "wait_for_closed_port", "machine": a.machine, "port": a.port, "addr": a.addr, "timeout": a.timeout}),
+            json!({"op": Op::WaitForClosedPort.name(), "machine": a.machine, "port": a.port, "addr": a.addr, "timeout": a.timeout}),
             &a.conn,
         ),
-        C::WaitForFile(a) => {
-            (json!({"op": "wait_for_file", "machine": a.machine, "path": a.value, "timeout": a.timeout}), &a.conn)
-        }
+        C::WaitForFile(a) => (
+            json!({"op": Op::WaitForFile.name(), "machine": a.machine, "path": a.value, "timeout": a.timeout}),
+            &a.conn,
+        ),
         C::WaitForUnit(a) => (
-            json!({"op": "wait_for_unit", "machine": a.machine, "unit": a.value, "user": a.user, "timeout": a.timeout}),
+            json!({"op": Op::WaitForUnit.name(), "machine": a.machine, "unit": a.value, "user": a.user, "timeout": a.timeout}),
             &a.conn,
         ),
         C::WaitForConsoleText(a) => (
-            json!({"op": "wait_for_console_text", "machine": a.machine, "regex": a.value, "timeout": a.timeout}),
+            json!({"op": Op::WaitForConsoleText.name(), "machine": a.machine, "regex": a.value, "timeout": a.timeout}),
             &a.conn,
         ),
         C::CopyToVm(a) => {
             // The driver may run elsewhere than this shell's directory.
             let source = std::env::current_dir().map(|d| d.join(&a.source)).unwrap_or_else(|_| a.source.clone().into());
             (
-                json!({"op": "copy_to_vm", "machine": a.machine, "source": source, "dest": a.dest.clone().unwrap_or_else(|| a.source.clone())}),
+                json!({"op": Op::CopyToVm.name(), "machine": a.machine, "source": source, "dest": a.dest.clone().unwrap_or_else(|| a.source.clone())}),
                 &a.conn,
             )
         }
         C::CopyFromVm(a) => (
-            json!({"op": "copy_from_vm", "machine": a.machine, "source": a.source, "target_dir": a.dest.clone().unwrap_or_default()}),
+            json!({"op": Op::CopyFromVm.name(), "machine": a.machine, "source": a.source, "target_dir": a.dest.clone().unwrap_or_default()}),
             &a.conn,
         ),
-        C::Start(a) => machine_op("start", a),
-        C::Shutdown(a) => machine_op("shutdown", a),
-        C::Crash(a) => machine_op("crash", a),
-        C::WaitForShutdown(a) => machine_op("wait_for_shutdown", a),
-        C::Reboot(a) => machine_op("reboot", a),
-        C::Block(a) => (json!({"op": "block", "machine": a.machine, "interface": a.interface}), &a.conn),
-        C::Unblock(a) => (json!({"op": "unblock", "machine": a.machine, "interface": a.interface}), &a.conn),
+        C::Start(a) => machine_op(Op::Start, a),
+        C::Shutdown(a) => machine_op(Op::Shutdown, a),
+        C::Crash(a) => machine_op(Op::Crash, a),
+        C::WaitForShutdown(a) => machine_op(Op::WaitForShutdown, a),
+        C::Reboot(a) => machine_op(Op::Reboot, a),
+        C::Block(a) => (json!({"op": Op::Block.name(), "machine": a.machine, "interface": a.interface}), &a.conn),
+        C::Unblock(a) => (json!({"op": Op::Unblock.name(), "machine": a.machine, "interface": a.interface}), &a.conn),
         C::ForwardPort(a) => (
-            json!({"op": "forward_port", "machine": a.machine, "host_port": a.host_port, "guest_port": a.guest_port}),
+            json!({"op": Op::ForwardPort.name(), "machine": a.machine, "host_port": a.host_port, "guest_port": a.guest_port}),
             &a.conn,
         ),
-        C::Screenshot(a) => (json!({"op": "screenshot", "machine": a.machine, "name": a.value}), &a.conn),
+        C::Screenshot(a) => (json!({"op": Op::Screenshot.name(), "machine": a.machine, "name": a.value}), &a.conn),
         C::SendMonitorCommand(a) => {
-            (json!({"op": "send_monitor_command", "machine": a.machine, "command": a.value}), &a.conn)
+            (json!({"op": Op::SendMonitorCommand.name(), "machine": a.machine, "command": a.value}), &a.conn)
         }
-        C::Sleep(a) => (json!({"op": "sleep", "machine": a.machine, "seconds": a.seconds}), &a.conn),
-        C::StartAll(c) => (json!({"op": "start_all"}), c),
-        C::JoinAll(c) => (json!({"op": "join_all"}), c),
-        C::Machines(c) => (json!({"op": "machines"}), c),
-        C::Log(a) => (json!({"op": "log", "message": a.text}), &a.conn),
-        C::SerialStdout(a) => (json!({"op": "serial_stdout", "on": a.state == OnOff::On}), &a.conn),
+        C::Sleep(a) => (json!({"op": Op::Sleep.name(), "machine": a.machine, "seconds": a.seconds}), &a.conn),
+        C::StartAll(c) => (json!({"op": Op::StartAll.name()}), c),
+        C::JoinAll(c) => (json!({"op": Op::JoinAll.name()}), c),
+        C::Machines(c) => (json!({"op": Op::Machines.name()}), c),
+        C::Log(a) => (json!({"op": Op::Log.name(), "message": a.text}), &a.conn),
+        C::SerialStdout(a) => (json!({"op": Op::SerialStdout.name(), "on": a.state == OnOff::On}), &a.conn),
         C::Subtest(a) => match &a.action {
-            SubtestAction::Begin { name } => (json!({"op": "subtest_begin", "name": name}), &a.conn),
-            SubtestAction::End { failure } => (json!({"op": "subtest_end", "failure": failure}), &a.conn),
+            SubtestAction::Begin { name } => (json!({"op": Op::SubtestBegin.name(), "name": name}), &a.conn),
+            SubtestAction::End { failure } => (json!({"op": Op::SubtestEnd.name(), "failure": failure}), &a.conn),
         },
-        C::Shell(a) => (json!({"op": "execute", "machine": a.machine, "timeout": a.timeout}), &a.conn),
+        C::Shell(a) => (json!({"op": Op::Execute.name(), "machine": a.machine, "timeout": a.timeout}), &a.conn),
     };
     // Absent means "the default"; the CLI never means "no timeout".
     v.as_object_mut().expect("object").retain(|k, val| !(val.is_null() && k == "timeout"));
@@ -118,14 +119,14 @@ fn bytes(result: &Value, key: &str) -> Vec<u8> {
     }
 }
 
-pub fn client_command(cmd: ClientCommand) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: ClientCommand) -> anyhow::Result<ExitCode> {
     let (req, conn) = request(&cmd);
     let mut client = Client::connect(&socket_path(conn.socket.clone())?)?;
     if let ClientCommand::Shell(_) = cmd {
         return shell(&mut client, req);
     }
     let Value::Object(req) = req else { unreachable!("requests are objects") };
-    let result = match client.call(req)? {
+    let result = match client.call(req) {
         Ok(r) => r,
         Err(e) => return Ok(exit_for(&e)),
     };
@@ -178,7 +179,7 @@ fn shell(client: &mut Client, template: Value) -> anyhow::Result<ExitCode> {
         let mut req: Map<String, Value> = template.as_object().cloned().unwrap_or_default();
         req.insert("command".into(), json!(line));
         req.insert("binary".into(), json!(true));
-        match client.call(req)? {
+        match client.call(req) {
             Ok(r) => {
                 std::io::stdout().write_all(&bytes(&r, "stdout"))?;
                 std::io::stdout().flush()?;

@@ -4,20 +4,20 @@
 //! example on the default guest) for a forwarded port, SIGTERM and SIGKILL.
 //! Also a run script alone, on a stand-in machine: its state directory.
 
-use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{fixtures, processes_mentioning, repo_root, run, vmlab, webserver_guest, Lines};
-
-/// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
-const PATIENCE: Duration = Duration::from_secs(120);
+use crate::support::{
+    count, fixtures, free_port, http_get, leftovers, processes_mentioning, repo_root, run, vmlab, webserver_guest, Up,
+    PATIENCE,
+};
+use vmlab::layout::{self, SessionDir};
 
 /// Writes `spec` to `tmp/spec.json` and builds it into `tmp/out`.
 fn build(tmp: &Path, spec: serde_json::Value) -> PathBuf {
@@ -56,87 +56,6 @@ fn build_webserver(tmp: &Path, port: u16) -> PathBuf {
     build(tmp, json!({"name": "webserver", "nodes": {"server": server, "client": machine}}))
 }
 
-pub(crate) fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port()
-}
-
-/// A running `vmlab up`, its session under a private TMPDIR; stopped on drop
-/// so a failing test leaves nothing running.
-pub(crate) struct Up {
-    child: Child,
-    /// Standard output and error, each line with `out: ` or `err: ` first.
-    output: Option<Lines>,
-}
-
-impl Up {
-    fn start(dir: &Path, tmpdir: &Path, env: &[(&str, &str)]) -> Up {
-        let mut cmd = vmlab();
-        cmd.arg("up").arg(dir);
-        Up::spawn(cmd, tmpdir, env)
-    }
-
-    /// Runs `cmd`, a `vmlab up` or a script that runs one (`bin/run-vms`).
-    pub(crate) fn spawn(mut cmd: Command, tmpdir: &Path, env: &[(&str, &str)]) -> Up {
-        std::fs::create_dir_all(tmpdir).unwrap();
-        cmd.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", tmpdir);
-        cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let output = Lines::merged(vec![
-            (Box::new(child.stdout.take().unwrap()), "out: "),
-            (Box::new(child.stderr.take().unwrap()), "err: "),
-        ]);
-        Up { child, output: Some(output) }
-    }
-
-    /// Reads output until a line contains `needle`; returns that line.
-    pub(crate) fn wait_for(&mut self, needle: &str) -> String {
-        self.output.as_mut().expect("read until finish").wait_for(needle)
-    }
-
-    /// The session directory, as `vmlab up` announces it.
-    pub(crate) fn session(&mut self) -> PathBuf {
-        let line = self.wait_for("vmlab: session directory: ");
-        let rest = line.split_once("session directory: ").unwrap().1;
-        PathBuf::from(rest.split_once(" (").unwrap().0)
-    }
-
-    pub(crate) fn signal(&self, signal: libc::c_int) {
-        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, signal) }, 0);
-    }
-
-    /// Waits for vmlab to exit; returns its status and all its output.
-    pub(crate) fn finish(mut self) -> (ExitStatus, String) {
-        let status = self.child.wait().unwrap();
-        (status, self.output.take().expect("finished once").rest())
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGTERM);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// How many of `processes` have `what` in their command line.
-pub(crate) fn count(processes: &[(u32, String)], what: &str) -> usize {
-    processes.iter().filter(|(_, cmdline)| cmdline.contains(what)).count()
-}
-
-/// Polls until no process mentions `session`; returns the ones left at the deadline.
-pub(crate) fn leftovers(session: &Path) -> Vec<(u32, String)> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let found = processes_mentioning(session);
-        if found.is_empty() || Instant::now() > deadline {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn up_runs_the_network_and_each_termination_signal_stops_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -156,8 +75,8 @@ fn up_runs_the_network_and_each_termination_signal_stops_it() {
             assert!(status.contains("\nSigBlk:\t0000000000000000\n"), "{cmdline}: {status}");
         }
 
-        let serial_a = std::fs::read_to_string(session.join("a.serial.log")).unwrap();
-        let serial_b = std::fs::read_to_string(session.join("b.serial.log")).unwrap();
+        let serial_a = std::fs::read_to_string(SessionDir::new(&session).serial_log("a")).unwrap();
+        let serial_b = std::fs::read_to_string(SessionDir::new(&session).serial_log("b")).unwrap();
         let vlan = |v: u8| format!("switch {} accepts connections\n", session.join(format!("vlan{v}")).display());
         assert!(serial_a.contains(&vlan(1)) && !serial_a.contains(&vlan(2)), "{serial_a}");
         assert!(serial_b.contains(&vlan(1)) && serial_b.contains(&vlan(2)), "{serial_b}");
@@ -227,7 +146,7 @@ fn mode(path: &Path) -> u32 {
 #[test]
 fn a_run_script_refuses_a_state_directory_others_own_or_can_write() {
     let tmp = tempfile::tempdir().unwrap();
-    let script = build_fake(tmp.path(), free_port()).join("bin/run-a-vm");
+    let script = build_fake(tmp.path(), free_port()).join(layout::run_script("a"));
     let dir = |name: &str, mode: u32, owner: Option<u32>| {
         let path = tmp.path().join(name);
         std::fs::create_dir(&path).unwrap();
@@ -263,7 +182,7 @@ fn a_run_script_refuses_a_state_directory_others_own_or_can_write() {
 #[test]
 fn a_run_script_alone_makes_a_private_state_directory_and_removes_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let script = build_fake(tmp.path(), free_port()).join("bin/run-a-vm");
+    let script = build_fake(tmp.path(), free_port()).join(layout::run_script("a"));
     let runtime_dir = tmp.path().join("runtime");
     let predictable = runtime_dir.join("vmlab-fake-a");
     std::fs::create_dir_all(&predictable).unwrap();
@@ -276,7 +195,7 @@ fn a_run_script_alone_makes_a_private_state_directory_and_removes_it() {
     assert_eq!(state.parent(), Some(runtime_dir.as_path()), "{line}");
     assert!(state.file_name().unwrap().to_str().unwrap().starts_with("vmlab-fake-a-"), "{line}");
     assert_eq!(mode(&state), 0o700);
-    assert!(state.join("shell.sock").exists());
+    assert!(state.join(layout::SHELL_SOCKET).exists());
     vm.signal(libc::SIGTERM);
     let (status, output) = vm.finish();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM), "{output}");
@@ -382,17 +301,6 @@ fn a_switch_that_cannot_start_fails_up_with_its_messages() {
     assert!(!session.exists());
 }
 
-/// `GET /` on 127.0.0.1:`port`; the response body.
-pub(crate) fn http_get(port: u16) -> String {
-    let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
-    std::io::Write::write_all(&mut stream, b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not HTTP: {response}"));
-    assert_eq!(head.split(' ').nth(1), Some("200"), "{head}");
-    body.to_owned()
-}
-
 #[test]
 fn real_vms_serve_a_forwarded_port_and_sigterm_removes_everything() {
     let tmp = tempfile::tempdir().unwrap();
@@ -408,7 +316,7 @@ fn real_vms_serve_a_forwarded_port_and_sigterm_removes_everything() {
     assert_eq!(http_get(port), page);
     // The console reaches the terminal prefixed and the log as is.
     let prefixed = up.wait_for("out: server # ");
-    let serial = std::fs::read_to_string(session.join("server.serial.log")).unwrap();
+    let serial = std::fs::read_to_string(SessionDir::new(&session).serial_log("server")).unwrap();
     assert!(serial.contains(prefixed.strip_prefix("out: server # ").unwrap()), "{prefixed:?} not in {serial}");
 
     up.signal(libc::SIGTERM);
@@ -436,11 +344,15 @@ fn console_line(lines: &mpsc::Receiver<String>, needle: &str) -> String {
     }
 }
 
-/// The library API the driver uses, on stand-in machines.
+/// The runtime's machine life cycle, on stand-in machines: start, refuse a
+/// second start, stop, restart, report a failed start with QEMU's words, and
+/// refuse to start once the network has stopped. (The backdoor is the
+/// driver's: the next test drives real VMs through this API.)
 #[test]
-fn machines_start_restart_fail_and_hand_over_their_backdoor() {
+fn machines_start_restart_fail_and_stay_stopped_with_their_network() {
     use std::os::unix::process::ExitStatusExt;
-    use vmlab::runtime::{accel::Resolved, load_plan, Network, Session};
+    use vmlab::accel::Resolved;
+    use vmlab::runtime::{load_plan, Network, Session};
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = build_fake(tmp.path(), free_port());
@@ -449,49 +361,31 @@ fn machines_start_restart_fail_and_hand_over_their_backdoor() {
     let session = network.session().path().to_owned();
     let (a, b) = (network.machine("a").unwrap().clone(), network.machine("b").unwrap());
     let lines = a.console().subscribe();
-    assert_eq!(a.wait_ready(PATIENCE).unwrap_err().to_string(), "machine \"a\" is not started");
+    assert!(a.wait_exit(Duration::ZERO).is_none() && a.stop().is_none(), "a machine never started");
 
     a.start().unwrap();
-    // The stand-in accepts one backdoor connection: concurrent waits must share it.
-    let waits: Vec<_> = (0..3)
-        .map(|_| {
-            let a = a.clone();
-            std::thread::spawn(move || a.wait_ready(PATIENCE).unwrap())
-        })
-        .collect();
-    let boot_times: Vec<Duration> = waits.into_iter().map(|w| w.join().unwrap()).collect();
-    assert!(boot_times.windows(2).all(|w| w[0] == w[1]), "{boot_times:?}");
     console_line(&lines, "a booted");
-    let backdoor = a.take_backdoor().expect("the backdoor once ready");
-    assert!(a.take_backdoor().is_none(), "handed out twice");
     assert_eq!(a.start().unwrap_err().to_string(), "machine \"a\" is already running");
 
     let first = a.pid().unwrap();
     assert_eq!(a.stop().unwrap().status.signal(), Some(libc::SIGTERM));
     assert!(!a.is_running());
-    assert_eq!((&backdoor).read(&mut [0u8; 16]).unwrap(), 0, "the backdoor outlived its QEMU");
-    let err = a.wait_ready(PATIENCE).unwrap_err().to_string();
-    assert!(err.starts_with("machine \"a\" is not running: it was killed by signal 15 (SIGTERM)"), "{err}");
     a.start().unwrap();
     assert_ne!(a.pid(), Some(first));
-    a.wait_ready(PATIENCE).unwrap();
     console_line(&lines, "a booted");
-    assert!(a.take_backdoor().is_some());
 
     std::fs::create_dir_all(b.state_dir()).unwrap();
     std::fs::write(b.state_dir().join("fail"), "").unwrap();
     b.start().unwrap();
-    let err = format!("{:#}", b.wait_ready(PATIENCE).unwrap_err());
     let kernel = tmp.path().join("kernel");
     assert_eq!(
-        err,
+        b.wait_exit(PATIENCE).unwrap().to_string(),
         format!(
-            "machine \"b\" exited with status 3 before its backdoor shell was up; its standard error ended with:\n  \
+            "exited with status 3; its standard error ended with:\n  \
              qemu-system-x86_64: -kernel {}: fake failure of b",
             kernel.display()
         )
     );
-    assert_eq!(b.wait_exit(PATIENCE).unwrap().status.code(), Some(3));
 
     network.stop();
     assert_eq!(leftovers(&session), []);
@@ -502,18 +396,19 @@ fn machines_start_restart_fail_and_hand_over_their_backdoor() {
     assert!(!session.exists());
 }
 
-/// The seam between driver and runtime (`driver::machine::Vm` for
+/// The seam between driver and runtime (`driver::vm::Vm` for
 /// `Arc<runtime::Machine>`), on real VMs: the driver boots, runs a command,
 /// crashes and restarts a machine whose QEMU the runtime owns.
 #[test]
 fn the_driver_runs_real_vms_through_the_runtime() {
+    use vmlab::accel::{self, Accel};
     use vmlab::driver::{log::Log, machine::Machine as Driven};
-    use vmlab::runtime::{accel, load_plan, Network, Session};
+    use vmlab::runtime::{load_plan, Network, Session};
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = build_webserver(tmp.path(), free_port());
     let plan = load_plan(&dir).unwrap();
-    let accel = accel::decide(vmlab::cli::Accel::Auto, &accel::probe()).unwrap().accel;
+    let accel = accel::decide(Accel::Auto, &accel::probe()).unwrap().accel;
     let network = Network::start(&dir, plan.clone(), Session::create(&plan, false).unwrap(), accel).unwrap();
     let session = network.session().path().to_owned();
     let runtime_server = network.machine("server").unwrap().clone();

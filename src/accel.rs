@@ -1,16 +1,33 @@
-//! Choosing between KVM and TCG.
+//! Choosing between KVM and TCG: one rule, applied by `vmlab up` and `vmlab
+//! test` ([`probe`], [`decide`]) and by a run script started by hand (the
+//! shell condition [`kvm_usable_sh`], generated from the same facts).
 //!
-//! KVM is judged usable from two facts only: /dev/kvm opens read-write and the
-//! CPU advertises vmx or svm. No KVM ioctl is ever issued: on some hosts
-//! (nested virtualisation without vmx passed through) /dev/kvm exists and
-//! opens, but creating a VM hangs.
+//! KVM is judged usable from two facts only: /dev/kvm is a character device
+//! that opens read-write, and a `flags` line of /proc/cpuinfo lists vmx or svm. No KVM ioctl is ever
+//! issued: on some hosts (nested virtualisation without vmx passed through)
+//! /dev/kvm exists and opens, but creating a VM hangs.
 
 use std::fmt;
 use std::fs::OpenOptions;
 
 use anyhow::{bail, Result};
+use clap::ValueEnum;
 
-use crate::cli::Accel;
+const KVM_DEVICE: &str = "/dev/kvm";
+const CPUINFO: &str = "/proc/cpuinfo";
+/// The CPU flags of hardware virtualisation: Intel's, AMD's.
+const VIRTUALISATION_FLAGS: [&str; 2] = ["vmx", "svm"];
+
+/// How QEMU executes guest code (`--accel`, `VMLAB_ACCEL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Accel {
+    /// KVM when /dev/kvm is usable and the CPU has vmx or svm, TCG otherwise.
+    Auto,
+    /// Hardware virtualisation; fails when KVM is unusable.
+    Kvm,
+    /// Software emulation: works everywhere, several times slower.
+    Tcg,
+}
 
 /// The accelerator every machine of a network runs with (`VMLAB_ACCEL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,15 +85,38 @@ pub fn cpu_has_virtualisation(cpuinfo: &str) -> bool {
         .lines()
         .filter_map(|line| line.split_once(':'))
         .filter(|(key, _)| key.trim() == "flags")
-        .any(|(_, flags)| flags.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        .any(|(_, flags)| flags.split_whitespace().any(|f| VIRTUALISATION_FLAGS.contains(&f)))
 }
 
 /// Looks at /dev/kvm (opening it, nothing more) and /proc/cpuinfo.
 pub fn probe() -> Host {
-    let kvm_device_problem =
-        OpenOptions::new().read(true).write(true).open("/dev/kvm").err().map(|e| format!("cannot open /dev/kvm: {e}"));
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    Host { kvm_device_problem, cpu_has_virtualisation: cpu_has_virtualisation(&cpuinfo) }
+    let cpuinfo = std::fs::read_to_string(CPUINFO).unwrap_or_default();
+    Host { kvm_device_problem: device_problem(KVM_DEVICE), cpu_has_virtualisation: cpu_has_virtualisation(&cpuinfo) }
+}
+
+/// Why `device` is not a character device that opens read-write, if it is not.
+fn device_problem(device: &str) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(device) {
+        Ok(m) if !m.file_type().is_char_device() => Some(format!("{device} is not a character device")),
+        _ => OpenOptions::new().read(true).write(true).open(device).err().map(|e| format!("cannot open {device}: {e}")),
+    }
+}
+
+/// Pure: a POSIX sh condition, true when KVM is usable by [`probe`]'s facts
+/// (so `auto` in a run script decides as [`decide`] does).
+pub fn kvm_usable_sh() -> String {
+    condition_sh(KVM_DEVICE, CPUINFO)
+}
+
+/// The device is a character device (tested first: `<>` would create a
+/// missing file) that opens read-write (in a subshell: a failed redirection
+/// of `:` ends a POSIX shell), and a `flags` line lists one of the flags as a word.
+fn condition_sh(device: &str, cpuinfo: &str) -> String {
+    format!(
+        "[ -c {device} ] && (: <>{device}) 2>/dev/null && grep -qE '^flags[[:space:]]*:(.*[[:space:]])?({flags})([[:space:]]|$)' {cpuinfo}",
+        flags = VIRTUALISATION_FLAGS.join("|"),
+    )
 }
 
 #[cfg(test)]
@@ -135,5 +175,37 @@ mod tests {
         for (cpuinfo, expected) in cases {
             assert_eq!(cpu_has_virtualisation(cpuinfo), expected, "{cpuinfo:?}");
         }
+    }
+
+    /// The run script's condition and [`probe`] + [`decide`] agree on every
+    /// case: the CPU flags above, and a device that is usable (/dev/null
+    /// stands in), a plain file, missing, or a directory.
+    #[test]
+    fn the_shell_condition_decides_as_the_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, missing) = (dir.path().join("kvm"), dir.path().join("missing"));
+        std::fs::write(&file, "").unwrap();
+        let cpuinfo = dir.path().join("cpuinfo");
+        let cpus = [
+            "processor\t: 0\nflags\t\t: fpu vme sse2 vmx ept\n",
+            "flags\t\t: svm\n",
+            "flags\t\t: fpu sse2 hypervisor\n",
+            "model name\t: vmx svm\nflags\t\t: fpu vmxe\n",
+            "vmx flags\t: ept vpid\nflags\t\t: fpu\n",
+            "flags: fpu svm-like\n",
+            "",
+        ];
+        let devices = [std::path::Path::new("/dev/null"), &file, &missing, dir.path()].map(|p| p.display().to_string());
+        for cpu in cpus {
+            std::fs::write(&cpuinfo, cpu).unwrap();
+            for device in &devices {
+                let expected = device_problem(device).is_none() && cpu_has_virtualisation(cpu);
+                let condition = condition_sh(device, &cpuinfo.display().to_string());
+                let status = std::process::Command::new("sh").args(["-euc", &condition]).status().unwrap();
+                assert_eq!(status.success(), expected, "{condition} on {cpu:?}");
+            }
+        }
+        assert!(!missing.exists(), "the shell condition created the device");
+        assert_eq!(device_problem("/dev/null"), None);
     }
 }

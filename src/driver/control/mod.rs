@@ -1,26 +1,29 @@
-//! The control socket: JSON lines over a unix socket, one request, one
-//! response, matched by `id` (docs/protocol.md). A thread serves each
-//! connection and each machine has its own lock, so a long wait on one
-//! machine never holds up requests for another.
+//! The control socket's server: the machines, each behind its own lock, and
+//! the requests (protocol.rs, docs/protocol.md) dispatched to them. A thread
+//! serves each connection (server.rs) and each machine has its own lock, so
+//! a long wait on one machine never holds up requests for another.
+
+mod ops;
+mod server;
+
+pub use server::serve;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use super::base64;
 use super::log::{Log, Style};
-use super::machine::{boot_silence_limit, Interrupt, Machine, DEFAULT_TIMEOUT};
+use super::machine::{boot_silence_limit, Interrupt, Machine};
 use super::monitor::Monitor;
-use super::{DriverError, Kind};
+use super::protocol::Op;
+use super::DriverError;
 use crate::runtime::Network;
+use crate::sync::lock;
+use ops::{arg, machine_op, opt_str, qemu_op, str_arg, summary, Args};
 
 /// Every machine, each behind its own lock, and the test's log.
 pub struct Driver {
@@ -40,84 +43,8 @@ pub struct Driver {
     closed: AtomicBool,
 }
 
-type Args = Map<String, Value>;
-
-fn arg<'a>(args: &'a Args, key: &str) -> Result<&'a Value, DriverError> {
-    args.get(key).ok_or_else(|| DriverError::request(format!("missing argument {key:?}")))
-}
-
-fn str_arg<'a>(args: &'a Args, key: &str) -> Result<&'a str, DriverError> {
-    arg(args, key)?.as_str().ok_or_else(|| DriverError::request(format!("argument {key:?} must be a string")))
-}
-
-fn opt_str<'a>(args: &'a Args, key: &str) -> Result<Option<&'a str>, DriverError> {
-    match args.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => {
-            v.as_str().map(Some).ok_or_else(|| DriverError::request(format!("argument {key:?} must be a string")))
-        }
-    }
-}
-
-fn port_arg(args: &Args, key: &str, default: Option<u16>) -> Result<u16, DriverError> {
-    match (args.get(key), default) {
-        (None, Some(d)) => Ok(d),
-        (v, _) => v
-            .and_then(Value::as_u64)
-            .and_then(|p| u16::try_from(p).ok())
-            .ok_or_else(|| DriverError::request(format!("argument {key:?} must be a port number"))),
-    }
-}
-
-/// `timeout` in seconds: absent gives `default`, `null` no timeout at all.
-fn timeout_arg(args: &Args, default: Option<Duration>) -> Result<Option<Duration>, DriverError> {
-    match args.get("timeout") {
-        None => Ok(default),
-        Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .filter(|s| *s >= 0.0 && s.is_finite())
-            .map(|s| Some(Duration::from_secs_f64(s)))
-            .ok_or_else(|| DriverError::request("argument \"timeout\" must be a number of seconds or null")),
-    }
-}
-
-/// Waits always end: `null` means NixOS's default.
-fn wait_timeout(args: &Args) -> Result<Duration, DriverError> {
-    Ok(timeout_arg(args, Some(DEFAULT_TIMEOUT))?.unwrap_or(DEFAULT_TIMEOUT))
-}
-
-/// `commands` (a list) or `command` (one).
-fn commands_arg(args: &Args) -> Result<Vec<String>, DriverError> {
-    if let Some(list) = args.get("commands") {
-        let list =
-            list.as_array().ok_or_else(|| DriverError::request("argument \"commands\" must be a list of strings"))?;
-        return list
-            .iter()
-            .map(|c| {
-                c.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| DriverError::request("argument \"commands\" must be a list of strings"))
-            })
-            .collect();
-    }
-    Ok(vec![str_arg(args, "command")?.to_string()])
-}
-
-/// Bytes as JSON: text (invalid UTF-8 replaced), plus base64 when asked.
-fn bytes_fields(out: &mut Map<String, Value>, key: &str, bytes: &[u8], binary: bool) {
-    out.insert(key.into(), json!(String::from_utf8_lossy(bytes)));
-    if binary {
-        out.insert(format!("{key}_base64"), json!(base64::encode(bytes)));
-    }
-}
-
 /// How long QEMU may take to answer a QMP command sent while its machine is busy.
-const QMP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Operations that take no machine.
-const GLOBAL_OPS: [&str; 7] =
-    ["machines", "start_all", "join_all", "log", "serial_stdout", "subtest_begin", "subtest_end"];
+pub(super) const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Driver {
     pub fn new(machines: Vec<Machine>, log: Arc<Log>) -> Self {
@@ -139,7 +66,7 @@ impl Driver {
     /// accelerator and the machines per core of this host.
     pub fn for_network(network: &Network, out_dir: &Path, log: Arc<Log>, boot_silence: Option<Duration>) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let tcg = network.accel() == crate::runtime::accel::Resolved::Tcg;
+        let tcg = network.accel() == crate::accel::Resolved::Tcg;
         let silence = boot_silence.unwrap_or_else(|| boot_silence_limit(tcg, network.plan().machines.len(), cores));
         let machines = network
             .plan()
@@ -158,8 +85,8 @@ impl Driver {
 
     /// Runs `f` on a machine, holding its lock; `None` when there is no such machine.
     pub fn with_machine<T>(&self, name: &str, f: impl FnOnce(&mut Machine) -> T) -> Option<T> {
-        let lock = self.machines.get(name)?;
-        let mut machine = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = self.machines.get(name)?;
+        let mut machine = lock(slot);
         Some(f(&mut machine))
     }
 
@@ -175,11 +102,11 @@ impl Driver {
 
     /// What is being done right now, oldest first.
     pub fn running_steps(&self) -> Vec<String> {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        lock(&self.in_flight).values().cloned().collect()
     }
 
     pub fn last_error(&self) -> Option<DriverError> {
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.last_error).clone()
     }
 
     /// Answers one request line (the response has no trailing newline).
@@ -192,7 +119,7 @@ impl Driver {
         let response = match result {
             Ok(value) => json!({ "id": id, "ok": true, "result": value }),
             Err(e) => {
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                *lock(&self.last_error) = Some(e.clone());
                 json!({ "id": id, "ok": false, "error": { "kind": e.kind.as_str(), "message": e.message } })
             }
         };
@@ -203,41 +130,45 @@ impl Driver {
         if self.closed.load(Ordering::SeqCst) {
             return Err(DriverError::harness("the test is over: its machines are stopped"));
         }
-        let op = str_arg(req, "op")?;
+        let op_name = str_arg(req, "op")?;
+        let op = Op::parse(op_name);
         let machine = opt_str(req, "machine")?;
         let step = match machine {
-            Some(m) => format!("{m}: {op} {}", summary(req)),
-            None => format!("{op} {}", summary(req)),
+            Some(m) => format!("{m}: {op_name} {}", summary(req)),
+            None => format!("{op_name} {}", summary(req)),
         };
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(serial, step.trim_end().to_string());
-        let result = match machine {
-            None if GLOBAL_OPS.contains(&op) => self.global(op, req),
-            None => Err(DriverError::request(format!("operation {op:?} needs a \"machine\""))),
-            Some(name) => {
-                let lock = self.machines.get(name).ok_or_else(|| {
+        lock(&self.in_flight).insert(serial, step.trim_end().to_string());
+        let result = match (machine, op) {
+            (None, Some(op)) if op.is_global() => self.global(op, req),
+            (None, _) => Err(DriverError::request(format!("operation {op_name:?} needs a \"machine\""))),
+            (Some(name), op) => {
+                let slot = self.machines.get(name).ok_or_else(|| {
                     DriverError::request(format!("no machine {name:?} (machines: {})", self.machine_names().join(", ")))
                 })?;
-                if op == "crash" {
+                let op = op
+                    .filter(|op| !op.is_global())
+                    .ok_or_else(|| DriverError::request(format!("unknown operation {op_name:?}")))?;
+                if op == Op::Crash {
                     self.interrupts[name].crash();
                 }
-                match lock.try_lock() {
+                match slot.try_lock() {
                     Ok(mut m) => machine_op(&mut m, op, req),
                     Err(std::sync::TryLockError::Poisoned(p)) => machine_op(&mut p.into_inner(), op, req),
                     // Busy with a command: QEMU-level operations go straight to QEMU.
                     Err(std::sync::TryLockError::WouldBlock) => match qemu_op(&self.monitors[name], op, req) {
                         Some(result) => result,
                         None => {
-                            if op == "shutdown" {
+                            if op == Op::Shutdown {
                                 self.power_off_busy(name);
                             }
-                            machine_op(&mut lock.lock().unwrap_or_else(|e| e.into_inner()), op, req)
+                            machine_op(&mut lock(slot), op, req)
                         }
                     },
                 }
             }
         };
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&serial);
+        lock(&self.in_flight).remove(&serial);
         if let Err(e) = &result {
             self.log.write(machine, &format!("error: {}", e.message), Style::Bad);
         }
@@ -260,248 +191,77 @@ impl Driver {
     /// Runs `f` on every machine at once, each in its own thread; the first error.
     fn each_machine(&self, f: impl Fn(&mut Machine) -> Result<(), DriverError> + Sync) -> Result<(), DriverError> {
         let results: Vec<Result<(), DriverError>> = std::thread::scope(|s| {
+            let f = &f;
             let handles: Vec<_> = self
                 .machines
-                .values()
-                .map(|lock| s.spawn(|| f(&mut lock.lock().unwrap_or_else(|e| e.into_inner()))))
+                .iter()
+                .map(|(name, slot)| {
+                    std::thread::Builder::new().name(format!("each-{name}")).spawn_scoped(s, move || f(&mut lock(slot)))
+                })
                 .collect();
-            handles.into_iter().map(|h| h.join().expect("machine thread")).collect()
+            handles
+                .into_iter()
+                .map(|h| match h {
+                    Ok(thread) => thread.join().expect("machine thread"),
+                    Err(e) => Err(DriverError::harness(format!("cannot start a thread: {e}"))),
+                })
+                .collect()
         });
         results.into_iter().collect()
     }
 
-    fn global(&self, op: &str, req: &Args) -> Result<Value, DriverError> {
+    fn global(&self, op: Op, req: &Args) -> Result<Value, DriverError> {
         match op {
-            "machines" => {
-                let list: Vec<Value> = self
-                    .machines
-                    .iter()
-                    .map(|(name, m)| json!({ "name": name, "up": m.lock().unwrap_or_else(|e| e.into_inner()).is_up() }))
-                    .collect();
+            Op::Machines => {
+                let list: Vec<Value> =
+                    self.machines.iter().map(|(name, m)| json!({ "name": name, "up": lock(m).is_up() })).collect();
                 Ok(json!({ "machines": list }))
             }
-            "start_all" => self.each_machine(Machine::start).map(|()| json!({})),
-            "join_all" => {
+            Op::StartAll => self.each_machine(Machine::start).map(|()| json!({})),
+            Op::JoinAll => {
                 self.each_machine(|m| m.wait_for_shutdown(Duration::from_secs(u64::from(u32::MAX)))).map(|()| json!({}))
             }
-            "log" => {
+            Op::Log => {
                 self.log.info(None, str_arg(req, "message")?);
                 Ok(json!({}))
             }
-            "serial_stdout" => {
+            Op::SerialStdout => {
                 let on = arg(req, "on")?
                     .as_bool()
                     .ok_or_else(|| DriverError::request("argument \"on\" must be true or false"))?;
                 self.log.show_serial(on);
                 Ok(json!({}))
             }
-            "subtest_begin" => {
+            Op::SubtestBegin => {
                 self.log.subtest_begin(str_arg(req, "name")?);
                 Ok(json!({}))
             }
-            "subtest_end" => {
+            Op::SubtestEnd => {
                 let failure = opt_str(req, "failure")?.map(str::to_string);
                 let done = self.log.subtest_end(failure)?;
                 Ok(json!({ "name": done.name, "duration": done.duration.as_secs_f64() }))
             }
-            _ => unreachable!("only GLOBAL_OPS get here"),
+            _ => unreachable!("only global operations get here"),
         }
     }
 
     /// Stops every machine that runs (end of the test); waits for machines
     /// busy with a request, which end once their QEMU is gone.
     pub fn release_all(&self) {
-        for lock in self.machines.values() {
-            lock.lock().unwrap_or_else(|e| e.into_inner()).release();
+        for slot in self.machines.values() {
+            lock(slot).release();
         }
     }
-}
-
-/// A short description of a request's arguments, for the log and reports.
-fn summary(req: &Args) -> String {
-    let mut parts = Vec::new();
-    for (k, v) in req {
-        if matches!(k.as_str(), "op" | "machine" | "id") {
-            continue;
-        }
-        let text = match v {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        let short: String = text.chars().take(80).collect();
-        parts.push(format!("{k}={short}"));
-    }
-    parts.join(" ")
-}
-
-/// An operation QEMU serves without the guest, done through `monitor`
-/// while the machine is busy; `None` for any other operation, and when QEMU
-/// cannot be reached that way (the machine is not running).
-fn qemu_op(monitor: &Monitor, op: &str, req: &Args) -> Option<Result<Value, DriverError>> {
-    if !matches!(op, "block" | "unblock" | "forward_port" | "screenshot" | "send_monitor_command") {
-        return None;
-    }
-    monitor.connect(QMP_TIMEOUT).ok()?;
-    let empty = Ok(json!({}));
-    Some(match op {
-        "block" | "unblock" => opt_str(req, "interface").and_then(|i| monitor.set_links(op == "unblock", i)).and(empty),
-        "forward_port" => port_arg(req, "host_port", Some(8080))
-            .and_then(|h| Ok((h, port_arg(req, "guest_port", Some(80))?)))
-            .and_then(|(h, g)| monitor.forward_port(h, g))
-            .and(empty),
-        "screenshot" => str_arg(req, "name").and_then(|n| monitor.screenshot(n)).map(|p| json!({ "path": p })),
-        _ => str_arg(req, "command").and_then(|c| monitor.send_monitor_command(c)).map(|o| json!({ "output": o })),
-    })
-}
-
-fn machine_op(m: &mut Machine, op: &str, req: &Args) -> Result<Value, DriverError> {
-    let empty = Ok(json!({}));
-    match op {
-        "start" => m.start().and(empty),
-        "shutdown" => m.shutdown(wait_timeout(req)?).and(empty),
-        "crash" => m.crash().and(empty),
-        "wait_for_shutdown" => m.wait_for_shutdown(wait_timeout(req)?).and(empty),
-        "reboot" => m.reboot(wait_timeout(req)?).and(empty),
-        "execute" => {
-            let binary = req.get("binary").and_then(Value::as_bool).unwrap_or(false);
-            let out = m.execute_logged(str_arg(req, "command")?, timeout_arg(req, Some(DEFAULT_TIMEOUT))?)?;
-            let mut result = Map::new();
-            result.insert("status".into(), json!(out.status));
-            result.insert("timed_out".into(), json!(out.timed_out));
-            bytes_fields(&mut result, "stdout", &out.stdout, binary);
-            bytes_fields(&mut result, "stderr", &out.stderr, binary);
-            Ok(Value::Object(result))
-        }
-        "succeed" | "fail" => {
-            let binary = req.get("binary").and_then(Value::as_bool).unwrap_or(false);
-            let commands = commands_arg(req)?;
-            let timeout = timeout_arg(req, None)?;
-            let out = if op == "succeed" { m.succeed(&commands, timeout)? } else { m.fail(&commands, timeout)? };
-            let mut result = Map::new();
-            bytes_fields(&mut result, "stdout", &out, binary);
-            Ok(Value::Object(result))
-        }
-        "wait_until_succeeds" | "wait_until_fails" => {
-            let out = m.wait_until(str_arg(req, "command")?, op == "wait_until_succeeds", wait_timeout(req)?)?;
-            Ok(json!({ "stdout": String::from_utf8_lossy(&out) }))
-        }
-        "wait_for_open_port" | "wait_for_closed_port" => {
-            let port = port_arg(req, "port", None)?;
-            let addr = opt_str(req, "addr")?.unwrap_or("localhost");
-            let t = wait_timeout(req)?;
-            let r = if op == "wait_for_open_port" {
-                m.wait_for_open_port(port, addr, t)
-            } else {
-                m.wait_for_closed_port(port, addr, t)
-            };
-            r.and(empty)
-        }
-        "wait_for_file" => m.wait_for_file(str_arg(req, "path")?, wait_timeout(req)?).and(empty),
-        "wait_for_unit" => m.wait_for_unit(str_arg(req, "unit")?, opt_str(req, "user")?, wait_timeout(req)?).and(empty),
-        "wait_for_console_text" => {
-            let matched = m.wait_for_console_text(str_arg(req, "regex")?, wait_timeout(req)?)?;
-            Ok(json!({ "match": matched }))
-        }
-        "copy_to_vm" => m.copy_to_vm(Path::new(str_arg(req, "source")?), str_arg(req, "dest")?).and(empty),
-        "copy_from_vm" => {
-            let path = m.copy_from_vm(str_arg(req, "source")?, opt_str(req, "target_dir")?.unwrap_or(""))?;
-            Ok(json!({ "path": path }))
-        }
-        "block" | "unblock" => m.set_links(op == "unblock", opt_str(req, "interface")?).and(empty),
-        "forward_port" => {
-            m.forward_port(port_arg(req, "host_port", Some(8080))?, port_arg(req, "guest_port", Some(80))?).and(empty)
-        }
-        "screenshot" => Ok(json!({ "path": m.screenshot(str_arg(req, "name")?)? })),
-        "send_monitor_command" => Ok(json!({ "output": m.send_monitor_command(str_arg(req, "command")?)? })),
-        "sleep" => {
-            let secs = arg(req, "seconds")?
-                .as_f64()
-                .ok_or_else(|| DriverError::request("argument \"seconds\" must be a number"))?;
-            m.succeed(&[format!("sleep {secs}")], None).and(empty)
-        }
-        _ => Err(DriverError::new(Kind::Request, format!("unknown operation {op:?}"))),
-    }
-}
-
-/// Serves the control socket until the process ends; the listener thread is detached.
-pub fn serve(driver: Arc<Driver>, path: &Path) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", path.display()))?;
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let driver = driver.clone();
-            std::thread::spawn(move || serve_connection(&driver, stream));
-        }
-    });
-    Ok(())
-}
-
-fn serve_connection(driver: &Driver, stream: UnixStream) {
-    let Ok(mut writer) = stream.try_clone() else { return };
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let mut response = driver.handle_line(&line);
-        response.push('\n');
-        if writer.write_all(response.as_bytes()).is_err() {
-            return;
-        }
-    }
-}
-
-/// A client connection (the CLI's).
-pub struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    next_id: u64,
-}
-
-impl Client {
-    pub fn connect(path: &Path) -> anyhow::Result<Self> {
-        let stream = UnixStream::connect(path).with_context(|| {
-            format!("connecting to the control socket {} (is the network running?)", path.display())
-        })?;
-        let writer = stream.try_clone().context("cloning the control socket")?;
-        Ok(Client { reader: BufReader::new(stream), writer, next_id: 0 })
-    }
-
-    /// Sends a request (an object with `op` and arguments) and returns its
-    /// result, or the driver's error.
-    pub fn call(&mut self, mut request: Map<String, Value>) -> anyhow::Result<Result<Value, DriverError>> {
-        self.next_id += 1;
-        request.insert("id".into(), json!(self.next_id));
-        let mut line = Value::Object(request).to_string();
-        line.push('\n');
-        self.writer.write_all(line.as_bytes()).context("writing to the control socket")?;
-        let mut answer = String::new();
-        if self.reader.read_line(&mut answer).context("reading the control socket")? == 0 {
-            anyhow::bail!("the driver closed the control socket");
-        }
-        let v: Value = serde_json::from_str(&answer).context("the driver's answer is not JSON")?;
-        if v["ok"] == json!(true) {
-            return Ok(Ok(v["result"].clone()));
-        }
-        let kind = serde_json::from_value(v["error"]["kind"].clone()).unwrap_or(Kind::Harness);
-        Ok(Err(DriverError::new(kind, v["error"]["message"].as_str().unwrap_or("unknown error"))))
-    }
-}
-
-/// The socket a client uses: `--socket`, else `VMLAB_SOCKET`.
-pub fn socket_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    flag.or_else(|| std::env::var_os("VMLAB_SOCKET").map(PathBuf::from)).ok_or_else(|| {
-        anyhow::anyhow!("no control socket: pass --socket or set VMLAB_SOCKET (`vmlab up` and `vmlab test` print it)")
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::protocol::Client;
     use crate::driver::testing::{busybox_bin, LocalVm};
+    use crate::driver::{base64, Kind};
+    use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
 
     fn driver(dir: &Path, names: &[&str]) -> Arc<Driver> {
@@ -518,7 +278,7 @@ mod tests {
     }
 
     fn call(c: &mut Client, v: Value) -> Result<Value, DriverError> {
-        c.call(v.as_object().unwrap().clone()).unwrap()
+        c.call(v.as_object().unwrap().clone())
     }
 
     #[test]

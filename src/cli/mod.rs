@@ -1,9 +1,10 @@
-//! Command line. The doc comments here are the `--help` text.
+//! The command line: clap types only (src/commands/ runs them). The doc
+//! comments here are the `--help` text.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
+use crate::accel::Accel;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Build and run virtual networks of QEMU virtual machines for testing.
@@ -47,6 +48,16 @@ pub enum Command {
     /// to --out: junit.xml, vmlab.log, <machine>.serial.log, copies and
     /// screenshots. See docs/testing.md.
     Test(TestArgs),
+    /// Boot every machine of a network and save its state, for tests to restore instead of booting.
+    ///
+    /// Waits for each machine's backdoor shell and, if given (--ready or the
+    /// spec's snapshotReady), until its readiness command succeeds, then saves
+    /// its memory and devices into DIR with a manifest keyed to the plan, the
+    /// run scripts, the files QEMU reads, QEMU's command line and version.
+    /// `vmlab test` and `vmlab up` take --snapshot DIR. A machine with a 9p
+    /// share mounted or a disk image in its state directory cannot be saved.
+    /// See docs/snapshots.md.
+    Snapshot(SnapshotArgs),
     /// Build the default minimal guest (kernel + initrd) from the host's kernel and a static busybox.
     Guest(GuestArgs),
     /// Build the combined coverage report from the .gcda files a test collected.
@@ -269,17 +280,6 @@ pub enum ClientCommand {
     Shell(MachineArgs),
 }
 
-/// How QEMU executes guest code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Accel {
-    /// KVM when /dev/kvm is usable and the CPU has vmx or svm, TCG otherwise.
-    Auto,
-    /// Hardware virtualisation; fails when KVM is unusable.
-    Kvm,
-    /// Software emulation: works everywhere, several times slower.
-    Tcg,
-}
-
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     /// Network spec (JSON); `-` reads standard input.
@@ -311,6 +311,8 @@ pub struct UpArgs {
     /// with many machines per core].
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
     pub boot_silence: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub restore: RestoreArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -339,6 +341,8 @@ pub struct TestArgs {
     /// with many machines per core].
     #[arg(long, value_name = "SECS", value_parser = positive_secs)]
     pub boot_silence: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub restore: RestoreArgs,
     /// A Python prompt with the machines bound, instead of a test run (with a
     /// `.py` SCRIPT, `test_script()` runs it there); no global timeout.
     #[arg(long)]
@@ -356,6 +360,35 @@ pub struct TestArgs {
     /// per machine, OUT/coverage.info and OUT/coverage/index.html (needs lcov).
     #[arg(long = "build-dir", value_name = "DIR", requires = "coverage")]
     pub build_dirs: Vec<PathBuf>,
+}
+
+/// Where `vmlab up` and `vmlab test` restore machines from.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Restore every machine from this snapshot (`vmlab snapshot`) instead
+    /// of booting it; refused, saying what differs, unless it was taken of
+    /// this very network. A machine started again boots cold.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// A directory written by `vmlab build`, or a network spec (JSON), built on the fly.
+    pub network: PathBuf,
+    /// The snapshot directory (created mode 0700; must be empty or absent).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Save MACHINE only once COMMAND succeeds in it (repeatable; tried
+    /// again until it does, for up to 900 s); overrides the spec's snapshotReady.
+    #[arg(long, value_name = "MACHINE=COMMAND")]
+    pub ready: Vec<String>,
+    /// How the state files are written.
+    #[arg(long, value_enum, default_value = "zstd")]
+    pub compress: crate::runtime::manifest::Compression,
+    /// Accelerator for every machine (a snapshot restores under the same one).
+    #[arg(long, value_enum, env = "VMLAB_ACCEL", default_value = "auto")]
+    pub accel: Accel,
 }
 
 #[derive(Debug, clap::Args)]
@@ -401,19 +434,6 @@ pub struct ReapArgs {
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<OsString>,
-}
-
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Plan(args) => crate::emit::plan_command(&args),
-        Command::Build(args) => crate::emit::build_command(&args),
-        Command::Up(args) => crate::runtime::up_command(&args),
-        Command::Test(args) => crate::driver::run::test_command(&args),
-        Command::Guest(args) => crate::guest::guest_command(&args),
-        Command::Client(cmd) => crate::driver::client::client_command(cmd),
-        Command::Coverage(args) => crate::coverage::coverage_command(&args),
-        Command::Reap(args) => crate::runtime::reaper::reap_command(&args.command),
-    }
 }
 
 /// A positive number of seconds.

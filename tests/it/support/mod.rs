@@ -1,6 +1,15 @@
 //! Shared fixtures for the integration tests.
 #![allow(dead_code)]
 
+mod runs;
+mod up;
+
+pub(crate) use runs::*;
+pub(crate) use up::*;
+
+/// Only a hang reaches this: a healthy run takes seconds on a loaded machine.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
