@@ -1,6 +1,6 @@
 //! Snapshots on real VMs (docs/snapshots.md): a two-machine network of the
 //! default guest, saved once by `vmlab snapshot`, then restored by `vmlab
-//! test --snapshot`: the network works between restored machines and
+//! test --snapshot` (and `vmlab up --snapshot`): the network works between restored machines and
 //! through a forwarded port, clocks are the host's, two restores draw
 //! different random numbers, a restarted machine boots cold, and a snapshot
 //! that does not fit is refused.
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 
-use crate::support::{assert_nothing_left, free_port, test_run, text, vmlab_in, write_script};
+use crate::support::{assert_nothing_left, free_port, http_get, leftovers, test_run, text, vmlab_in, write_script, Up};
 use crate::support::{run, vmlab, webserver_guest};
 
 /// A network saved once for every test here.
@@ -203,4 +203,25 @@ fn a_snapshot_that_does_not_fit_is_refused_saying_what_differs() {
         .arg(&open));
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains(&format!("refusing snapshot {}", open.display())), "{}", text(&out.stderr));
+}
+
+#[test]
+fn vmlab_up_restores_the_network_and_serves_its_forwarded_port() {
+    let s = snapshot();
+    let _turn = turn();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = vmlab();
+    cmd.arg("up").arg(&s.spec).arg("--snapshot").arg(&s.dir);
+    let mut up = Up::spawn(cmd, tmp.path(), &[]);
+    let session = up.session();
+    up.wait_for("all 2 machines are up");
+    assert!(http_get(s.port).contains("Hello from the vmlab web server"));
+    up.signal(libc::SIGTERM);
+    let (status, output) = up.finish();
+    assert!(status.success(), "{output}");
+    for machine in ["client", "server"] {
+        assert!(output.contains(&format!("{machine}: restored from ")), "{output}");
+    }
+    assert!(!output.contains("backdoor shell ready"), "booted instead: {output}");
+    assert_eq!(leftovers(&session), []);
 }
