@@ -58,35 +58,77 @@ let
         ++ concatMap (target: [ "--add" "${files.${target}}:${target}" ]) (attrNames files);
     };
 
-  # How a node of `nodes` is written (docs/nix.md): a NixOS module or list of
-  # modules; an attribute set with `nixos`; vmlab node fields with `kernel`
-  # (direct boot) or `startScript`; or fields only, for the default guest.
-  normalise = node: if isFunction node || isList node then { nixos = node; } else node;
+  # A node of `nodes` is written as a node of a NixOS test: a NixOS module
+  # (a function, an attribute set, a path) or a list of modules. vmlab's own
+  # fields (docs/spec.md's node fields, and `guest`) go under this one key,
+  # which no NixOS option uses; the rest of an attribute set is the module.
+  nodeKey = "vmlabNode";
+  # The fields that say the node is not NixOS: how it boots instead.
+  bootFields = [ "kernel" "startScript" "guest" ];
+  # vmlab's fields as they once stood at a node's top level, before nodes
+  # were NixOS modules: an error naming the key, not an unknown NixOS option.
+  formerTopLevel = [ "nixos" "kernel" "initrd" "cmdline" "startScript" "vlans" "memory" "cpus" "forwardPorts" "qemuOptions" "guest" ];
+
+  # A node as { fields, nixos, guest }: vmlab's fields (without `guest`); the
+  # NixOS modules, or null when it boots otherwise; its default guest (true:
+  # the network's), or null.
+  normalise = nodeName: node:
+    let
+      fail = why: throw "node \"${nodeName}\": ${why} (docs/nix.md, \"Nodes\")";
+      asNixos = modules: { fields = { }; nixos = modules; guest = null; };
+    in
+    if isFunction node || isList node || builtins.isPath node then asNixos node
+    else if !(isAttrs node) then fail "a NixOS module (a function, an attribute set or a path) or a list of them expected, not a ${builtins.typeOf node}"
+    else
+      let
+        given = node.${nodeKey} or { };
+        module = removeAttrs node [ nodeKey ];
+        former = builtins.filter (f: node ? ${f}) formerTopLevel;
+        boots = builtins.filter (f: given ? ${f}) bootFields;
+        boot = builtins.head boots;
+      in
+      if former != [ ] && builtins.head former == "nixos" then
+        fail "\"nixos\" is no longer needed: a node is its NixOS module, as in NixOS tests (imports = [ … ]; with vmlab's fields in ${nodeKey})"
+      else if former != [ ] then
+        fail "\"${builtins.head former}\" is a vmlab node field: write it as ${nodeKey}.${builtins.head former}; the rest of a node is a NixOS module, as in NixOS tests"
+      else if !(isAttrs given) then fail "${nodeKey} must be an attribute set of vmlab's node fields"
+      else if builtins.length boots > 1 then fail "${nodeKey} has ${builtins.concatStringsSep " and " boots}: a node boots one way"
+      else if boots != [ ] && module != { } then
+        fail "${nodeKey}.${boot} boots it without NixOS, so its NixOS settings (${builtins.concatStringsSep ", " (attrNames module)}) would be lost"
+      else if boots == [ ] then (asNixos module) // { fields = given; }
+      else { fields = removeAttrs given [ "guest" ]; nixos = null; guest = given.guest or null; };
+
+  # As in NixOS tests, a node's config is also reachable as its `config`.
+  withConfig = config: config // { inherit config; };
 
   # The spec of docs/spec.md for a network of `nodes`, and the evaluated
   # NixOS nodes (`nixos`: config and startScript by name).
   network = { name, nodes, guest ? { } }:
     let
-      normalised = mapAttrs (_: normalise) nodes;
-      plan = numbering { inherit name; nodes = normalised; };
+      normalised = mapAttrs normalise nodes;
+      plan = numbering { inherit name; nodes = mapAttrs (_: n: n.fields) normalised; };
       # Named by content only, so networks with the same guest share its build.
       guestOf = g: if isDerivation g then g else defaultGuest g;
       sharedGuest = guestOf guest;
-      nixosConfigs = mapAttrs (nodeName: node:
+      nixosConfigs = mapAttrs (nodeName: n:
         if tools ? evalNixos then
-          tools.evalNixos { inherit nodeName node plan; nodes = nixosConfigs; }
+          tools.evalNixos {
+            inherit nodeName plan;
+            inherit (n) fields;
+            modules = n.nixos;
+            nodes = mapAttrs (_: c: withConfig c.config) nixosConfigs;
+          }
         else
-          throw "node \"${nodeName}\" is a NixOS configuration: evaluating it needs nixpkgs (use the flake's lib)")
-        (filterAttrs (_: node: node ? nixos) normalised);
-      specNode = nodeName: node:
-        let fields = removeAttrs node [ "nixos" "guest" ]; in
-        if node ? nixos then
-          removeAttrs fields [ "memory" "cpus" ] // { startScript = nixosConfigs.${nodeName}.startScript; }
-        else if node ? kernel || node ? startScript then
-          fields
+          throw "node \"${nodeName}\" is a NixOS configuration: evaluating it needs nixpkgs (use the flake's lib); for vmlab's default guest, write ${nodeKey}.guest = true")
+        (filterAttrs (_: n: n.nixos != null) normalised);
+      specNode = nodeName: n:
+        if n.nixos != null then
+          removeAttrs n.fields [ "memory" "cpus" ] // { startScript = nixosConfigs.${nodeName}.startScript; }
+        else if n.guest == null then
+          n.fields
         else
-          let g = if node ? guest then guestOf node.guest else sharedGuest; in
-          { kernel = "${g}/kernel"; initrd = "${g}/initrd"; } // fields;
+          let g = if n.guest == true then sharedGuest else guestOf n.guest; in
+          { kernel = "${g}/kernel"; initrd = "${g}/initrd"; } // n.fields;
     in
     {
       spec = {
@@ -116,8 +158,9 @@ let
     } // {
       inherit spec;
       plan = numbering spec;
-      # As in NixOS tests: nodes.server.config…
-      nodes = nixos;
+      # As in NixOS tests: nodes.server.networking…, nodes.server.config…;
+      # and the VM's start script.
+      nodes = mapAttrs (_: n: withConfig n.config // { inherit (n) startScript; }) nixos;
     };
 
   # The builders' PATH: coreutils, and zstd for snapshots when given.
@@ -168,7 +211,7 @@ let
       # run as it is.
       script = if isFunction testScript then callWith scriptInputs testScript else testScript;
       scriptInputs = {
-        nodes = mapAttrs (_: node: node.config) network.nodes;
+        nodes = mapAttrs (_: node: withConfig node.config) network.nodes;
         machines = listToAttrs (map (m: { name = m.name; value = m; }) network.plan.machines);
       };
       isSource = builtins.isString script;

@@ -114,6 +114,31 @@ in
         MaxLevelConsole = "debug";
       };
 
+      # vmlab brings eth0 itself (below), so what qemu-vm.nix would make of
+      # these options would be lost: say so rather than drop them (each where
+      # this NixOS has it).
+      assertions = lib.optional (options ? virtualisation.forwardPorts)
+        {
+          assertion = config.virtualisation.forwardPorts == [ ];
+          message = ''
+            virtualisation.forwardPorts is not used on vmlab's machines: vmlab makes
+            eth0 itself and forwards ports from 127.0.0.1 on the host. Give them
+            in the node's vmlab fields instead, e.g.
+              nodes.<name>.vmlabNode.forwardPorts = [ { host = 8080; guest = 80; } ];
+            (docs/nix.md, "Nodes").'';
+        }
+      ++ lib.optional (options ? virtualisation.restrictNetwork)
+        {
+          # Set to false by the configuration, not left at qemu-vm.nix's
+          # default (an option default's priority is 1500).
+          assertion = config.virtualisation.restrictNetwork
+            || options.virtualisation.restrictNetwork.highestPrio >= 1500;
+          message = ''
+            virtualisation.restrictNetwork = false cannot be had on vmlab's machines:
+            eth0 is always restricted (QEMU's restrict=on), and the vlans reach only
+            the network's machines (docs/nix.md, "nixosModules.guest").'';
+        };
+
       virtualisation = lib.optionalAttrs (options ? virtualisation.qemu) {
         graphics = lib.mkDefault false;
         # No disk: the store comes from the host, the root is a tmpfs.

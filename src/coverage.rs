@@ -22,6 +22,7 @@ use crate::driver::control::Driver;
 use crate::driver::log::{Log, Style};
 use crate::driver::machine::Machine;
 use crate::driver::DriverError;
+use crate::runtime::process::ChildGuard;
 use crate::shell::quote;
 
 /// Every guest's `GCOV_PREFIX`: where programs built with `--coverage` write their data.
@@ -212,13 +213,14 @@ fn tool(name: &str) -> Result<PathBuf> {
     which::which(name).map_err(|_| anyhow::anyhow!("{name} not found on PATH: install the Debian package lcov"))
 }
 
-fn run_tool(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+fn run_tool(cmd: Command) -> Result<()> {
+    let program = cmd.get_program().to_owned();
+    let out = ChildGuard::output(cmd, format!("{program:?}"))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         // lcov's Perl prints redefinition noise first; the real error is last.
         let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("no output");
-        bail!("{:?} failed ({}): {last}", cmd.get_program(), out.status);
+        bail!("{program:?} failed ({}): {last}", out.status);
     }
     Ok(())
 }
@@ -280,15 +282,15 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
             }
         }
         let raw = scratch.path().join(format!("{machine}.raw.info"));
-        run_tool(
-            Command::new(&lcov)
-                .args(["--quiet", "--capture", "--test-name"])
-                .arg(machine.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
-                .arg("--directory")
-                .arg(&dir)
-                .arg("--output-file")
-                .arg(&raw),
-        )?;
+        let mut capture = Command::new(&lcov);
+        capture
+            .args(["--quiet", "--capture", "--test-name"])
+            .arg(machine.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+            .arg("--directory")
+            .arg(&dir)
+            .arg("--output-file")
+            .arg(&raw);
+        run_tool(capture)?;
         let text = fs::read_to_string(&raw).with_context(|| format!("cannot read {}", raw.display()))?;
         let text = relocate_sources(&text, Path::exists, &sources);
         let tracefile = data.join(format!("{machine}.info"));
@@ -306,10 +308,13 @@ pub fn report(out: &Path, build_dirs: &[PathBuf]) -> Result<Report> {
     }
     // lcov writes as it goes: the report is put in place whole.
     let merged = scratch.path().join("coverage.info");
-    run_tool(merge.arg("--output-file").arg(&merged))?;
+    merge.arg("--output-file").arg(&merged);
+    run_tool(merge)?;
     atomic::copy(&merged, &combined_path)?;
     let html = out.join("coverage");
-    run_tool(Command::new(&genhtml).args(["--quiet", "--output-directory"]).arg(&html).arg(&combined_path))?;
+    let mut render = Command::new(&genhtml);
+    render.args(["--quiet", "--output-directory"]).arg(&html).arg(&combined_path);
+    run_tool(render)?;
     let combined = Counts::of_tracefiles(texts.iter().map(String::as_str));
     Ok(Report::Written { combined, machines: counts })
 }

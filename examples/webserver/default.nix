@@ -10,8 +10,9 @@ let
       files."/var/www" = ./www;
     };
     nodes = {
-      server = { inherit memory; cmdline = "quiet"; forwardPorts = [{ host = port; guest = 80; }]; };
-      client = { inherit memory; cmdline = "quiet"; };
+      # vmlab's node fields: the network's default guest (`guest` above).
+      server.vmlabNode = { guest = true; inherit memory; cmdline = "quiet"; forwardPorts = [{ host = port; guest = 80; }]; };
+      client.vmlabNode = { guest = true; inherit memory; cmdline = "quiet"; };
     };
   };
 in

@@ -64,7 +64,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         None => None,
     };
     if let (Some(Script::Python(path)), Some(py), Some(pp)) = (&script, &python, &pythonpath) {
-        if let Err(problems) = python::precheck(py, pp, path, &names, &vlans)? {
+        if let Some(problems) = python::precheck(py, pp, path, &names, &vlans)? {
             for line in problems.lines() {
                 log.write(None, line, Style::Bad);
             }

@@ -7,6 +7,8 @@ use std::process::Command;
 
 use anyhow::Context;
 
+use crate::runtime::process::ChildGuard;
+
 const FILES: [(&str, &str); 2] = [
     ("vmlab/__init__.py", include_str!("../../python/vmlab/__init__.py")),
     ("vmlab/check.py", include_str!("../../python/vmlab/check.py")),
@@ -38,8 +40,8 @@ fn with_path(python: &Path, pythonpath: &Path) -> Command {
     cmd
 }
 
-/// Checks a `.py` script before anything boots; `Err` holds the problems,
-/// one `SCRIPT:LINE: message` per line.
+/// Checks a `.py` script before anything boots: its problems, one
+/// `SCRIPT:LINE: message` per line, if it has any.
 /// `vlans` is the value of `VMLAB_VLANS`, which the script gets too.
 pub fn precheck(
     python: &Path,
@@ -47,19 +49,14 @@ pub fn precheck(
     script: &Path,
     machines: &[String],
     vlans: &str,
-) -> anyhow::Result<Result<(), String>> {
-    let out = with_path(python, pythonpath)
-        .env("VMLAB_VLANS", vlans)
-        .arg("-m")
-        .arg("vmlab.check")
-        .arg(script)
-        .args(machines)
-        .output()
-        .with_context(|| format!("running {}", python.display()))?;
+) -> anyhow::Result<Option<String>> {
+    let mut cmd = with_path(python, pythonpath);
+    cmd.env("VMLAB_VLANS", vlans).arg("-m").arg("vmlab.check").arg(script).args(machines);
+    let out = ChildGuard::output(cmd, "the script's check")?;
     if out.status.success() {
-        return Ok(Ok(()));
+        return Ok(None);
     }
-    Ok(Err(String::from_utf8_lossy(&out.stderr).trim_end().to_string()))
+    Ok(Some(String::from_utf8_lossy(&out.stderr).trim_end().to_string()))
 }
 
 /// The command that runs a `.py` test script with the API and machines bound.
@@ -105,7 +102,7 @@ mod tests {
         let py = install(&dir.path().join("py")).unwrap();
         let machines = vec!["server".to_string(), "client-1".to_string()];
         let ok = script(dir.path(), "import os\nstart_all()\nserver.succeed('true')\nclient_1.fail('false')\nwith subtest('x'):\n    retry(lambda last: True)\nmachines[0].log(os.sep)\n");
-        precheck(&python3().unwrap(), &py, &ok, &machines, "").unwrap().unwrap();
+        assert_eq!(precheck(&python3().unwrap(), &py, &ok, &machines, "").unwrap(), None);
         // What a NixOS testScript sees without importing it.
         let nixos = script(
             dir.path(),
@@ -114,9 +111,9 @@ mod tests {
              def later():\n    run_tests(); test_script(); create_machine('x'); serial_stdout_off(); serial_stdout_on()\n\
              assert isinstance(server, Machine) and isinstance(client_1, BaseMachine)\n",
         );
-        precheck(&python3().unwrap(), &py, &nixos, &machines, "1 7").unwrap().unwrap();
+        assert_eq!(precheck(&python3().unwrap(), &py, &nixos, &machines, "1 7").unwrap(), None);
         let typo = script(dir.path(), "start_all()\n\nsever.succeed('true')\npolling_conditon\nvlan2\nmachine\n");
-        let e = precheck(&python3().unwrap(), &py, &typo, &machines, "1 7").unwrap().unwrap_err();
+        let e = precheck(&python3().unwrap(), &py, &typo, &machines, "1 7").unwrap().expect("problems");
         assert!(
             e.contains("test.py:3: name 'sever' is not defined; did you mean 'server'? (machines: client_1, server)"),
             "{e}"
@@ -129,9 +126,9 @@ mod tests {
         // `machine` names the only machine, so with two it is a mistake.
         assert!(e.contains("test.py:6: name 'machine' is not defined"), "{e}");
         let one = script(dir.path(), "machine.succeed('true')\n");
-        precheck(&python3().unwrap(), &py, &one, &["solo".to_string()], "").unwrap().unwrap();
+        assert_eq!(precheck(&python3().unwrap(), &py, &one, &["solo".to_string()], "").unwrap(), None);
         let broken = script(dir.path(), "x = (\n");
-        let e = precheck(&python3().unwrap(), &py, &broken, &machines, "").unwrap().unwrap_err();
+        let e = precheck(&python3().unwrap(), &py, &broken, &machines, "").unwrap().expect("problems");
         assert!(e.contains("test.py:1: syntax error"), "{e}");
     }
 

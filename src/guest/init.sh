@@ -109,16 +109,38 @@ configure() {
     mkdir -p /run/vmlab
     cat "$CONFIG" > /run/vmlab/config
     configure_interfaces
-    printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
-    while read -r keyword first second rest; do
-        case $keyword in
-            hostname)
-                hostname "$first"
-                echo "$first" > /etc/hostname
-                ;;
-            host) echo "$first $second" >> /etc/hosts ;;
-        esac
+    while read -r keyword first rest; do
+        if [ "$keyword" = hostname ]; then
+            hostname "$first"
+            echo "$first" > /etc/hostname
+        fi
     done < /run/vmlab/config
+    write_hosts
+}
+
+HOSTS_MARK="# vmlab: the network's machines (fw_cfg opt/vmlab/config)"
+
+# /etc/hosts keeps what the system wrote there (a NixOS guest's own lines,
+# networking.hosts and extraHosts; localhost when there is no file), and the
+# network's machines follow, after a line of vmlab's that marks them so that
+# running this again replaces them. Rewritten in place: the file keeps its
+# mode and owner.
+write_hosts() {
+    {
+        if [ -e /etc/hosts ]; then
+            while IFS= read -r line || [ -n "$line" ]; do
+                [ "$line" = "$HOSTS_MARK" ] && break
+                printf '%s\n' "$line"
+            done < /etc/hosts
+        else
+            printf '127.0.0.1 localhost\n::1 localhost\n'
+        fi
+        echo "$HOSTS_MARK"
+        while read -r keyword address name rest; do
+            if [ "$keyword" = host ]; then echo "$address $name"; fi
+        done < /run/vmlab/config
+    } > /run/vmlab/hosts
+    cat /run/vmlab/hosts > /etc/hosts
 }
 
 # The ACPI power button (QMP system_powerdown) powers the guest off, as

@@ -97,9 +97,7 @@ pub const DATA_PORT_NAME: &str = "vmlab.data";
 /// channel on a named virtio-serial port, and QMP, all listening in the
 /// state directory so a driver can connect at any time.
 pub fn control_sockets() -> Vec<Opt> {
-    let listening =
-        |prefix: &str, file: &str| Word::lit(prefix).then_var(STATE_VAR).then(format!("/{file},server=on,wait=off"));
-    vec![
+    let backdoor = vec![
         // Two ports, the console and the data channel, with an interrupt
         // vector per queue (two per port, two for the control queues that
         // carry the port's name, one for configuration): with the default 31
@@ -109,11 +107,24 @@ pub fn control_sockets() -> Vec<Opt> {
         opt(&["-device", "virtio-serial,max_ports=2,vectors=7"]),
         vec![Word::lit("-chardev"), listening("socket,id=shell,path=", layout::SHELL_SOCKET)],
         opt(&["-device", "virtconsole,chardev=shell"]),
+    ];
+    [backdoor, data_port(), vec![vec![Word::lit("-qmp"), listening("unix:", layout::QMP_SOCKET)]]].concat()
+}
+
+/// A listening socket in the state directory, as a chardev or QMP address:
+/// `prefix` then `$state/file` with the server options.
+fn listening(prefix: &str, file: &str) -> Word {
+    Word::lit(prefix).then_var(STATE_VAR).then(format!("/{file},server=on,wait=off"))
+}
+
+/// The data channel: a named port on whichever virtio-serial bus QEMU made
+/// before it (vmlab's own, or a nixpkgs driver's `-device virtio-serial`).
+pub fn data_port() -> Vec<Opt> {
+    vec![
         // Not a console, so QEMU throttles it: the guest waits while the host
         // reads slowly instead of losing what it writes.
         vec![Word::lit("-chardev"), listening("socket,id=data,path=", layout::DATA_SOCKET)],
         opt(&["-device", &format!("virtserialport,chardev=data,name={DATA_PORT_NAME}")]),
-        vec![Word::lit("-qmp"), listening("unix:", layout::QMP_SOCKET)],
     ]
 }
 
@@ -195,9 +206,19 @@ pub fn direct_boot_opts(
 /// see [`user_net_options`]), so those are left out. It does not bring
 /// `-no-reboot` (nixpkgs' driver passes it itself), without which a reboot
 /// or a panic (NixOS tests boot with `panic=1`) restarts the guest inside
-/// QEMU, and the driver waits for an exit that never comes.
+/// QEMU, and the driver waits for an exit that never comes. Its own
+/// accelerator choice (KVM when it can, else TCG) gives way to vmlab's
+/// (`VMLAB_ACCEL`, `--accel`), so both kinds of machine run alike.
 pub fn start_script_opts(m: &Machine, options: &[String]) -> Vec<Opt> {
-    [vec![opt(&["-no-reboot"])], guest_config(m), vlan_nics(m), extra(options)].concat()
+    [vec![opt(&["-no-reboot"]), start_script_accel()], guest_config(m), vlan_nics(m), extra(options)].concat()
+}
+
+/// The accelerator for a start script's QEMU. Not `-accel`, which QEMU
+/// refuses next to the `-machine accel=kvm:tcg` (or `hvf:tcg`) that
+/// qemu-vm.nix's script gives: a later `-machine accel=` replaces that one,
+/// keeping its machine type.
+fn start_script_accel() -> Opt {
+    vec![Word::lit("-machine"), Word::lit("accel=").then_var(ACCEL_VAR)]
 }
 
 #[cfg(test)]
@@ -311,6 +332,7 @@ mod tests {
         );
         assert_eq!(r.last().unwrap(), "-snapshot");
         assert!(r.iter().any(|o| o == "-no-reboot"), "{r:?}");
+        assert!(r.iter().any(|o| o == "-machine accel=\"$accel\""), "{r:?}");
         // The run script adds its own channels unless its caller brings them.
         assert!(r.iter().all(|o| !o.starts_with("-chardev") && !o.starts_with("-qmp")), "{r:?}");
         let own = render(&own_channels(false));

@@ -75,14 +75,6 @@ impl Machine {
         self.layout.state_dir(&self.name)
     }
 
-    pub fn shell_socket(&self) -> PathBuf {
-        self.layout.shell_socket(&self.name)
-    }
-
-    pub fn qmp_socket(&self) -> PathBuf {
-        self.layout.qmp_socket(&self.name)
-    }
-
     /// The serial console log; appended to across restarts.
     pub fn serial_log(&self) -> PathBuf {
         self.layout.serial_log(&self.name)

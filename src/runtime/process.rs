@@ -6,9 +6,9 @@
 //! reaches the direct child only, which is why run scripts `exec` QEMU, and
 //! why a test script runs under a reaper ([`super::reaper`]).
 
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
@@ -86,6 +86,27 @@ impl ChildGuard {
             }
         })?;
         Ok(guard)
+    }
+
+    /// Runs `cmd` to its end under a guard (so it dies with vmlab), as
+    /// `Command::output` does without one: no standard input, standard
+    /// output and error collected.
+    pub fn output(mut cmd: Command, what: impl Into<String>) -> Result<Output> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let guard = ChildGuard::spawn(cmd, what)?;
+        let mut stderr = guard.take_stderr().expect("stderr is piped");
+        let (sender, received) = mpsc::channel();
+        super::spawn_thread(format!("stderr-{}", guard.pid), move || {
+            let mut bytes = Vec::new();
+            let _ = stderr.read_to_end(&mut bytes);
+            let _ = sender.send(bytes);
+        })?;
+        let mut stdout = Vec::new();
+        let read = guard.take_stdout().expect("stdout is piped").read_to_end(&mut stdout);
+        read.with_context(|| format!("cannot read the output of {}", guard.what))?;
+        let stderr = received.recv().unwrap_or_default();
+        let status = guard.wait_exit(Duration::MAX).expect("waited without a limit");
+        Ok(Output { status, stdout, stderr })
     }
 
     pub fn pid(&self) -> u32 {

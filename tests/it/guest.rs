@@ -264,8 +264,8 @@ fn assert_configured(qemu: &mut Qemu, backdoor: &mut Backdoor) {
     assert!(serial.contains("vmlabaside0: renamed from eth1"), "eth1 and eth2 traded names:\n{serial}");
     assert_eq!(
         backdoor.succeed(qemu, "cat /etc/hosts"),
-        "127.0.0.1 localhost\n::1 localhost\n192.168.1.1 client\n2001:db8:1::1 client\n\
-         192.168.1.2 server\n2001:db8:1::2 server\n"
+        "127.0.0.1 localhost\n::1 localhost\n# vmlab: the network's machines (fw_cfg opt/vmlab/config)\n\
+         192.168.1.1 client\n2001:db8:1::1 client\n192.168.1.2 server\n2001:db8:1::2 server\n"
     );
     let ping = backdoor.succeed(qemu, "ping -c 1 server && ping6 -c 1 server");
     assert!(ping.contains("PING server (192.168.1.2)"), "{ping}");
@@ -457,29 +457,25 @@ fn bad_inputs_are_one_line_errors_and_write_nothing() {
     }
 }
 
-/// `init.sh network` (what a NixOS guest runs) on the host, in namespaces of
-/// its own: network, host name, and mounts (sysfs of that network, a fake
-/// fw_cfg configuration, tmpfs on /etc and /run), so nothing of the host
-/// changes. Its NIC exists before it runs, as a NixOS guest's does: the
-/// IPv6 address must be usable at once, not tentative for a second of
-/// duplicate address detection. Needs root (skipped otherwise).
-#[test]
-fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
+/// Runs `init.sh network` (what a NixOS guest runs) on the host, in
+/// namespaces of its own: network, host name, and mounts (sysfs of that
+/// network, a fake fw_cfg configuration `config`, tmpfs on /etc and /run),
+/// so nothing of the host changes. `before` and `after` are shell commands
+/// around it; their standard output, or `None` (and why) without root.
+fn init_sh_network(config: &str, before: &str, after: &str) -> Option<String> {
     let init_sh = crate::support::repo_root().join("src/guest/init.sh");
+    let fw_cfg = "/sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config";
     let sandbox = format!(
         "set -eu
          mount -t sysfs sysfs /sys
          mount -t tmpfs tmpfs /sys/firmware
          mount -t tmpfs tmpfs /etc
          mount -t tmpfs tmpfs /run
-         mkdir -p /sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config
-         printf 'hostname server\\ninterface eth1 52:54:00:12:01:02 2001:db8:1::2/64\\n' \
-             > /sys/firmware/qemu_fw_cfg/by_name/opt/vmlab/config/raw
-         ip link add veth0 address 52:54:00:12:01:02 type veth peer name peer
-         ip link set dev peer up
+         mkdir -p {fw_cfg}
+         printf '%s' '{config}' > {fw_cfg}/raw
+         {before}
          sh {init_sh:?} network
-         cat /proc/sys/net/ipv6/conf/eth1/accept_dad
-         ip -6 address show dev eth1 scope global"
+         {after}"
     );
     let out = run(Command::new("unshare")
         .args(["--mount", "--net", "--uts", "--propagation", "private", "sh", "-c"])
@@ -487,10 +483,52 @@ fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && stderr.contains("unshare failed") {
         crate::support::skip(&format!("cannot make namespaces (not root?): {}", stderr.trim()));
-        return;
+        return None;
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.starts_with("0\n") && stdout.contains("inet6 2001:db8:1::2/64"), "{stdout}{stderr}");
-    assert!(!stdout.contains("tentative"), "{stdout}{stderr}");
+    Some(stdout)
+}
+
+/// The NIC exists before `init.sh network` runs, as a NixOS guest's does:
+/// the IPv6 address must be usable at once, not tentative for a second of
+/// duplicate address detection.
+#[test]
+fn init_sh_network_adds_ipv6_addresses_without_duplicate_address_detection() {
+    let Some(stdout) = init_sh_network(
+        "hostname server\ninterface eth1 52:54:00:12:01:02 2001:db8:1::2/64\n",
+        "ip link add veth0 address 52:54:00:12:01:02 type veth peer name peer
+         ip link set dev peer up",
+        "cat /proc/sys/net/ipv6/conf/eth1/accept_dad
+         ip -6 address show dev eth1 scope global",
+    ) else {
+        return;
+    };
+    assert!(stdout.starts_with("0\n") && stdout.contains("inet6 2001:db8:1::2/64"), "{stdout}");
+    assert!(!stdout.contains("tentative"), "{stdout}");
+}
+
+/// On a NixOS guest /etc/hosts holds what NixOS wrote (its own lines,
+/// networking.hosts, extraHosts; the last line without a line end): the
+/// network's machines are added after it, once however often the service runs.
+#[test]
+fn init_sh_network_adds_the_machines_to_the_hosts_nixos_wrote() {
+    let nixos = "127.0.0.1 localhost\n::1 localhost\n127.0.0.2 server\n10.0.0.9 db.example # extraHosts";
+    let Some(stdout) = init_sh_network(
+        "hostname server\nhost 192.168.1.1 client\nhost 2001:db8:1::1 client\n",
+        &format!("printf '{nixos}' > /etc/hosts; chmod 0604 /etc/hosts"),
+        &format!(
+            "sh {:?} network; stat -c %a /etc/hosts; cat /etc/hosts",
+            crate::support::repo_root().join("src/guest/init.sh")
+        ),
+    ) else {
+        return;
+    };
+    assert_eq!(
+        stdout,
+        format!(
+            "604\n{nixos}\n# vmlab: the network's machines (fw_cfg opt/vmlab/config)\n\
+             192.168.1.1 client\n2001:db8:1::1 client\n"
+        )
+    );
 }

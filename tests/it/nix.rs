@@ -297,7 +297,8 @@ fn the_evaluated_spec_piped_to_vmlab_build_gives_the_derivations_output() {
 /// unless given).
 fn run_test_expr(name: &str, options: &str) -> String {
     format!(
-        "{}.runTest ({{ name = \"{name}\"; nodes.a.memory = 128; requiredSystemFeatures = [ ]; }} // {{ {options} }})",
+        "{}.runTest ({{ name = \"{name}\"; nodes.a.vmlabNode = {{ guest = true; memory = 128; }}; \
+         requiredSystemFeatures = [ ]; }} // {{ {options} }})",
         lab()
     )
 }
@@ -314,7 +315,7 @@ fn failing_executable(dir: &Path) -> PathBuf {
 fn run_test_declares_system_features_that_builders_must_offer() {
     let tmp = tempfile::tempdir().unwrap();
     let script = format!("testScript = {};", nix_path(&failing_executable(tmp.path())));
-    let default = format!("{}.runTest {{ name = \"features\"; nodes.a = {{ }}; {script} }}", lab());
+    let default = format!("{}.runTest {{ name = \"features\"; nodes.a.vmlabNode.guest = true; {script} }}", lab());
     let overridden = run_test_expr("features", &script);
     for (expr, want) in [(&default, r#"["nixos-test","kvm"]"#), (&overridden, "[]")] {
         let Some(mut cmd) = nix("nix-instantiate") else { return };
@@ -395,16 +396,22 @@ fn run_test_keeps_a_failed_tests_output_when_asked_and_marks_it_failed() {
     assert!(logs.iter().any(|log| log.contains("vmlab-guest: boot done")), "{logs:?}");
 }
 
+/// The Nix fixture `file` of tests/fixtures/nix applied to this checkout
+/// (`root`) and the bindings `args`.
+fn nix_fixture(file: &str, args: &str) -> String {
+    format!(
+        "import {} {{ root = {}; {args} }}",
+        nix_path(&repo_root().join("tests/fixtures/nix").join(file)),
+        nix_path(repo_root())
+    )
+}
+
 /// flake.nix needs nixpkgs, which this machine lacks: its outputs are
 /// evaluated with a stand-in (tests/fixtures/nix/stub-nixpkgs.nix) whose
 /// packages are fake paths, so what is checked is the flake's own wiring.
 #[test]
 fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
-    let expr = format!(
-        "import {} {{ root = {}; }}",
-        nix_path(&repo_root().join("tests/fixtures/nix/flake-outputs.nix")),
-        nix_path(repo_root())
-    );
+    let expr = nix_fixture("flake-outputs.nix", "");
     let Some(mut cmd) = nix("nix-instantiate") else { return };
     let outputs: Value =
         serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), "flake")).unwrap();
@@ -444,11 +451,13 @@ fn the_flakes_outputs_evaluate_with_a_stand_in_nixpkgs() {
     let mixed = &outputs["mixedSpec"]["nodes"];
     assert_eq!(mixed["server"], json!({"startScript": "/stub/vm-server/bin/run-server-vm", "vlans": [2]}));
     assert!(mixed["client"]["kernel"].as_str().unwrap().ends_with("-vmlab-guest/kernel"), "{mixed}");
-    assert_eq!(outputs["mixedTestScript"], "server 192.168.1.1");
+    assert_eq!(outputs["mixedTestScript"], "server server 192.168.1.1");
     assert_eq!(
         outputs["server"],
         json!({"hostName": "server", "memory": 512, "nodes": ["server"], "planMachines": ["client", "server"],
-               "primaryIPAddress": "192.168.2.2", "primaryIPv6Address": "2001:db8:2::2"})
+               "primaryIPAddress": "192.168.2.2", "primaryIPv6Address": "2001:db8:2::2",
+               "nodeConfigs": ["server", "server"], "ownModule": {"services": {"nginx": {"enable": true}}},
+               "networkNodes": ["server", "server", "/stub/vm-server/bin/run-server-vm"]})
     );
 }
 
@@ -495,11 +504,13 @@ fn run_test_restores_from_its_snapshot_derivation() {
 /// systemd's and journald's `settings` options or one before them
 /// (tests/fixtures/nix/guest-module.nix); `None` where Nix is not installed.
 fn guest_module(settings: bool, attr: &str) -> Option<Value> {
-    let expr = format!(
-        "(import {} {{ root = {}; settings = {settings}; }}).{attr}",
-        nix_path(&repo_root().join("tests/fixtures/nix/guest-module.nix")),
-        nix_path(repo_root())
-    );
+    guest_module_with(&format!("settings = {settings};"), attr)
+}
+
+/// `attr` of nix/guest-module.nix's merged definitions with the fixture's
+/// arguments `args` (Nix bindings).
+fn guest_module_with(args: &str, attr: &str) -> Option<Value> {
+    let expr = format!("({}).{attr}", nix_fixture("guest-module.nix", args));
     let mut cmd = nix("nix-instantiate")?;
     Some(serde_json::from_str(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), &expr)).unwrap())
 }
@@ -531,4 +542,125 @@ fn the_guest_module_configures_systemd_as_nixos_tests_do() {
         let Some(got) = guest_module(settings, attr) else { return };
         assert_eq!(got, want, "{attr} (settings = {settings})");
     }
+}
+
+/// The guest module makes eth0 itself, so qemu-vm.nix's `forwardPorts` and
+/// an explicit `restrictNetwork = false` would be lost: evaluation fails
+/// with what to write instead; `restrictNetwork = true` is what vmlab does.
+#[test]
+fn the_guest_module_refuses_qemu_vm_network_options_it_would_drop() {
+    let forward = "forwardPorts = [ { from = \"host\"; host.port = 8080; guest.port = 80; } ];";
+    let ports = "virtualisation.forwardPorts is not used on vmlab's machines";
+    let restrict = "virtualisation.restrictNetwork = false cannot be had";
+    for (args, want) in [
+        ("", &[][..]),
+        ("restrictNetwork = true;", &[]),
+        (forward, &[ports]),
+        ("restrictNetwork = false;", &[restrict]),
+        (&format!("{forward} restrictNetwork = false;"), &[ports, restrict]),
+        // A NixOS from before restrictNetwork: nothing to check there.
+        ("restrictNetwork = \"absent\";", &[]),
+    ] {
+        let Some(assertions) = guest_module_with(args, "assertions") else { return };
+        let failing: Vec<&str> = assertions
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["assertion"] == json!(false))
+            .map(|a| a["message"].as_str().unwrap())
+            .collect();
+        assert_eq!(failing.len(), want.len(), "{args}: {failing:?}");
+        for (message, start) in failing.iter().zip(want) {
+            assert!(message.starts_with(start), "{args}: {message}");
+        }
+        if want.contains(&ports) {
+            assert!(failing[0].contains("vmlabNode.forwardPorts = [ { host = 8080; guest = 80; } ]"), "{failing:?}");
+        }
+    }
+}
+
+/// A node is written as in NixOS tests: a NixOS module (function, attribute
+/// set, path, a set with `imports`) or a list of them; vmlab's own fields go
+/// under `vmlabNode`, where `kernel`, `startScript` or `guest` say it is not
+/// NixOS. The spec node each form gives, with the flake's library on the
+/// stand-in nixpkgs (its NixOS machines' start scripts are fake paths), or
+/// the error, one that says what to write for the forms vmlab once read.
+#[test]
+fn nodes_are_written_as_nixos_tests_write_them() {
+    let stub_lab = format!("({}).lib.x86_64-linux", nix_fixture("stub-flake.nix", ""));
+    let host_lab = lab();
+    let nixos = Ok(json!({"startScript": "/stub/vm-n/bin/run-n-vm"}));
+    let former =
+        |field: &str| Err(format!("node \"n\": \"{field}\" is a vmlab node field: write it as vmlabNode.{field}"));
+    let cases: Vec<(&str, &str, Result<Value, String>)> = vec![
+        (&stub_lab, "{ services.nginx.enable = true; }", nixos.clone()),
+        (&stub_lab, "{ }", nixos.clone()),
+        (&stub_lab, "{ pkgs, ... }: { services.nginx.enable = true; }", nixos.clone()),
+        (&stub_lab, "[ { } ({ ... }: { }) ]", nixos.clone()),
+        (&stub_lab, "/. + \"/server.nix\"", nixos.clone()),
+        (
+            &stub_lab,
+            "{ imports = [ ]; vmlabNode = { vlans = [ 2 3 ]; memory = 512; }; }",
+            Ok(json!({"startScript": "/stub/vm-n/bin/run-n-vm", "vlans": [2, 3]})),
+        ),
+        (&stub_lab, "{ vmlabNode = { kernel = \"/k\"; cmdline = \"quiet\"; }; }", Ok(json!({"kernel": "/k", "cmdline": "quiet"}))),
+        (&stub_lab, "{ vmlabNode.startScript = \"/s\"; }", Ok(json!({"startScript": "/s"}))),
+        (&stub_lab, "{ memory = 128; }", former("memory")),
+        (
+            &stub_lab,
+            "{ nixos = [ ]; vlans = [ 1 ]; }",
+            Err("node \"n\": \"nixos\" is no longer needed: a node is its NixOS module, as in NixOS tests \
+                 (imports = [ … ]; with vmlab's fields in vmlabNode)"
+                .into()),
+        ),
+        (&stub_lab, "{ guest.rc = ./x; }", former("guest")),
+        (
+            &stub_lab,
+            "{ vmlabNode.kernel = \"/k\"; services.nginx.enable = true; }",
+            Err("node \"n\": vmlabNode.kernel boots it without NixOS, so its NixOS settings (services) would be lost".into()),
+        ),
+        (
+            &stub_lab,
+            "{ vmlabNode = { kernel = \"/k\"; guest = true; }; }",
+            Err("node \"n\": vmlabNode has kernel and guest: a node boots one way".into()),
+        ),
+        (&stub_lab, "\"server\"", Err("node \"n\": a NixOS module (a function, an attribute set or a path) or a list of them expected, not a string".into())),
+        // Without nixpkgs, a NixOS node (an empty set among them, which
+        // was vmlab's default guest) cannot be evaluated: the error says how
+        // to ask for the default guest.
+        (
+            &host_lab,
+            "{ }",
+            Err("node \"n\" is a NixOS configuration: evaluating it needs nixpkgs (use the flake's lib); \
+                 for vmlab's default guest, write vmlabNode.guest = true"
+                .into()),
+        ),
+    ];
+    for (lab, node, want) in cases {
+        let expr = format!("({lab}.networkSpec {{ name = \"forms\"; nodes.n = {node}; }}).nodes.n");
+        let Some(mut cmd) = nix("nix-instantiate") else { return };
+        let out = run(cmd.args(["--eval", "--strict", "--json", "-E", &expr]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match want {
+            Ok(want) => {
+                assert!(out.status.success(), "{node}: {stderr}");
+                assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), want, "{node}");
+            }
+            Err(want) => assert!(!out.status.success() && stderr.contains(&want), "{node}: want {want:?}: {stderr}"),
+        }
+    }
+    // The default guest: the network's, or the node's own.
+    let guest = |node: &str| {
+        let expr = format!("({stub_lab}.networkSpec {{ name = \"forms\"; nodes.n = {node}; }}).nodes.n");
+        let mut cmd = nix("nix-instantiate")?;
+        Some(
+            serde_json::from_str::<Value>(&ok(run(cmd.args(["--eval", "--strict", "--json", "-E", &expr])), node))
+                .unwrap(),
+        )
+    };
+    let Some(shared) = guest("{ vmlabNode = { guest = true; memory = 64; }; }") else { return };
+    assert!(shared["kernel"].as_str().unwrap().ends_with("-vmlab-guest/kernel"), "{shared}");
+    assert_eq!(shared["memory"], json!(64));
+    let Some(own) = guest("{ vmlabNode.guest.name = \"own-guest\"; }") else { return };
+    assert!(own["initrd"].as_str().unwrap().ends_with("-own-guest/initrd"), "{own}");
 }

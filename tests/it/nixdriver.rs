@@ -31,6 +31,8 @@ fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
     assert_eq!(result["outputs"]["echo"], json!([0, "hello\n"]));
     assert_eq!(result["outputs"]["server"], json!([0, "server\n"]));
     assert_eq!(result["outputs"]["client"], json!([0, "client\n"]));
+    // vmlab's data port joined the driver's virtio-serial bus, next to its console.
+    assert_eq!(result["outputs"]["ports"], json!([0, "vmlab.data\n"]), "{result}");
     // Over the driver's own vde_switch, by name.
     assert_eq!(result["outputs"]["ping"], json!(0), "{result}");
     assert_eq!(result["exits"], json!({"server": 0, "client": 0}));
@@ -41,13 +43,16 @@ fn nixpkgs_driver_start_up_and_framing_drive_vmlab_run_scripts() {
         assert_eq!(serial.matches(note).count(), 1, "{machine}: {serial}");
     }
     // The run scripts took the driver's state directories (TMPDIR with
-    // USE_TMPDIR) rather than making their own there, and left nothing running.
+    // USE_TMPDIR) rather than making their own there (QEMU removes its
+    // listening sockets, the data port's among them, as it exits), and left
+    // nothing running.
     for machine in ["server", "client"] {
         let entries: Vec<String> = std::fs::read_dir(state.join(format!("vm-state-{machine}")))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(entries.iter().all(|e| ["monitor", "shell", "qmp"].contains(&e.as_str())), "{entries:?}");
+        let known = ["monitor", "shell", "qmp", layout::DATA_SOCKET];
+        assert!(entries.iter().all(|e| known.contains(&e.as_str())), "{entries:?}");
     }
     assert_eq!(processes_mentioning(tmp.path()), []);
 }

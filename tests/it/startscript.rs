@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::json;
 
 use crate::support::{fixtures, run, vmlab};
-use vmlab::layout;
+use vmlab::{accel, layout};
 
 fn tool(name: &str) -> PathBuf {
     fixtures().join("specs/tools").join(name)
@@ -27,10 +27,12 @@ fn build(out: &Path, qemu_options: &[&str]) {
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
 }
 
-/// Runs the machine of `out` with state directory `state`, `env` added; the
-/// stand-in QEMU's arguments, from the directory it ran in (which must be `state`).
-fn start(out: &Path, state: &Path, env: &[(&str, &str)]) -> Vec<String> {
+/// Runs the machine of `out` with state directory `state`, `env` added, and
+/// `args` (as a nixpkgs driver gives them); the stand-in QEMU's arguments,
+/// from the directory it ran in (which must be `state`).
+fn start(out: &Path, state: &Path, env: &[(&str, &str)], args: &[&str]) -> Vec<String> {
     let started = run(Command::new(out.join(layout::run_script("machine")))
+        .args(args)
         .env("VMLAB_STATE_DIR", state)
         // Where qemu-vm.nix's script would make its nix-vm.* directories if
         // it did not take the state directory as its own.
@@ -46,7 +48,11 @@ fn start(out: &Path, state: &Path, env: &[(&str, &str)]) -> Vec<String> {
 }
 
 fn contains(args: &[String], words: &[&str]) -> bool {
-    args.windows(words.len()).any(|w| w == words)
+    position(args, words).is_some()
+}
+
+fn position(args: &[String], words: &[&str]) -> Option<usize> {
+    args.windows(words.len()).position(|w| w == words)
 }
 
 /// qemu-vm.nix makes a nix-vm.* directory for each start unless USE_TMPDIR is
@@ -57,7 +63,7 @@ fn a_start_script_runs_in_the_state_directory_every_time() {
     let (out, state) = (tmp.path().join("out"), tmp.path().join("state"));
     build(&out, &[]);
     for _ in 0..2 {
-        let args = start(&out, &state, &[]);
+        let args = start(&out, &state, &[], &[]);
         assert!(contains(&args, &["-no-reboot"]), "{args:?}");
         let mut entries: Vec<String> =
             fs::read_dir(&state).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
@@ -79,7 +85,7 @@ fn vmlab_options_reach_qemu_whole_through_a_start_script() {
         let tmp = tempfile::tempdir().unwrap();
         let (out, state) = (tmp.path().join(out_name), tmp.path().join(state_name));
         build(&out, &["-smbios", smbios]);
-        let args = start(&out, &state, &[("QEMU_OPTS", "-device  virtio-balloon")]);
+        let args = start(&out, &state, &[("QEMU_OPTS", "-device  virtio-balloon")], &[]);
         let (out, state) = (out.display(), state.display());
         for words in [
             &["-fw_cfg", &format!("name=opt/vmlab/config,file={out}/{}", layout::config_file("machine"))][..],
@@ -91,5 +97,82 @@ fn vmlab_options_reach_qemu_whole_through_a_start_script() {
         ] {
             assert!(contains(&args, words), "{out_name:?}, {state_name:?}: {words:?} not in {args:?}");
         }
+    }
+}
+
+/// `VMLAB_ACCEL` (`--accel`) chooses a NixOS machine's accelerator as it does
+/// a direct-boot one's: after the script's own `-machine type=q35,accel=kvm:tcg`,
+/// which real QEMU then runs with the later choice (KVM where it is usable; a
+/// `kvm` request fails on a host without, rather than falling back to TCG).
+#[test]
+fn vmlab_accel_chooses_a_start_scripts_accelerator() {
+    let auto = accel::decide(accel::Accel::Auto, &accel::probe()).unwrap().accel.to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    build(&out, &[]);
+    for (requested, want) in [(Some("tcg"), "tcg"), (Some("kvm"), "kvm"), (Some("auto"), &auto), (None, &auto)] {
+        let state = tmp.path().join(format!("state-{requested:?}"));
+        let env: Vec<(&str, &str)> = requested.map(|r| ("VMLAB_ACCEL", r)).into_iter().collect();
+        let args = start(&out, &state, &env, &[]);
+        let own = position(&args, &["-machine", "type=q35,accel=kvm:tcg"]).expect("the stand-in's own -machine");
+        let ours = position(&args, &["-machine", &format!("accel={want}")]);
+        assert!(ours.is_some_and(|at| at > own), "{requested:?}: {args:?}");
+        let machine_args: Vec<&str> =
+            args.windows(2).filter(|w| w[0] == "-machine").flat_map(|w| [w[0].as_str(), w[1].as_str()]).collect();
+        let (kvm_used, stderr) = qemu_uses_kvm(&machine_args);
+        match (want, kvm_used) {
+            ("tcg", Some(false)) | ("kvm", Some(true)) => {}
+            ("kvm", None) => assert!(stderr.contains("kvm"), "{stderr}"),
+            _ => panic!("{requested:?}: QEMU with {machine_args:?}: kvm {kvm_used:?}: {stderr}"),
+        }
+    }
+}
+
+/// Whether the host's QEMU, given `args` and nothing to run (`-S`), uses KVM
+/// (`info kvm`); `None` when it does not start, with its standard error.
+fn qemu_uses_kvm(args: &[&str]) -> (Option<bool>, String) {
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(args)
+        .args(["-nodefaults", "-display", "none", "-S", "-monitor", "stdio"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut qemu.stdin.take().unwrap(), b"info kvm\nquit\n").unwrap();
+    let done = qemu.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    let used = ["disabled", "enabled"].iter().position(|s| stdout.contains(&format!("kvm support: {s}")));
+    (used.map(|i| i == 1), String::from_utf8_lossy(&done.stderr).into_owned())
+}
+
+/// Given arguments (as nixpkgs' driver runs it), the run script leaves its
+/// channels to the caller but adds the data port to the caller's
+/// virtio-serial bus, after it (QEMU puts a port on a bus made before it);
+/// without such a bus it adds none, which QEMU would refuse.
+#[test]
+fn the_data_port_joins_a_callers_virtio_serial_bus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    build(&out, &[]);
+    let data_port = ["-device", "virtserialport,chardev=data,name=vmlab.data"];
+    for (i, (given, bus)) in [
+        (&["-device", "virtio-serial", "-device", "virtconsole,chardev=shell"][..], Some("virtio-serial")),
+        (&["-device", "virtio-serial-pci,max_ports=4"], Some("virtio-serial-pci,max_ports=4")),
+        (&["-device", "virtio-rng-pci", "-serial", "stdio"], None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let state = tmp.path().join(format!("state{i}"));
+        let args = start(&out, &state, &[], given);
+        let port = position(&args, &data_port);
+        match bus {
+            Some(bus) => assert!(port > position(&args, &["-device", bus]), "{given:?}: {args:?}"),
+            None => assert_eq!(port, None, "{given:?}: {args:?}"),
+        }
+        // The caller's channels replace the run script's own.
+        assert!(!contains(&args, &["-device", "virtio-serial,max_ports=2,vectors=7"]), "{args:?}");
+        assert!(!args.iter().any(|a| a.contains(layout::SHELL_SOCKET) || a.contains(layout::QMP_SOCKET)), "{args:?}");
     }
 }

@@ -197,3 +197,25 @@ impl Machine {
         })
     }
 }
+
+/// The shell command for "something listens on `addr`:`port`". `nc -z`
+/// (OpenBSD netcat, NixOS) first; busybox's nc has no `-z` but runs a
+/// program once connected.
+pub fn port_check(port: u16, addr: &str) -> String {
+    let (a, p) = (quote(addr), port);
+    format!("nc -z {a} {p} 2>/dev/null || nc -w 2 {a} {p} -e true 2>/dev/null")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_checks_quote_the_address() {
+        assert_eq!(
+            port_check(80, "localhost"),
+            "nc -z localhost 80 2>/dev/null || nc -w 2 localhost 80 -e true 2>/dev/null"
+        );
+        assert!(port_check(1, "a b").starts_with("nc -z 'a b' 1 "));
+    }
+}

@@ -104,14 +104,6 @@ fn qemu_alive(vm: &mut dyn Vm, name: &str) -> Result<(), DriverError> {
     }
 }
 
-/// The shell command for "something listens on `addr`:`port`". `nc -z`
-/// (OpenBSD netcat, NixOS) first; busybox's nc has no `-z` but runs a
-/// program once connected.
-pub fn port_check(port: u16, addr: &str) -> String {
-    let (a, p) = (quote(addr), port);
-    format!("nc -z {a} {p} 2>/dev/null || nc -w 2 {a} {p} -e true 2>/dev/null")
-}
-
 pub struct Machine {
     pub name: String,
     vm: Box<dyn Vm>,
@@ -513,14 +505,5 @@ mod tests {
         for (tcg, machines, cores, want) in cases {
             assert_eq!(boot_silence_limit(tcg, machines, cores), Duration::from_secs(want), "{tcg} {machines} {cores}");
         }
-    }
-
-    #[test]
-    fn port_checks_quote_the_address() {
-        assert_eq!(
-            port_check(80, "localhost"),
-            "nc -z localhost 80 2>/dev/null || nc -w 2 localhost 80 -e true 2>/dev/null"
-        );
-        assert!(port_check(1, "a b").starts_with("nc -z 'a b' 1 "));
     }
 }
