@@ -40,7 +40,10 @@ fn write_spec(path: &Path, port: u16, memory: u32) {
 fn snapshot() -> &'static Snapshot {
     static SNAPSHOT: OnceLock<Snapshot> = OnceLock::new();
     SNAPSHOT.get_or_init(|| {
-        let root = tempfile::Builder::new().prefix("snapshot-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+        // One place, emptied first: every run's snapshot is tens of MiB.
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("snapshot");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
         let port = free_port();
         let spec = root.join("snapweb.json");
         write_spec(&spec, port, 128);
