@@ -48,10 +48,17 @@ fn snapshot() -> &'static Snapshot {
         let spec = root.join("snapweb.json");
         write_spec(&spec, port, 128);
         let dir = root.join("snap");
-        let out = run(vmlab().env("TMPDIR", &root).arg("snapshot").arg(&spec).arg("--out").arg(&dir));
+        // Compressed: the Nix test takes the default, uncompressed.
+        let out = run(vmlab()
+            .env("TMPDIR", &root)
+            .arg("snapshot")
+            .arg(&spec)
+            .args(["--compress", "zstd", "--out"])
+            .arg(&dir));
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{stderr}");
         assert!(stderr.contains("server: waiting for success of `nc -w 2 localhost 80 -e true`"), "{stderr}");
+        assert!(dir.join("server.state.zst").is_file(), "{stderr}");
         Snapshot { dir, spec, port, taken: SystemTime::now() }
     })
 }
