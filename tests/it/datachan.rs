@@ -124,7 +124,8 @@ fn a_run_script_without_the_data_port_is_driven_over_the_backdoor_console() {
         .filter(|l| !l.contains("id=data,") && !l.contains("virtserialport"))
         .map(|l| format!("{l}\n"))
         .collect();
-    assert_eq!(original.lines().count() - 2, without.lines().count(), "{original}");
+    // Both ways of starting (its own channels, a nixpkgs driver's) lose the port.
+    assert!(original.contains("vmlab.data") && !without.contains("vmlab.data"), "{original}");
     std::fs::write(&run_script, without).unwrap();
     let log = passing_script(tmp.path(), &built, "fallback.py", FALLBACK).log;
     assert_eq!(channel_lines(&log, "the backdoor console hvc0: the run script gives it no data port"), 1, "{log}");
