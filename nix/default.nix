@@ -168,10 +168,11 @@ let
 
   # `vmlab snapshot` in a derivation: every machine of `network` (a
   # buildVirtualNetwork) booted once and saved (docs/snapshots.md). `ready`:
-  # a readiness command by machine name.
+  # a readiness command by machine name; `compress`: "zstd" or "none".
   snapshot =
     { network
     , ready ? { }
+    , compress ? null
     , accel ? null
     , requiredSystemFeatures ? [ "nixos-test" "kvm" ]
     }:
@@ -181,6 +182,7 @@ let
       vmlab = tools.vmlab;
       PATH = toolPath;
       scriptArgs = optionalArgs "--accel" accel
+        ++ optionalArgs "--compress" compress
         ++ concatMap (m: [ "--ready" "${m}=${ready.${m}}" ]) (attrNames ready);
       script = ''exec "$vmlab" snapshot "$network" --out "$out" "$@"'';
     };

@@ -48,12 +48,35 @@ pub fn readiness(args: &[String]) -> Result<BTreeMap<String, String>> {
 pub fn run(args: &SnapshotArgs) -> Result<ExitCode> {
     // Before any thread exists, so that every thread inherits the mask.
     let signals = BlockedSignals::block(&signals::TERMINATION)?;
-    let mut ready = readiness(&args.ready)?;
+    let ready = readiness(&args.ready)?;
     if args.compress == Compression::Zstd && which::which("zstd").is_err() {
         bail!("zstd not found on PATH: install the Debian package zstd, or give --compress none");
     }
     create_private_dir(&args.out)?;
     let out = fs::canonicalize(&args.out).with_context(|| format!("cannot resolve {}", args.out.display()))?;
+    // The network is gone by the time `save` returns: nothing writes here any more.
+    save(args, signals, ready, &out).map_err(|e| {
+        empty(&out);
+        e
+    })
+}
+
+/// Leaves the snapshot directory empty, as it was, after a failed snapshot:
+/// half a snapshot must not be mistaken for one (it has no manifest anyway),
+/// and the same command can be run again.
+fn empty(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let _ = fs::remove_file(entry.path());
+    }
+}
+
+/// Boots, waits for and saves every machine into `out`, then writes the manifest.
+fn save(
+    args: &SnapshotArgs,
+    signals: BlockedSignals,
+    mut ready: BTreeMap<String, String>,
+    out: &Path,
+) -> Result<ExitCode> {
     let prepared = prepare(&args.network, args.accel, false, &say, &|line| eprintln!("{line}"))?;
     for m in &prepared.plan.machines {
         if let Some(command) = &m.snapshot_ready {

@@ -1,6 +1,6 @@
 //! Snapshots on real VMs (docs/snapshots.md): a two-machine network of the
 //! default guest, saved once by `vmlab snapshot`, then restored by `vmlab
-//! test --snapshot`: the network works between restored machines and
+//! test --snapshot` (and `vmlab up --snapshot`): the network works between restored machines and
 //! through a forwarded port, clocks are the host's, two restores draw
 //! different random numbers, a restarted machine boots cold, and a snapshot
 //! that does not fit is refused.
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 
-use crate::support::{assert_nothing_left, free_port, test_run, text, vmlab_in, write_script};
+use crate::support::{assert_nothing_left, free_port, http_get, leftovers, test_run, text, vmlab_in, write_script, Up};
 use crate::support::{run, vmlab, webserver_guest};
 
 /// A network saved once for every test here.
@@ -40,15 +40,25 @@ fn write_spec(path: &Path, port: u16, memory: u32) {
 fn snapshot() -> &'static Snapshot {
     static SNAPSHOT: OnceLock<Snapshot> = OnceLock::new();
     SNAPSHOT.get_or_init(|| {
-        let root = tempfile::Builder::new().prefix("snapshot-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap().keep();
+        // One place, emptied first: every run's snapshot is tens of MiB.
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("snapshot");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
         let port = free_port();
         let spec = root.join("snapweb.json");
         write_spec(&spec, port, 128);
         let dir = root.join("snap");
-        let out = run(vmlab().env("TMPDIR", &root).arg("snapshot").arg(&spec).arg("--out").arg(&dir));
+        // Compressed: the Nix test takes the default, uncompressed.
+        let out = run(vmlab()
+            .env("TMPDIR", &root)
+            .arg("snapshot")
+            .arg(&spec)
+            .args(["--compress", "zstd", "--out"])
+            .arg(&dir));
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{stderr}");
         assert!(stderr.contains("server: waiting for success of `nc -w 2 localhost 80 -e true`"), "{stderr}");
+        assert!(dir.join("server.state.zst").is_file(), "{stderr}");
         Snapshot { dir, spec, port, taken: SystemTime::now() }
     })
 }
@@ -203,4 +213,25 @@ fn a_snapshot_that_does_not_fit_is_refused_saying_what_differs() {
         .arg(&open));
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains(&format!("refusing snapshot {}", open.display())), "{}", text(&out.stderr));
+}
+
+#[test]
+fn vmlab_up_restores_the_network_and_serves_its_forwarded_port() {
+    let s = snapshot();
+    let _turn = turn();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = vmlab();
+    cmd.arg("up").arg(&s.spec).arg("--snapshot").arg(&s.dir);
+    let mut up = Up::spawn(cmd, tmp.path(), &[]);
+    let session = up.session();
+    up.wait_for("all 2 machines are up");
+    assert!(http_get(s.port).contains("Hello from the vmlab web server"));
+    up.signal(libc::SIGTERM);
+    let (status, output) = up.finish();
+    assert!(status.success(), "{output}");
+    for machine in ["client", "server"] {
+        assert!(output.contains(&format!("{machine}: restored from ")), "{output}");
+    }
+    assert!(!output.contains("backdoor shell ready"), "booted instead: {output}");
+    assert_eq!(leftovers(&session), []);
 }

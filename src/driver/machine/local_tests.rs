@@ -173,3 +173,24 @@ fn wait_for_unit_without_systemd_says_so() {
     assert_eq!(e.kind, Kind::Failed);
     assert!(e.message.contains("needs systemd"), "{e}");
 }
+
+#[test]
+fn a_machine_that_cannot_be_restored_never_boots_cold_instead() {
+    let mut f = fixture();
+    let saved = crate::runtime::manifest::Saved {
+        run_script: String::new(),
+        argv: Vec::new(),
+        qemu_version: String::new(),
+        files: Default::default(),
+        state: "server.state".into(),
+        bytes: 0,
+    };
+    let file = f.dir.path().join("server.state");
+    let compression = crate::runtime::manifest::Compression::None;
+    f.m.restore_from(Restore { saved, file, compression, session: String::new() });
+    for _ in 0..2 {
+        let e = f.m.succeed(&cmds(&["true"]), None).unwrap_err();
+        assert_eq!(e.message, "machine server: cannot start: this machine cannot be restored from a snapshot");
+        assert!(!f.m.is_up());
+    }
+}

@@ -212,8 +212,9 @@ impl Machine {
         self.died = None;
         self.console_offset = std::fs::metadata(self.vm.serial_log()).map(|m| m.len()).unwrap_or(0);
         self.console.clear();
-        let restore = self.restore.take();
-        let spawned = if restore.is_some() { self.vm.spawn_incoming() } else { self.vm.spawn() };
+        // Taken only once QEMU runs: a start that fails before must not
+        // leave the next one to boot cold.
+        let spawned = if self.restore.is_some() { self.vm.spawn_incoming() } else { self.vm.spawn() };
         spawned.map_err(|e| self.err(Kind::Harness, format!("cannot start: {e:#}")))?;
         self.running = true;
         self.ever_started = true;
@@ -222,7 +223,7 @@ impl Machine {
         let shell = self.wait_for_socket(&self.vm.state_dir().join(layout::SHELL_SOCKET))?;
         self.shell =
             Some(Shell::new(shell, &self.name).map_err(|e| self.err(Kind::Harness, format!("backdoor socket: {e}")))?);
-        match restore {
+        match self.restore.take() {
             // Settled here, so that start_all() restores machines in parallel.
             Some(restore) => self.resume(restore).and_then(|()| self.settle_restored()),
             None => Ok(()),

@@ -2,13 +2,16 @@
 //! the QMP side is src/driver/snapshot.rs.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::copies::guest_says;
-use super::{secs, Machine, DATA_SHELL_TIMEOUT};
+use super::{secs, Machine, DATA_SHELL_TIMEOUT, SOCKET_TIMEOUT};
 use crate::driver::snapshot::{self, Restore};
 use crate::driver::{DriverError, Kind};
 use crate::runtime::manifest::Compression;
+
+/// How long QEMU may take to answer a QMP command during a restore.
+const QMP_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Machine {
     /// The next start restores `restore` instead of booting.
@@ -26,7 +29,8 @@ impl Machine {
     /// that a later start fails the same way rather than boot cold unasked.
     pub(super) fn resume(&mut self, restore: Restore) -> Result<(), DriverError> {
         let started = Instant::now();
-        let pid = self.vm.pid().ok_or_else(|| "QEMU's process is unknown".to_owned());
+        let connected = self.connect_qmp();
+        let pid = connected.and_then(|()| self.vm.pid().ok_or_else(|| "QEMU's process is unknown".to_owned()));
         let argv = pid.and_then(|pid| {
             snapshot::qemu_argv(pid, &restore.session).map_err(|e| format!("cannot read its command line: {e}"))
         });
@@ -43,6 +47,23 @@ impl Machine {
                 self.restore = Some(restore);
                 Err(self.err(Kind::Harness, format!("cannot restore it from {file}: {why}{exit}")))
             }
+        }
+    }
+
+    /// Connects QMP to the QEMU just started. It makes its QMP socket just
+    /// after the backdoor's, so the socket is looked for every few
+    /// milliseconds, not with the backoff of a boot: a restore takes a fraction of a second.
+    fn connect_qmp(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        loop {
+            let Err(e) = self.monitor.connect(QMP_ANSWER_TIMEOUT) else { return Ok(()) };
+            if let Some(how) = self.vm.exited() {
+                return Err(format!("QEMU {how}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(e.message);
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
