@@ -2,16 +2,17 @@
 //! (busybox sh, bash, or a stock NixOS test VM's bash) reading commands from
 //! the virtio console and writing to it, announced by [`BANNER`].
 //!
-//! The framing is pure: [`script`] builds the text sent for one command and
-//! [`ReplyParser`] takes the console's bytes back, in pieces of any size.
-//! [`Shell`] is the thin I/O wrapper over a stream (the machine's
-//! `shell.sock`, or a socketpair to a local shell in the tests).
+//! The framing is pure: [`functions`] is the shell text a shell is given
+//! once, [`script`] the line sent for one command, and [`ReplyParser`]
+//! takes the console's bytes back, in pieces of any size. [`Shell`] is the
+//! thin I/O wrapper over a stream (the machine's `shell.sock` or
+//! `data.sock`, or a socketpair to a local shell in the tests).
 //!
-//! Why the script looks the way it does:
-//! - The command runs from a file in the session's private temporary
-//!   directory with its stdout and stderr redirected to files, and the shell
-//!   *waits for the process*, not for end of file: a background process that
-//!   keeps stdout open (`sleep 1000 &`, a daemon) cannot hold the reply back.
+//! Why the guest's side looks the way it does:
+//! - The command runs with its stdout and stderr redirected to files in the
+//!   session's private temporary directory, and the shell *waits for the
+//!   process*, not for end of file: a background process that keeps stdout
+//!   open (`sleep 1000 &`, a daemon) cannot hold the reply back.
 //! - The files are sent back base64-encoded between marker lines carrying a
 //!   random per-command token; base64 never contains a space, so no output can
 //!   forge a marker, and whatever a previous, abandoned command prints late is
@@ -21,10 +22,13 @@
 //!   files stay until the next command: QEMU drops console output while the
 //!   host end is full, and a reply that lost bytes is asked for again.
 //! - Only POSIX sh and tools that busybox and coreutils share are used
-//!   (`mktemp -d`, `base64` and `base64 -d`, `timeout SECS PROG`, `wc -c`,
-//!   `head -c`), so the same text drives busybox sh, bash and NixOS guests.
-//! - Each program started costs milliseconds under emulation, so a command
-//!   starts as few as it can (see [`script`]): `true` costs one fork.
+//!   (`mktemp -d`, `base64` and `base64 -d`, `timeout SECS PROG`, `stat -c
+//!   %s`, `dd iflag=fullblock,count_bytes status=none`, `md5sum`), so the
+//!   same text drives busybox sh, bash and NixOS guests.
+//! - Each program started costs milliseconds under emulation, and bash
+//!   reads its input a byte per system call, so a command is one short line
+//!   and starts as few programs as it can (see [`script`]): `true` costs
+//!   one fork.
 //! - The command runs in a subshell of the backdoor shell (bash when the
 //!   guest has it, as on NixOS, so NixOS test scripts work unchanged; else
 //!   sh), with `set -eu` and `pipefail` where the shell knows it, with stdin
@@ -104,84 +108,115 @@ pub fn new_token() -> String {
 }
 
 /// The text sent to the guest shell to run `command`, stopped by the guest
-/// after `timeout_secs` when given.
+/// after `timeout_secs` when given: one short line calling [`functions`]'
+/// `__vmlab_r`, which needs them defined in that shell (see
+/// [`Shell::run`]).
 ///
 /// Every external program costs a fork and an exec, several milliseconds
-/// each under emulation, so the common path uses shell builtins only: the
-/// session's directory and what the shell supports are settled by the first
-/// command (and again if the directory goes, e.g. after a reboot), the
-/// command is written to its file by `printf` and, without a timeout, run in
-/// a subshell of the backdoor shell (a fork, no exec); empty streams are
-/// neither encoded nor counted.
+/// each under emulation, and bash reads a console or port one byte per
+/// system call (900 bytes of script cost 3 ms), so the common path sends
+/// a few dozen bytes and uses shell builtins only: the session's directory
+/// and what the shell supports are settled by the first command (and again
+/// if the directory goes, e.g. after a reboot); without a timeout the
+/// command is run by `eval` in a subshell of the backdoor shell (a fork, no
+/// exec, no file); empty streams are neither measured nor encoded, and
+/// their reply is one `printf`.
 ///
 /// Each command writes to files of its own (`o<n>`, `e<n>`): a background
 /// process an earlier command left running still holds that command's
 /// files open and keeps writing to them, and must never reach another
-/// command's reply. The previous command's files are emptied (a builtin:
-/// what it wrote is no longer needed for a resend) and old ones removed now
-/// and then (one `rm` every [`SWEEP_EVERY`] commands); what a background
-/// process writes later is its own business, as in any shell.
+/// command's reply. The previous command's files are emptied when it wrote
+/// anything (a builtin: what it wrote is no longer needed for a resend) and
+/// old ones removed now and then (one `rm` every hundredth command); what a
+/// background process writes later is its own business, as in any shell.
 pub fn script(token: &str, command: &str, timeout_secs: Option<u64>) -> Result<String, String> {
     if command.contains('\0') {
         return Err("a command cannot contain a NUL byte".into());
     }
-    // A subshell of the backdoor shell is the same shell a fresh one would
-    // be (bash on NixOS and when the guest has it, else sh) and starts from
-    // its state, which commands never change; `timeout` needs a program.
-    let run = match timeout_secs {
-        Some(s) => format!("timeout {s} \"$__vmlab_sh\" \"$__vmlab_d/c\""),
-        None => "(. \"$__vmlab_d/c\")".to_string(),
-    };
-    Ok(format!(
-        "{setup}__vmlab_c={command}\n\
-         if [ -d \"$__vmlab_d\" ]; then \
-         [ -z \"${{__vmlab_o:-}}\" ] || : 2>/dev/null >\"$__vmlab_o\" >\"$__vmlab_e\"; \
-         __vmlab_n=$((__vmlab_n+1)); case $__vmlab_n in *{sweep}) rm -f \"$__vmlab_d\"/[oe]*;; esac; \
-         __vmlab_o=$__vmlab_d/o$__vmlab_n; __vmlab_e=$__vmlab_d/e$__vmlab_n; \
-         printf 'set -eu\\n%s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\"; \
-         {run} </dev/null >\"$__vmlab_o\" 2>\"$__vmlab_e\"; \
-         __vmlab_s=$?; __vmlab_so=0; __vmlab_se=0; \
-         if [ -s \"$__vmlab_o\" ] || [ -s \"$__vmlab_e\" ]; then \
-         set -- $(wc -c \"$__vmlab_o\" \"$__vmlab_e\"); __vmlab_so=$1; __vmlab_se=$3; fi; {reply}\
-         else printf '%s fail %s\\n' {token} 'cannot create a temporary directory in /tmp'; fi\n",
-        setup = SESSION_SETUP,
-        command = crate::shell::quote(command),
-        sweep = SWEEP_EVERY,
-        reply = send_reply(token)
-    ))
+    let secs = timeout_secs.map_or("-".to_string(), |s| s.to_string());
+    Ok(format!("__vmlab_r {token} {secs} {}\n", crate::shell::quote(command)))
 }
 
-/// Makes the session's directory, and settles what the shell supports,
-/// when the directory is not there (the first command, a reboot, a command
-/// that cleaned /tmp).
-const SESSION_SETUP: &str = "if [ ! -d \"${__vmlab_d:-}\" ]; then \
-     __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || __vmlab_d=/dev/null/vmlab; __vmlab_n=0; __vmlab_o=; \
-     __vmlab_pf=; (set -o pipefail) 2>/dev/null && __vmlab_pf='set -o pipefail'; \
-     __vmlab_sh=sh; [ -z \"${BASH_VERSION:-}\" ] || __vmlab_sh=bash; fi\n";
+/// The largest piece of a copy either way, which the guest keeps in a file
+/// while it checksums and sends or unpacks it: large enough that the
+/// programs started per piece cost little, small enough for any guest.
+const COPY_PIECE_MIB: usize = 8;
+const COPY_PIECE: usize = COPY_PIECE_MIB << 20;
 
-/// The last digits of the command count at which the session's old output
-/// files are removed: every hundredth command.
-const SWEEP_EVERY: &str = "00";
-
-/// Shell text sending the reply of the command whose output is in
-/// `$__vmlab_o` and `$__vmlab_e`, its status in `$__vmlab_s` and the
-/// streams' sizes, measured once when it ended, in `$__vmlab_so` and
-/// `$__vmlab_se`: each stream in base64, cut at that size (a background
-/// process may still be writing to it), then the status and the sizes, so
-/// that the host sees a reply that lost bytes on the way. An empty stream
-/// needs neither `head` nor `base64`.
-fn send_reply(token: &str) -> String {
+/// Pure: the shell functions every command, reply and copy calls, defined
+/// once per shell (sent before its first command). Only POSIX sh and what
+/// busybox and coreutils share is used, so the same text drives busybox
+/// sh, bash and NixOS guests.
+///
+/// - `__vmlab_setup` makes the session's directory when it is not there,
+///   and settles `pipefail` and the shell a timed command runs under.
+/// - `__vmlab_r TOKEN SECS|- COMMAND` runs a command (see [`script`]) with
+///   `set -eu` and `pipefail` where the shell has it, standard input from
+///   /dev/null, in a subshell of this shell (bash when the guest has it, as
+///   on NixOS, so NixOS test scripts work unchanged), or under `timeout` in
+///   a fresh one; the shell waits for the process, not for end of file, so
+///   a background process keeping the output open cannot hold the reply.
+/// - `__vmlab_measure` takes the sizes of the streams once the command has
+///   ended; `__vmlab_reply TOKEN` sends them cut at those sizes (a
+///   background process may still be writing), base64-encoded between
+///   marker lines, and the end line with the status and sizes, by which
+///   the host sees a reply that lost bytes on the way. Run again with a new
+///   token, it sends the same reply again.
+/// - `__vmlab_copy_out TOKEN PARENT NAME` and `__vmlab_copy_in TOKEN SIZE
+///   NAME DEST`: the copies of a data port, raw bytes in pieces of
+///   [`COPY_PIECE`] (see [`Shell::copy_out`] and [`Shell::copy_in`]). `dd`
+///   moves the bytes: it reads no further than it is asked (`head -c` may
+///   read ahead, and busybox's reads a byte at a time), and each piece is
+///   staged in a file, which `md5sum` reads twice as fast as a pipe under
+///   TCG; busybox's `wc` and `tee` are as slow, so `stat` takes the sizes.
+pub fn functions() -> String {
     format!(
-        "printf '%s out\\n' {token}; [ \"$__vmlab_so\" = 0 ] || head -c \"$__vmlab_so\" \"$__vmlab_o\" | base64; \
-         printf '%s err\\n' {token}; [ \"$__vmlab_se\" = 0 ] || head -c \"$__vmlab_se\" \"$__vmlab_e\" | base64; \
-         printf '%s end %s %s %s\\n' {token} \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\"; "
+        "__vmlab_setup() {{ [ ! -d \"${{__vmlab_d:-}}\" ] || return 0; \
+         __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || {{ __vmlab_d=/dev/null/vmlab; return 1; }}; \
+         __vmlab_n=0; __vmlab_o=/dev/null; __vmlab_e=/dev/null; __vmlab_so=0; __vmlab_se=0; \
+         __vmlab_pf=; ! (set -o pipefail) 2>/dev/null || __vmlab_pf='set -o pipefail'; \
+         __vmlab_sh=sh; [ -z \"${{BASH_VERSION:-}}\" ] || __vmlab_sh=bash; }}\n\
+         __vmlab_r() {{ __vmlab_setup || {{ printf '%s fail %s\\n' \"$1\" 'cannot create a temporary directory in /tmp'; return; }}; \
+         [ \"$__vmlab_so$__vmlab_se\" = 00 ] || : 2>/dev/null >\"$__vmlab_o\" >\"$__vmlab_e\"; \
+         __vmlab_n=$((__vmlab_n+1)); case $__vmlab_n in *00) rm -f \"$__vmlab_d\"/[oe]*;; esac; \
+         __vmlab_o=$__vmlab_d/o$__vmlab_n; __vmlab_e=$__vmlab_d/e$__vmlab_n; __vmlab_c=$3; \
+         if [ \"$2\" = - ]; then (set -eu --; $__vmlab_pf; eval \"$__vmlab_c\") </dev/null >\"$__vmlab_o\" 2>\"$__vmlab_e\"; \
+         else printf 'set -eu\\n%s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\"; \
+         timeout \"$2\" \"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null >\"$__vmlab_o\" 2>\"$__vmlab_e\"; fi; \
+         __vmlab_s=$?; __vmlab_measure; __vmlab_reply \"$1\"; }}\n\
+         __vmlab_measure() {{ __vmlab_so=0; __vmlab_se=0; [ -s \"$__vmlab_o\" ] || [ -s \"$__vmlab_e\" ] || return 0; \
+         set -- $(stat -c %s \"$__vmlab_o\" \"$__vmlab_e\"); __vmlab_so=$1; __vmlab_se=$2; }}\n\
+         __vmlab_reply() {{ if [ \"$__vmlab_so$__vmlab_se\" = 00 ]; then \
+         printf '%s out\\n%s err\\n%s end %s 0 0\\n' \"$1\" \"$1\" \"$1\" \"$__vmlab_s\"; return; fi; \
+         printf '%s out\\n' \"$1\"; [ \"$__vmlab_so\" = 0 ] || __vmlab_cut \"$__vmlab_o\" \"$__vmlab_so\" | base64; \
+         printf '%s err\\n' \"$1\"; [ \"$__vmlab_se\" = 0 ] || __vmlab_cut \"$__vmlab_e\" \"$__vmlab_se\" | base64; \
+         printf '%s end %s %s %s\\n' \"$1\" \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\"; }}\n\
+         __vmlab_cut() {{ dd if=\"$1\" bs=1048576 count=\"$2\" iflag=count_bytes status=none; }}\n\
+         __vmlab_copy_out() {{ __vmlab_setup || {{ printf '%s fail %s\\n' \"$1\" 'cannot create a temporary directory in /tmp'; return; }}; \
+         __vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; __vmlab_k=$__vmlab_d/k; : >\"$__vmlab_o\"; \
+         {{ tar -C \"$2\" -cf - \"$3\" 2>\"$__vmlab_e\"; echo $? >\"$__vmlab_d/s\"; }} | while :; do \
+         dd bs=1048576 count={mib} iflag=fullblock status=none of=\"$__vmlab_k\" 2>>\"$__vmlab_e\"; \
+         set -- \"$1\" $(stat -c %s \"$__vmlab_k\"; md5sum <\"$__vmlab_k\"); \
+         printf '%s piece %s %s\\n' \"$1\" \"$2\" \"$3\"; [ \"$2\" != 0 ] || break; cat \"$__vmlab_k\"; done; \
+         read -r __vmlab_s <\"$__vmlab_d/s\" || __vmlab_s=1; rm -f \"$__vmlab_k\" \"$__vmlab_d/s\"; \
+         __vmlab_measure; __vmlab_reply \"$1\"; }}\n\
+         __vmlab_copy_in() {{ __vmlab_setup; __vmlab_x=$__vmlab_d/x; __vmlab_k=$__vmlab_d/k; __vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; \
+         rm -rf \"$__vmlab_x\" \"$__vmlab_k\"; : >\"$__vmlab_o\"; mkdir \"$__vmlab_x\" 2>\"$__vmlab_e\"; __vmlab_s=$?; \
+         printf '%s ready\\n' \"$1\"; \
+         __vmlab_m=$({{ dd bs=1048576 count=\"$2\" iflag=fullblock,count_bytes status=none | {{ if [ $__vmlab_s = 0 ]; then \
+         {{ while dd bs=1048576 count={mib} iflag=fullblock status=none of=\"$__vmlab_k\" && [ -s \"$__vmlab_k\" ]; do \
+         md5sum <\"$__vmlab_k\" >>\"$__vmlab_o\"; cat \"$__vmlab_k\"; done; cat >/dev/null; }} | tar -x -C \"$__vmlab_x\"; \
+         else cat >/dev/null; fi; }}; }} 2>&1; echo \" $?\"); __vmlab_s=${{__vmlab_m##* }}; __vmlab_m=${{__vmlab_m% *}}; \
+         [ $__vmlab_s != 0 ] || {{ rm -rf \"$4\" && mkdir -p \"$(dirname \"$4\")\" && mv \"$__vmlab_x/$3\" \"$4\"; }} 2>>\"$__vmlab_e\" || __vmlab_s=$?; \
+         rm -rf \"$__vmlab_x\" \"$__vmlab_k\"; printf '%s' \"$__vmlab_m\" >>\"$__vmlab_e\"; __vmlab_measure; __vmlab_reply \"$1\"; }}\n",
+        mib = COPY_PIECE_MIB
     )
 }
 
 /// The text asking the guest shell for the previous command's reply again,
 /// marked with a new `token` (its output files are kept until the next one).
 pub fn resend_script(token: &str) -> String {
-    format!("{}\n", send_reply(token))
+    format!("__vmlab_reply {token}\n")
 }
 
 #[derive(Debug)]
@@ -331,6 +366,9 @@ pub struct Shell {
     /// A flow-controlled data port, which loses nothing: no probes, and a
     /// short reply is corruption, not asked for again.
     lossless: bool,
+    /// Whether this shell has [`functions`] (a new shell, after a boot or
+    /// on a new port, gets them with its first command).
+    defined: bool,
     /// Time allowed beyond a command's own timeout before the host gives up.
     pub host_grace: Duration,
 }
@@ -341,13 +379,28 @@ impl Shell {
     pub fn new(stream: UnixStream, machine: &str) -> io::Result<Self> {
         stream.set_read_timeout(Some(POLL))?;
         stream.set_write_timeout(Some(POLL))?;
-        Ok(Shell { stream, machine: machine.to_string(), pending: Vec::new(), lossless: false, host_grace: HOST_GRACE })
+        Ok(Shell {
+            stream,
+            machine: machine.to_string(),
+            pending: Vec::new(),
+            lossless: false,
+            defined: false,
+            host_grace: HOST_GRACE,
+        })
     }
 
     /// Wraps a connected data port (see [`data_shell_command`]), whose shell
     /// is started by then.
     pub fn data_port(stream: UnixStream, machine: &str) -> io::Result<Self> {
         Ok(Shell { lossless: true, ..Shell::new(stream, machine)? })
+    }
+
+    /// `line`, after [`functions`] when the shell does not have them yet.
+    fn with_functions(&mut self, line: String) -> String {
+        if std::mem::replace(&mut self.defined, true) {
+            return line;
+        }
+        functions() + &line
     }
 
     fn lost(&self, what: &str) -> DriverError {
@@ -454,6 +507,7 @@ impl Shell {
         let token = new_token();
         let secs = timeout.map(|t| t.as_secs().max(1));
         let text = script(&token, command, secs).map_err(DriverError::request)?;
+        let text = self.with_functions(text);
         let started = Instant::now();
         let mut reply = self.exchange(&token, &[text.as_bytes()], timeout, alive)?;
         // QEMU drops what a guest writes to a virtio console while the host
@@ -489,7 +543,7 @@ impl Shell {
     }
 
     /// Sends the archive of `name` in the guest directory `parent` into
-    /// `sink` (see [`copy_out_lines`]), checking each piece's size and
+    /// `sink` (see [`copy_out_line`]), checking each piece's size and
     /// checksum; the reply, with `tar`'s status and messages. Only for a
     /// data port: its bytes come through as they are.
     pub fn copy_out(
@@ -502,7 +556,7 @@ impl Shell {
     ) -> Result<Output, DriverError> {
         let token = new_token();
         let (deadline, what) = self.deadline(Some(timeout));
-        let lines = copy_out_lines(&token, parent, name, COPY_PIECE >> 20);
+        let lines = self.with_functions(copy_out_line(&token, parent, name));
         self.write_all(lines.as_bytes(), alive, deadline, &what)?;
         let header = format!("{token} piece ");
         let mut buf = vec![0u8; COPY_PIECE.min(1024 * 1024)];
@@ -531,7 +585,7 @@ impl Shell {
     }
 
     /// Sends `size` bytes of `archive` (the archive of `name`) to be
-    /// unpacked as `dest` in the guest (see [`copy_in_lines`]); the reply,
+    /// unpacked as `dest` in the guest (see [`copy_in_line`]); the reply,
     /// with the status and messages of `tar -x` and the move. The guest's
     /// checksum of what it took must be the host's.
     pub fn copy_in(
@@ -545,15 +599,17 @@ impl Shell {
     ) -> Result<Output, DriverError> {
         let token = new_token();
         let (deadline, what) = self.deadline(Some(timeout));
-        let lines = copy_in_lines(&token, size, name, dest);
+        let lines = self.with_functions(copy_in_line(&token, size, name, dest));
         self.write_all(lines.as_bytes(), alive, deadline, &what)?;
         let ready = format!("{token} ready");
         self.read_line(&ready, alive, deadline, &what)?;
+        // The checksum of each piece the guest cuts, as it cuts them.
+        let mut sums = Vec::new();
         let mut md5 = super::md5::Md5::default();
         let mut buf = vec![0u8; 1024 * 1024];
-        let mut left = size;
+        let (mut left, mut piece_left) = (size, COPY_PIECE);
         while left > 0 {
-            let want = left.min(buf.len() as u64) as usize;
+            let want = left.min(buf.len().min(piece_left) as u64) as usize;
             let n = archive
                 .read(&mut buf[..want])
                 .map_err(|e| DriverError::harness(format!("machine {}: reading the archive: {e}", self.machine)))?;
@@ -563,12 +619,19 @@ impl Shell {
             md5.update(&buf[..n]);
             self.write_all(&buf[..n], alive, deadline, &what)?;
             left -= n as u64;
+            piece_left -= n;
+            if piece_left == 0 || left == 0 {
+                sums.push(std::mem::take(&mut md5).hex());
+                piece_left = COPY_PIECE;
+            }
         }
         let output = self.read_reply(&token, deadline, &what, alive)?.map_err(|why| self.garbled(&why))?;
-        let sum = md5.hex();
-        let theirs = String::from_utf8_lossy(&output.stdout);
-        if output.status == 0 && theirs.split_whitespace().next() != Some(sum.as_str()) {
-            return Err(self.garbled(&format!("the guest took the archive with checksum {theirs:?}, not {sum}")));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let theirs: Vec<&str> = stdout.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        if output.status == 0 && theirs != sums {
+            return Err(
+                self.garbled(&format!("the guest took the archive's pieces with checksums {theirs:?}, not {sums:?}"))
+            );
         }
         Ok(output)
     }
@@ -692,62 +755,26 @@ pub fn data_shell_command(ports: &str, name: &str) -> String {
     )
 }
 
-/// Shell text measuring `$__vmlab_o` and `$__vmlab_e` for [`send_reply`]
-/// (both files exist).
-const MEASURE: &str = "__vmlab_so=0; __vmlab_se=0; \
-     [ ! -s \"$__vmlab_o\" ] || { set -- $(wc -c <\"$__vmlab_o\"); __vmlab_so=$1; }; \
-     [ ! -s \"$__vmlab_e\" ] || { set -- $(wc -c <\"$__vmlab_e\"); __vmlab_se=$1; }; ";
-
-/// Pure: the lines a data port's shell runs to send the archive of `name`
+/// Pure: the line a data port's shell runs to send the archive of `name`
 /// in `parent` as raw bytes: `tar` writes into a pipe, never a file, and
-/// the archive goes out in pieces of at most `piece_mib` MiB, each after a
+/// the archive goes out in pieces of at most [`COPY_PIECE`], each after a
 /// line `<token> piece <size> <md5>` (only one piece is ever kept in the
 /// guest); a piece of size 0 ends it. Then the reply of a command with no
-/// output, carrying `tar`'s status and error messages. The pieces are cut
-/// by `dd`, which reads no further than it writes (`head -c` may read
-/// ahead, losing what follows).
-pub fn copy_out_lines(token: &str, parent: &str, name: &str, piece_mib: usize) -> String {
-    format!(
-        "{SESSION_SETUP}__vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; __vmlab_k=$__vmlab_d/piece; : >\"$__vmlab_o\"; \
-         {{ tar -C {parent} -cf - {name} 2>\"$__vmlab_e\"; echo $? >\"$__vmlab_d/s\"; }} | while :; do \
-         dd bs=1048576 count={mib} iflag=fullblock 2>/dev/null >\"$__vmlab_k\"; set -- $(wc -c <\"$__vmlab_k\") $(md5sum <\"$__vmlab_k\"); \
-         printf '%s piece %s %s\\n' {token} \"$1\" \"$2\"; [ \"$1\" != 0 ] || break; cat \"$__vmlab_k\"; done; \
-         read -r __vmlab_s <\"$__vmlab_d/s\" || __vmlab_s=1; rm -f \"$__vmlab_k\" \"$__vmlab_d/s\"; \
-         {MEASURE}{reply}\n",
-        parent = crate::shell::quote(parent),
-        name = crate::shell::quote(name),
-        mib = piece_mib,
-        reply = send_reply(token)
-    )
+/// output, carrying `tar`'s status and error messages.
+pub fn copy_out_line(token: &str, parent: &str, name: &str) -> String {
+    format!("__vmlab_copy_out {token} {} {}\n", crate::shell::quote(parent), crate::shell::quote(name))
 }
 
-/// Pure: the lines a data port's shell runs to take an archive of `size`
+/// Pure: the line a data port's shell runs to take an archive of `size`
 /// bytes holding `name`, and make it `dest`. Once it prints
 /// `<token> ready` it reads exactly `size` bytes, whatever happens (a
-/// shell must never read the rest as commands): into `tar -x` straight
-/// from the port, nothing staged, and through `md5sum`, whose line is the
-/// reply's output; `tar`'s and the move's error messages are its standard
-/// error.
-pub fn copy_in_lines(token: &str, size: u64, name: &str, dest: &str) -> String {
-    format!(
-        "{SESSION_SETUP}__vmlab_x=$__vmlab_d/x; __vmlab_f=$__vmlab_d/f; __vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; \
-         rm -rf \"$__vmlab_x\" \"$__vmlab_f\"; : >\"$__vmlab_o\"; \
-         mkdir \"$__vmlab_x\" 2>\"$__vmlab_e\" && mkfifo \"$__vmlab_f\" 2>>\"$__vmlab_e\"; __vmlab_s=$?; \
-         printf '%s ready\\n' {token}; \
-         if [ $__vmlab_s = 0 ]; then md5sum <\"$__vmlab_f\" >\"$__vmlab_o\" & \
-         head -c {size} | tee \"$__vmlab_f\" | {{ tar -x -C \"$__vmlab_x\" 2>>\"$__vmlab_e\"; __vmlab_s=$?; cat >/dev/null; exit $__vmlab_s; }}; \
-         __vmlab_s=$?; wait; else head -c {size} >/dev/null; fi; \
-         [ $__vmlab_s != 0 ] || {{ rm -rf {dest} && mkdir -p \"$(dirname {dest})\" && mv \"$__vmlab_x\"/{name} {dest}; }} 2>>\"$__vmlab_e\" || __vmlab_s=$?; \
-         rm -rf \"$__vmlab_x\" \"$__vmlab_f\"; {MEASURE}{reply}\n",
-        name = crate::shell::quote(name),
-        dest = crate::shell::quote(dest),
-        reply = send_reply(token)
-    )
+/// shell must never read the rest as commands), in pieces of at most
+/// [`COPY_PIECE`], each checksummed and fed to `tar -x` (only one piece is
+/// ever kept in the guest); the reply's output is the pieces' `md5sum`
+/// lines, its standard error what `tar`, `dd` and the move said.
+pub fn copy_in_line(token: &str, size: u64, name: &str, dest: &str) -> String {
+    format!("__vmlab_copy_in {token} {size} {} {}\n", crate::shell::quote(name), crate::shell::quote(dest))
 }
-
-/// The largest piece of a copy out of the guest, which the guest keeps in
-/// a file while it sends it.
-const COPY_PIECE: usize = 4 * 1024 * 1024;
 
 /// Pure: a piece's size and checksum from its line (after `<token> piece `).
 fn parse_piece(line: &str) -> Result<(usize, String), String> {
@@ -808,17 +835,11 @@ mod tests {
         assert_eq!(e, "243 of 300 bytes of output and 0 of 0 of standard error came back");
         // Without sizes (a guest-side line of vmlab's own), nothing is checked.
         assert_eq!(parse_in_pieces(b"T1 out\nT1 err\nT1 end 3\n", 4).0.status, 3);
-        let again = resend_script("T2");
+        // Asked for again, the reply is sent from the files the command left.
+        assert_eq!(resend_script("T2"), "__vmlab_reply T2\n");
         assert!(
-            again.contains("head -c \"$__vmlab_so\" \"$__vmlab_o\" | base64")
-                && again.contains("printf '%s end %s %s %s\\n' T2 \"$__vmlab_s\""),
-            "{again}"
+            functions().contains("printf '%s end %s %s %s\\n' \"$1\" \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\"")
         );
-        assert!(!again.contains("T2 out"), "the marker is printed, never sent");
-        // The session's directory is made once; a command's output stays
-        // there for a resend until the next command empties it.
-        let s = script("T3", "true", None).unwrap();
-        assert!(s.starts_with("if [ ! -d \"${__vmlab_d:-}\" ]; then __vmlab_d=$(mktemp -d"), "{s}");
     }
 
     fn parse_in_pieces(data: &[u8], piece: usize) -> (Output, usize) {
@@ -834,35 +855,24 @@ mod tests {
     }
 
     #[test]
-    fn script_carries_the_command_quoted_and_runs_it_with_few_programs() {
-        // (command, timeout, expected fragments of the text sent)
-        let cases: [(&str, Option<u64>, &[&str]); 3] = [
-            ("true", None, &["__vmlab_c=true\n", "(. \"$__vmlab_d/c\") </dev/null"]),
-            (
-                "echo '$HOME' \"`x`\"\nfalse",
-                Some(5),
-                &[
-                    "__vmlab_c='echo '\\''$HOME'\\'' \"`x`\"\nfalse'\n",
-                    "timeout 5 \"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null",
-                ],
-            ),
-            // What once ended a heredoc is just text now.
-            ("cat <<x\nT1_EOF\nx", None, &["__vmlab_c='cat <<x\nT1_EOF\nx'\n"]),
+    fn script_carries_the_command_quoted_in_one_short_line() {
+        let cases = [
+            ("true", None, "__vmlab_r T1 - true\n"),
+            ("echo '$HOME' \"`x`\"\nfalse", Some(5), "__vmlab_r T1 5 'echo '\\''$HOME'\\'' \"`x`\"\nfalse'\n"),
+            // What once ended a heredoc is just text.
+            ("cat <<x\nT1_EOF\nx", None, "__vmlab_r T1 - 'cat <<x\nT1_EOF\nx'\n"),
         ];
-        for (command, timeout, fragments) in cases {
+        for (command, timeout, line) in cases {
             let s = script("T1", command, timeout).unwrap();
-            for f in fragments {
-                assert!(s.contains(f), "{f:?} not in {s}");
-            }
-            assert_eq!(s.contains("timeout"), timeout.is_some(), "{s}");
+            assert_eq!(s, line);
             // Markers are only ever printed, never sent, so an echoing console cannot fake one.
             assert!(!s.contains("T1 out") && !s.contains("T1 end"), "{s}");
-            // The only programs: mktemp once per session, wc, head and base64
-            // for non-empty streams, and rm on every hundredth command.
-            assert!(!s.contains("cat >"), "{s}");
-            assert_eq!(s.matches("rm ").count(), 1, "{s}");
-            assert!(s.contains("case $__vmlab_n in *00) rm -f"), "{s}");
         }
+        // A command without a timeout is a fork of the shell, no program and
+        // no file; rm runs on every hundredth command.
+        let f = functions();
+        assert!(f.contains("(set -eu --; $__vmlab_pf; eval \"$__vmlab_c\") </dev/null"), "{f}");
+        assert!(f.contains("case $__vmlab_n in *00) rm -f"), "{f}");
     }
 
     #[test]
@@ -944,24 +954,31 @@ mod tests {
         assert!(p.feed(b"T1 out\nT1 err\nT1 end x\n").is_err());
     }
 
-    /// Reads what the host sends up to the end of the line that prints the
-    /// end marker; the token it prints.
+    /// Reads what the host sends up to the end of the line that runs a
+    /// command or asks for its reply again; the token it gives.
     fn token_of(guest: &mut UnixStream) -> String {
-        const END: &str = "printf '%s end %s %s %s\\n' ";
-        let mut seen = Vec::new();
+        let mut line = Vec::new();
         let mut byte = [0u8];
-        while !(String::from_utf8_lossy(&seen).contains(END) && seen.ends_with(b"\n")) {
+        loop {
             guest.read_exact(&mut byte).unwrap();
-            seen.push(byte[0]);
+            if byte[0] != b'\n' {
+                line.push(byte[0]);
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            let words: Vec<&str> = text.split(' ').collect();
+            if matches!(words[0], "__vmlab_r" | "__vmlab_reply") {
+                return words[1].to_string();
+            }
+            line.clear();
         }
-        let text = String::from_utf8_lossy(&seen).into_owned();
-        text.split(END).nth(1).unwrap().split(' ').next().unwrap().to_string()
     }
 
     /// The end line carries the sizes on one line, whatever `wc` prints.
     #[test]
     fn the_end_line_carries_both_sizes() {
-        let text = script("T1", "printf abc; printf de >&2; exit 4", None).unwrap() + "echo \"$__vmlab_d\"\n";
+        let text =
+            functions() + &script("T1", "printf abc; printf de >&2; exit 4", None).unwrap() + "echo \"$__vmlab_d\"\n";
         let out = std::process::Command::new("sh").arg("-c").arg(&text).output().unwrap();
         let (reply, used) = parse_in_pieces(&out.stdout, 7);
         assert_eq!((reply.status, reply.stdout, reply.stderr), (4, b"abc".to_vec(), b"de".to_vec()));
@@ -1206,13 +1223,13 @@ mod local_shell_tests {
     }
 
     /// Copies out and in over the raw framing, in pieces (a small piece
-    /// size is not needed: 5 MiB is two pieces), and what a failure says.
+    /// size is not needed: 9 MiB is two pieces), and what a failure says.
     #[test]
     fn copies_stream_out_and_in_whole_and_failures_say_why() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         std::fs::create_dir_all(src.join("sub")).unwrap();
-        let data: Vec<u8> = (0..5 * 1024 * 1024 + 7).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..9 * 1024 * 1024 + 7).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         std::fs::write(src.join("sub/blob"), &data).unwrap();
         let dir_path = dir.path().display().to_string();
         let minute = Duration::from_secs(60);
@@ -1242,6 +1259,13 @@ mod local_shell_tests {
                 l.shell.copy_in(&mut &archive[..], archive.len() as u64, "src", &dest, minute, &mut ok()).unwrap();
             assert_ne!(out.status, 0);
             assert!(String::from_utf8_lossy(&out.stderr).contains("Not a directory"), "{out:?}");
+            // What `tar -x` says reaches the host: it is kept in the shell
+            // until the unpacked copy is removed, so a full /tmp cannot swallow it.
+            let garbage = vec![b'x'; 3000];
+            let dest = dir.path().join("in/garbage").display().to_string();
+            let out = l.shell.copy_in(&mut &garbage[..], 3000, "src", &dest, minute, &mut ok()).unwrap();
+            assert_ne!(out.status, 0);
+            assert!(String::from_utf8_lossy(&out.stderr).contains("tar"), "{out:?}");
             assert_eq!(run(&mut l, "echo alive").stdout, b"alive\n");
         }
     }
