@@ -9,9 +9,15 @@ use anyhow::Context;
 
 use crate::runtime::process::ChildGuard;
 
-const FILES: [(&str, &str); 2] = [
+const FILES: [(&str, &str); 8] = [
     ("vmlab/__init__.py", include_str!("../../python/vmlab/__init__.py")),
     ("vmlab/check.py", include_str!("../../python/vmlab/check.py")),
+    ("vmlab/connection.py", include_str!("../../python/vmlab/connection.py")),
+    ("vmlab/driver.py", include_str!("../../python/vmlab/driver.py")),
+    ("vmlab/errors.py", include_str!("../../python/vmlab/errors.py")),
+    ("vmlab/logger.py", include_str!("../../python/vmlab/logger.py")),
+    ("vmlab/machine.py", include_str!("../../python/vmlab/machine.py")),
+    ("vmlab/polling_condition.py", include_str!("../../python/vmlab/polling_condition.py")),
 ];
 
 /// Writes the `vmlab` package under `dir`; `dir` is then the PYTHONPATH entry.
@@ -84,6 +90,21 @@ pub fn interactive_command(python: &Path, pythonpath: &Path, machines: &[String]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every module of python/vmlab is shipped: one left out would be
+    /// missing only where vmlab runs from its binary alone.
+    #[test]
+    fn every_module_is_shipped() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/vmlab");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| format!("vmlab/{}", e.unwrap().file_name().to_string_lossy()))
+            .filter(|name| name.ends_with(".py"))
+            .collect();
+        on_disk.sort();
+        let shipped: Vec<String> = FILES.iter().map(|(name, _)| name.to_string()).collect();
+        assert_eq!(shipped, on_disk);
+    }
     use crate::driver::control::{serve, Driver};
     use crate::driver::log::Log;
     use crate::driver::machine::Machine;

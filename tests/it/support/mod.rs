@@ -1,9 +1,11 @@
 //! Shared fixtures for the integration tests.
 #![allow(dead_code)]
 
+mod direct;
 mod runs;
 mod up;
 
+pub(crate) use direct::{boot, Backdoor, Qemu};
 pub(crate) use runs::*;
 pub(crate) use up::*;
 

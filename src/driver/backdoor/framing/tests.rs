@@ -1,0 +1,174 @@
+//! The framing's tests: scripts, replies in pieces of any size, the banner.
+
+use super::*;
+
+pub(crate) fn reply(token: &str, out: &[u8], err: &[u8], status: i32) -> Vec<u8> {
+    format!(
+        "{token} out\n{}{token} err\n{}{token} end {status} {} {}\n",
+        base64::encode_lines(out, 76),
+        base64::encode_lines(err, 76),
+        out.len(),
+        err.len(),
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_reply_that_lost_lines_is_an_error_and_can_be_asked_for_again() {
+    let data: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+    let whole = String::from_utf8(reply("T1", &data, b"", 0)).unwrap();
+    let lost: String =
+        whole.lines().filter(|l| *l != whole.lines().nth(2).unwrap()).map(|l| format!("{l}\n")).collect();
+    let mut p = ReplyParser::new("T1");
+    let e = p.feed(lost.as_bytes()).unwrap_err();
+    assert_eq!(e, "243 of 300 bytes of output and 0 of 0 of standard error came back");
+    // Without sizes (a guest-side line of vmlab's own), nothing is checked.
+    assert_eq!(parse_in_pieces(b"T1 out\nT1 err\nT1 end 3\n", 4).0.status, 3);
+    // Asked for again, the reply is sent from the files the command left.
+    assert_eq!(resend_script("T2"), "__vmlab_reply T2\n");
+    assert!(functions().contains("printf '%s end %s %s %s\\n' \"$1\" \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\""));
+}
+
+pub(crate) fn parse_in_pieces(data: &[u8], piece: usize) -> (Output, usize) {
+    let mut p = ReplyParser::new("T1");
+    let mut offset = 0;
+    for chunk in data.chunks(piece) {
+        if let Some((out, used)) = p.feed(chunk).unwrap() {
+            return (out, offset + used);
+        }
+        offset += chunk.len();
+    }
+    panic!("no reply in {:?}", String::from_utf8_lossy(data));
+}
+
+#[test]
+fn script_carries_the_command_quoted_in_one_short_line() {
+    let cases = [
+        ("true", None, "__vmlab_r T1 - true\n"),
+        ("echo '$HOME' \"`x`\"\nfalse", Some(5), "__vmlab_r T1 5 'echo '\\''$HOME'\\'' \"`x`\"\nfalse'\n"),
+        // What once ended a heredoc is just text.
+        ("cat <<x\nT1_EOF\nx", None, "__vmlab_r T1 - 'cat <<x\nT1_EOF\nx'\n"),
+    ];
+    for (command, timeout, line) in cases {
+        let s = script("T1", command, timeout).unwrap();
+        assert_eq!(s, line);
+        // Markers are only ever printed, never sent, so an echoing console cannot fake one.
+        assert!(!s.contains("T1 out") && !s.contains("T1 end"), "{s}");
+    }
+    // A command without a timeout is a fork of the shell, no program and
+    // no file; rm runs on every hundredth command.
+    let f = functions();
+    assert!(f.contains("(set -eu --; $__vmlab_pf; eval \"$__vmlab_c\") </dev/null"), "{f}");
+    assert!(f.contains("case $__vmlab_n in *00) rm -f"), "{f}");
+}
+
+#[test]
+fn raw_appends_read_exactly_the_data_and_reply_like_a_command() {
+    let line = raw_append_line("T1", "/tmp/a b", 1000);
+    assert_eq!(
+        line,
+        "head -c 1000 | base64 -d >> '/tmp/a b'; printf '%s out\\n%s err\\n%s end %s\\n' T1 T1 T1 \"$?\"\n"
+    );
+    assert!(!line.contains("T1 out"), "the marker is printed, never sent");
+    let (out, _) = parse_in_pieces(b"T1 out\nT1 err\nT1 end 0\n", 5);
+    assert_eq!((out.status, out.stdout.len()), (0, 0));
+}
+
+/// The port is found by its name; a port named `null` stands for a
+/// real one, its device being /dev/null (the shell started on it reads
+/// end of file and exits).
+#[test]
+fn the_data_shell_is_started_on_the_port_found_by_name() {
+    /// (ports and their names, status, standard output, standard error)
+    type Case = (&'static [(&'static str, &'static str)], i32, &'static str, &'static str);
+    let cases: [Case; 4] = [
+        (&[("vport0p0", "other"), ("null", "vmlab.data")], 0, "/dev/null\n", ""),
+        (&[("vport0p0", "other")], 3, "", "no virtio port is named vmlab.data in "),
+        (&[], 3, "", "no virtio port is named vmlab.data in "),
+        (&[("vport9p9", "vmlab.data")], 3, "", "/dev/vport9p9 is not a character device"),
+    ];
+    for (ports, status, stdout, stderr) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for (port, name) in ports {
+            std::fs::create_dir(dir.path().join(port)).unwrap();
+            std::fs::write(dir.path().join(port).join("name"), format!("{name}\n")).unwrap();
+        }
+        let command = data_shell_command(&dir.path().display().to_string(), "vmlab.data");
+        let out = std::process::Command::new("busybox").args(["sh", "-euc", &command]).output().unwrap();
+        let got = (out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!((got.0, got.1.as_ref()), (Some(status), stdout), "{ports:?}: {got:?}");
+        assert!(got.2.starts_with(stderr), "{ports:?}: {got:?}");
+    }
+}
+
+#[test]
+fn script_refuses_what_it_cannot_carry() {
+    assert!(script("T1", "a\0b", None).is_err());
+}
+
+#[test]
+fn replies_parse_whatever_the_chunking() {
+    let binary: Vec<u8> = (0..=255u8).rev().cycle().take(5000).collect();
+    let cases: [(&[u8], &[u8], i32); 4] =
+        [(b"", b"", 0), (b"hello\n", b"oops\n", 1), (&binary, b"", 255), (b"no newline", &binary, 7)];
+    for (out, err, status) in cases {
+        let mut data = b"echoed junk\r\nT0 out\nold\n".to_vec();
+        let start = data.len();
+        data.extend(reply("T1", out, err, status));
+        let end = data.len();
+        data.extend(b"next");
+        for piece in [1, 3, 76, 77, 4096, data.len()] {
+            let (o, used) = parse_in_pieces(&data, piece);
+            assert_eq!((o.stdout.as_slice(), o.stderr.as_slice(), o.status), (out, err, status), "piece {piece}");
+            assert_eq!(used, end, "consumed up to the end marker (reply started at {start})");
+        }
+    }
+}
+
+#[test]
+fn unwrapped_and_crlf_base64_is_accepted() {
+    let data = b"T1 out\r\naGVsbG8K\r\nT1 err\r\nT1 end 0\r\n";
+    assert_eq!(parse_in_pieces(data, 2).0.stdout, b"hello\n");
+}
+
+#[test]
+fn guest_side_failures_are_errors() {
+    let mut p = ReplyParser::new("T1");
+    assert!(p.feed(b"T1 fail cannot create a temporary directory in /tmp\n").unwrap_err().contains("temporary"));
+    let mut p = ReplyParser::new("T1");
+    assert!(p.feed(b"T1 out\n!!!!\n").is_err());
+    let mut p = ReplyParser::new("T1");
+    assert!(p.feed(b"T1 out\nT1 err\nT1 end x\n").is_err());
+}
+
+/// The end line carries the sizes on one line, whatever `wc` prints.
+#[test]
+fn the_end_line_carries_both_sizes() {
+    let text =
+        functions() + &script("T1", "printf abc; printf de >&2; exit 4", None).unwrap() + "echo \"$__vmlab_d\"\n";
+    let out = std::process::Command::new("sh").arg("-c").arg(&text).output().unwrap();
+    let (reply, used) = parse_in_pieces(&out.stdout, 7);
+    assert_eq!((reply.status, reply.stdout, reply.stderr), (4, b"abc".to_vec(), b"de".to_vec()));
+    let text = String::from_utf8_lossy(&out.stdout[..used]).into_owned();
+    assert!(text.ends_with("T1 end 4 3 2\n"), "{text}");
+    // Clean up the directory a next command would have emptied.
+    let dir = String::from_utf8_lossy(&out.stdout[used..]).trim().to_string();
+    assert!(dir.starts_with("/tmp/vmlab."), "{dir}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn banner_is_found_across_pieces() {
+    let data = format!("boot noise\r\n{BANNER}\r\nrest");
+    for piece in [1, 5, data.len()] {
+        let mut s = BannerScanner::default();
+        let found: Vec<Vec<u8>> = data.as_bytes().chunks(piece).filter_map(|c| s.feed(c)).collect();
+        assert!(!found.is_empty(), "piece {piece}");
+        assert!(b"\r\nrest".starts_with(&found[0]));
+    }
+}
+
+#[test]
+fn tokens_differ() {
+    assert_ne!(new_token(), new_token());
+}
