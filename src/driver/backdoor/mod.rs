@@ -214,20 +214,11 @@ impl Shell {
         let text = script(&token, command, secs).map_err(DriverError::request)?;
         let text = self.with_functions(text);
         let started = Instant::now();
-        let mut reply = self.exchange(&token, &[text.as_bytes()], timeout, alive)?;
         // QEMU drops what a guest writes to a virtio console while the host
         // end is full: the guest keeps the command's output until the next
         // command, so a reply that lost bytes is asked for again, not rerun.
-        let attempts = if self.lossless { 1 } else { REPLY_ATTEMPTS };
-        for _ in 1..attempts {
-            if reply.is_ok() {
-                break;
-            }
-            let token = new_token();
-            REASKED.fetch_add(1, Ordering::Relaxed);
-            reply = self.exchange(&token, &[resend_script(&token).as_bytes()], timeout, alive)?;
-        }
-        let mut output = reply.map_err(|why| self.garbled(&why))?;
+        let reasks = if self.lossless { 0 } else { REPLY_ATTEMPTS - 1 };
+        let mut output = self.exchange(&token, &[text.as_bytes()], timeout, reasks, alive)?;
         output.timed_out = secs
             .is_some_and(|s| TIMEOUT_STATUSES.contains(&output.status) && started.elapsed() >= Duration::from_secs(s));
         Ok(output)
@@ -243,8 +234,7 @@ impl Shell {
         // base64: the console is a terminal, which need not pass every byte as is.
         let encoded = base64::encode_lines(data, 76);
         let text = raw_append_line(&token, path, encoded.len());
-        let reply = self.exchange(&token, &[text.as_bytes(), encoded.as_bytes()], Some(timeout), alive)?;
-        Ok(reply.map_err(|why| self.garbled(&why))?.status)
+        Ok(self.exchange(&token, &[text.as_bytes(), encoded.as_bytes()], Some(timeout), 0, alive)?.status)
     }
 
     /// Sends the archive of `name` in the guest directory `parent` into
@@ -286,7 +276,7 @@ impl Shell {
                 return Err(self.garbled(&format!("a piece of {size} bytes has checksum {got}, the guest sent {sum}")));
             }
         }
-        self.read_reply(&token, deadline, &what, alive)?.map_err(|why| self.garbled(&why))
+        self.read_reply(&token, Some(timeout), deadline, 0, alive)
     }
 
     /// Sends `size` bytes of `archive` (the archive of `name`) to be
@@ -330,7 +320,7 @@ impl Shell {
                 piece_left = COPY_PIECE;
             }
         }
-        let output = self.read_reply(&token, deadline, &what, alive)?.map_err(|why| self.garbled(&why))?;
+        let output = self.read_reply(&token, Some(timeout), deadline, 0, alive)?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let theirs: Vec<&str> = stdout.lines().filter_map(|l| l.split_whitespace().next()).collect();
         if output.status == 0 && theirs != sums {
@@ -390,45 +380,62 @@ impl Shell {
     }
 
     /// Sends `parts` and reads the reply marked with `token`; the host gives
-    /// up a little after `timeout`. `Ok(Err(why))`: the reply came back
-    /// garbled or short.
+    /// up a little after `timeout`. See [`Shell::read_reply`] for `reasks`.
     fn exchange(
         &mut self,
         token: &str,
         parts: &[&[u8]],
         timeout: Option<Duration>,
+        reasks: usize,
         alive: Alive,
-    ) -> Result<Result<Output, String>, DriverError> {
+    ) -> Result<Output, DriverError> {
         let (deadline, what) = self.deadline(timeout);
         for part in parts {
             self.write_all(part, alive, deadline, &what)?;
         }
-        self.read_reply(token, deadline, &what, alive)
+        self.read_reply(token, timeout, deadline, reasks, alive)
     }
 
-    /// Reads the reply marked with `token`.
+    /// Reads the reply marked with `token` by `deadline`, the host's for a
+    /// command of `timeout`. A reply that comes back garbled or short is
+    /// asked for again, up to `reasks` times, each with a new token and a
+    /// new deadline; then it is an error.
     fn read_reply(
         &mut self,
         token: &str,
+        timeout: Option<Duration>,
         deadline: Option<Instant>,
-        what: &str,
+        reasks: usize,
         alive: Alive,
-    ) -> Result<Result<Output, String>, DriverError> {
-        let mut parser = ReplyParser::new(token);
-        let probe = (!self.lossless).then(|| probe_line(token));
+    ) -> Result<Output, DriverError> {
+        let (mut token, mut deadline, mut reasks) = (token.to_string(), deadline, reasks);
+        let what = self.deadline(timeout).1;
+        let mut parser = ReplyParser::new(&token);
+        let mut probe = (!self.lossless).then(|| probe_line(&token));
         let mut data = std::mem::take(&mut self.pending);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match parser.feed(&data) {
                 Ok(Some((output, used))) => {
                     self.pending = data[used..].to_vec();
-                    return Ok(Ok(output));
+                    return Ok(output);
                 }
+                Err(why) if reasks == 0 => return Err(self.garbled(&why)),
                 // The rest of this reply is skipped by the next one's parser: it has another token.
-                Err(why) => return Ok(Err(why)),
+                Err(_) => {
+                    reasks -= 1;
+                    token = new_token();
+                    REASKED.fetch_add(1, Ordering::Relaxed);
+                    deadline = self.deadline(timeout).0;
+                    self.write_all(resend_script(&token).as_bytes(), alive, deadline, &what)?;
+                    parser = ReplyParser::new(&token);
+                    probe = (!self.lossless).then(|| probe_line(&token));
+                    data.clear();
+                    continue;
+                }
                 Ok(None) => {}
             }
-            let n = self.read_some(&mut buf, alive, deadline, what, probe.as_deref())?;
+            let n = self.read_some(&mut buf, alive, deadline, &what, probe.as_deref())?;
             data.clear();
             data.extend_from_slice(&buf[..n]);
         }

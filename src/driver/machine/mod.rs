@@ -348,44 +348,43 @@ impl Machine {
         if !self.use_data_port {
             return Ok(());
         }
-        let channel = match self.start_data_shell()? {
-            Ok((shell, device)) => {
-                self.data = Some(shell);
-                format!("the data port {device} ({DATA_PORT_NAME})")
-            }
-            Err(why) => format!("the backdoor console hvc0: {why}"),
-        };
+        let channel = self.choose_channel()?;
         self.say(&format!("commands and copies go over {channel}"));
         Ok(())
     }
 
-    /// The data port's shell, answering, and its device; `Ok(Err(why))` when
-    /// there is none to be had.
-    fn start_data_shell(&mut self) -> Result<Result<(Shell, String), String>, DriverError> {
+    /// Starts the data port's shell and keeps it when it answers; the
+    /// channel that commands go over, and why when it is the console. A data
+    /// port that cannot be had is not an error: the console still works.
+    fn choose_channel(&mut self) -> Result<String, DriverError> {
+        let console = |why: String| Ok(format!("the backdoor console hvc0: {why}"));
         let socket = self.vm.state_dir().join(layout::DATA_SOCKET);
         // Connected before the guest's shell opens the port: without a host
         // end, the shell would read end of file and exit.
         let stream = match std::os::unix::net::UnixStream::connect(&socket) {
             Ok(s) => s,
-            Err(e) => return Ok(Err(format!("the run script gives it no data port ({}: {e})", socket.display()))),
+            Err(e) => return console(format!("the run script gives it no data port ({}: {e})", socket.display())),
         };
         let mut shell = match Shell::data_port(stream, &self.name) {
             Ok(s) => s,
-            Err(e) => return Ok(Err(format!("{}: {e}", socket.display()))),
+            Err(e) => return console(format!("{}: {e}", socket.display())),
         };
         let started = self.execute(&data_shell_command(VIRTIO_PORTS, DATA_PORT_NAME), Some(DATA_SHELL_TIMEOUT))?;
         if started.status != 0 {
             let why = String::from_utf8_lossy(&started.stderr).trim().to_string();
-            return Ok(Err(format!("the guest cannot start a shell on it ({why}, exit code {})", started.status)));
+            return console(format!("the guest cannot start a shell on it ({why}, exit code {})", started.status));
         }
         let device = String::from_utf8_lossy(&started.stdout).trim().to_string();
         let (vm, name) = (&mut self.vm, &self.name);
         let mut alive = || qemu_alive(&mut **vm, name);
         match shell.run("true", Some(DATA_SHELL_TIMEOUT), &mut alive) {
-            Ok(out) if out.status == 0 => Ok(Ok((shell, device))),
-            Ok(out) => Ok(Err(format!("the shell on {device} answers with exit code {}", out.status))),
+            Ok(out) if out.status == 0 => {
+                self.data = Some(shell);
+                Ok(format!("the data port {device} ({DATA_PORT_NAME})"))
+            }
+            Ok(out) => console(format!("the shell on {device} answers with exit code {}", out.status)),
             Err(e) if vm.exited().is_some() => Err(self.mark_dead(e)),
-            Err(e) => Ok(Err(format!("the shell on {device} does not answer ({})", e.message))),
+            Err(e) => console(format!("the shell on {device} does not answer ({})", e.message)),
         }
     }
 
