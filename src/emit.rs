@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::layout;
 use crate::plan::qemu::{self, Opt};
-use crate::plan::{self, Machine, Plan};
+use crate::plan::{self, MachinePlan, Plan};
 use crate::shell::{quote, Word};
 use crate::spec::{self, Boot, Node, Spec};
 
@@ -184,7 +184,7 @@ fn write_tree(out: &Path, files: &[File]) -> Result<()> {
 }
 
 /// The fw_cfg guest configuration (format: docs/design.md).
-pub fn guest_config(plan: &Plan, m: &Machine) -> String {
+pub fn guest_config(plan: &Plan, m: &MachinePlan) -> String {
     let mut s = String::from("# vmlab guest configuration\n");
     s += &format!("hostname {}\n", m.name);
     s += &format!("interface eth0 {} {}/24\n", crate::plan::addr::USER_NIC_MAC, crate::plan::addr::USER_NET_GUEST_IPV4);
@@ -208,7 +208,7 @@ fn render_opts(opts: &[Opt]) -> String {
 }
 
 /// `bin/run-<name>-vm`: a readable POSIX sh script that starts one machine.
-pub fn run_script(plan: &Plan, m: &Machine, node: &Node) -> String {
+pub fn run_script(plan: &Plan, m: &MachinePlan, node: &Node) -> String {
     let script_name = layout::run_script_name(&m.name);
     let mut s = format!(
         "#!/bin/sh\n\
@@ -346,7 +346,7 @@ fn shared_dir(script_name: &str) -> String {
 /// `VMLAB_STATE_DIR` must be ours and writable by no one else, and without
 /// one the script makes a fresh private directory rather than trusting a
 /// predictable name that another user may have made first.
-fn state_dir_preamble(plan: &Plan, m: &Machine, script_name: &str) -> String {
+fn state_dir_preamble(plan: &Plan, m: &MachinePlan, script_name: &str) -> String {
     let template = format!("vmlab-{}-{}-XXXXXX", plan.name, m.name);
     format!(
         "# Called as a nixpkgs start script, its state directory is the caller's TMPDIR.\n\

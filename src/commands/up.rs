@@ -14,7 +14,7 @@ use crate::driver::control::Driver;
 use crate::driver::log::Log;
 use crate::runtime::process::describe_exit;
 use crate::runtime::signals;
-use crate::runtime::{spawn_thread, Exit, Machine, Network};
+use crate::runtime::{spawn_thread, Exit, Network, VmProcess};
 use crate::{EXIT_HARNESS, EXIT_OK};
 
 enum Event {
@@ -109,7 +109,7 @@ fn run_until_stopped(network: &Network, events: mpsc::Receiver<Event>) -> Result
 
 /// Starts the machine through the driver (which owns its backdoor and
 /// QEMU's sockets), waits for its backdoor, then for its exit, reporting each.
-fn watch(i: usize, machine: Arc<Machine>, driver: Arc<Driver>, events: mpsc::Sender<Event>) -> Result<()> {
+fn watch(i: usize, machine: Arc<VmProcess>, driver: Arc<Driver>, events: mpsc::Sender<Event>) -> Result<()> {
     spawn_thread(format!("watch-{}", machine.name()), move || {
         let name = machine.name().to_owned();
         // The driver's log says when it starts and when its backdoor is ready.
@@ -128,7 +128,7 @@ fn watch(i: usize, machine: Arc<Machine>, driver: Arc<Driver>, events: mpsc::Sen
 
 /// Prints the machine's serial console on standard output, `name # line`,
 /// unless a client turned that off (`serial_stdout_off`).
-fn print_console(machine: &Machine, log: Arc<Log>) -> Result<()> {
+fn print_console(machine: &VmProcess, log: Arc<Log>) -> Result<()> {
     let lines = machine.console().subscribe();
     let name = machine.name().to_owned();
     spawn_thread(format!("print-{name}"), move || {

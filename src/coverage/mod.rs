@@ -14,7 +14,7 @@ use std::path::Path;
 
 use crate::driver::control::Driver;
 use crate::driver::log::{Log, Style};
-use crate::driver::machine::Machine;
+use crate::driver::machine::DrivenMachine;
 use crate::driver::DriverError;
 use crate::shell::quote;
 
@@ -43,7 +43,7 @@ pub enum Collected {
 /// Copies a running machine's coverage data (everything under its
 /// [`GUEST_DIR`]) to `<out>/coverage-data/<machine>/`, after `sync`, so the
 /// report sees what each machine's programs wrote, machine by machine.
-pub fn collect(machine: &mut Machine) -> Result<Collected, DriverError> {
+pub fn collect(machine: &mut DrivenMachine) -> Result<Collected, DriverError> {
     if !machine.is_up() {
         return Ok(if machine.ever_started() { Collected::Lost } else { Collected::NeverStarted });
     }

@@ -107,7 +107,7 @@ mod tests {
     }
     use crate::driver::control::{serve, Driver};
     use crate::driver::log::Log;
-    use crate::driver::machine::Machine;
+    use crate::driver::machine::DrivenMachine;
     use crate::driver::testing::{busybox_bin, LocalVm};
     use std::sync::Arc;
 
@@ -191,7 +191,7 @@ for path, datagram, listening in [
     }
 
     /// A driver of `machines` serving its control socket in `dir`.
-    fn served(dir: &Path, machines: Vec<Machine>, log: Arc<Log>) -> (Arc<Driver>, PathBuf) {
+    fn served(dir: &Path, machines: Vec<DrivenMachine>, log: Arc<Log>) -> (Arc<Driver>, PathBuf) {
         let driver = Arc::new(Driver::new(machines, log));
         let sock = dir.join("control.sock");
         serve(driver.clone(), &sock).unwrap();
@@ -240,9 +240,11 @@ for path, datagram, listening in [
         let bin = busybox_bin(dir.path());
         let log = Arc::new(Log::new(Box::new(std::io::sink()), false, None));
         let out = dir.path().join("out");
-        let machines: Vec<Machine> = ["client", "server"]
+        let machines: Vec<DrivenMachine> = ["client", "server"]
             .iter()
-            .map(|n| Machine::new(n, vec![], Box::new(LocalVm::new(&dir.path().join(n), &bin)), &out, log.clone()))
+            .map(|n| {
+                DrivenMachine::new(n, vec![], Box::new(LocalVm::new(&dir.path().join(n), &bin)), &out, log.clone())
+            })
             .collect();
         let (driver, sock) = served(dir.path(), machines, log.clone());
         let py = install(&dir.path().join("py")).unwrap();

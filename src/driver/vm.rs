@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::runtime::Machine;
+use crate::runtime::VmProcess;
 
 /// What the driver needs from whoever runs a machine's QEMU (the runtime).
 pub trait Vm: Send {
@@ -43,7 +43,7 @@ pub type Killer = Arc<dyn Fn() + Send + Sync>;
 
 /// How the test driver runs a machine: QEMU is the runtime's, the backdoor
 /// and QMP connections are the driver's.
-impl Vm for Arc<Machine> {
+impl Vm for Arc<VmProcess> {
     fn spawn(&mut self) -> Result<()> {
         self.start()
     }
@@ -53,22 +53,22 @@ impl Vm for Arc<Machine> {
     }
 
     fn kill(&mut self) {
-        Machine::kill(self);
+        VmProcess::kill(self);
     }
 
     fn killer(&self) -> Killer {
         let machine = self.clone();
         Arc::new(move || {
-            Machine::kill(&machine);
+            VmProcess::kill(&machine);
         })
     }
 
     fn state_dir(&self) -> PathBuf {
-        Machine::state_dir(self)
+        VmProcess::state_dir(self)
     }
 
     fn serial_log(&self) -> PathBuf {
-        Machine::serial_log(self)
+        VmProcess::serial_log(self)
     }
 
     fn retired(&self) -> bool {
@@ -80,6 +80,6 @@ impl Vm for Arc<Machine> {
     }
 
     fn pid(&self) -> Option<u32> {
-        Machine::pid(self)
+        VmProcess::pid(self)
     }
 }

@@ -23,15 +23,16 @@ pub struct Plan {
     /// The hosts file every machine gets (after its localhost lines).
     pub hosts: String,
     /// In number order.
-    pub machines: Vec<Machine>,
+    pub machines: Vec<MachinePlan>,
     /// Resolved when building, so the run scripts never search PATH.
     pub qemu: PathBuf,
     pub vde_switch: PathBuf,
 }
 
+/// What the plan fixes for one machine: its number, NICs and addresses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Machine {
+pub struct MachinePlan {
     pub name: String,
     /// 1..=254, by byte-wise sorted name.
     pub number: u8,
@@ -66,7 +67,7 @@ pub struct Interface {
 /// Numbers the machines and assigns their addresses as nixpkgs' network.nix does.
 /// `qemu` and `vde_switch` are the tools' resolved paths (resolving is I/O, done by the caller).
 pub fn plan(spec: &Spec, qemu: PathBuf, vde_switch: PathBuf) -> Plan {
-    let machines: Vec<Machine> = spec
+    let machines: Vec<MachinePlan> = spec
         .nodes
         .iter()
         .zip(1u8..)
@@ -85,7 +86,7 @@ pub fn plan(spec: &Spec, qemu: PathBuf, vde_switch: PathBuf) -> Plan {
                     ipv6_prefix_length: addr::IPV6_PREFIX_LENGTH,
                 })
                 .collect();
-            Machine {
+            MachinePlan {
                 name: name.clone(),
                 number,
                 primary_ipv4: interfaces.first().map(|i| i.ipv4),
@@ -105,7 +106,7 @@ pub fn plan(spec: &Spec, qemu: PathBuf, vde_switch: PathBuf) -> Plan {
 }
 
 /// `<ipv4> <name>` then `<ipv6> <name>` for each machine with addresses, in number order.
-fn hosts_file(machines: &[Machine]) -> String {
+fn hosts_file(machines: &[MachinePlan]) -> String {
     let mut out = String::new();
     for m in machines {
         if let (Some(v4), Some(v6)) = (&m.primary_ipv4, &m.primary_ipv6) {
@@ -116,7 +117,7 @@ fn hosts_file(machines: &[Machine]) -> String {
 }
 
 impl Plan {
-    pub fn machine(&self, name: &str) -> Option<&Machine> {
+    pub fn machine(&self, name: &str) -> Option<&MachinePlan> {
         self.machines.iter().find(|m| m.name == name)
     }
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::addr::{self, MacAddr};
-use super::Machine;
+use super::MachinePlan;
 use crate::layout;
 use crate::shell::Word;
 use crate::spec::ForwardPort;
@@ -44,7 +44,7 @@ fn opt(words: &[&str]) -> Opt {
     words.iter().map(|w| Word::lit(*w)).collect()
 }
 
-pub fn identity(m: &Machine) -> Vec<Opt> {
+pub fn identity(m: &MachinePlan) -> Vec<Opt> {
     vec![
         opt(&["-name", &m.name]),
         vec![Word::lit("-accel"), Word::var(ACCEL_VAR)],
@@ -82,7 +82,7 @@ pub fn direct_boot(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Vec<O
 }
 
 /// The machine's network configuration, so one guest image serves every topology.
-pub fn guest_config(m: &Machine) -> Vec<Opt> {
+pub fn guest_config(m: &MachinePlan) -> Vec<Opt> {
     let value = Word::lit(format!("name={FW_CFG_NAME},file="))
         .then_var(OUT_VAR)
         .then(format!("/{}", layout::config_file(&m.name)));
@@ -146,7 +146,7 @@ pub fn user_net_options(ports: &[ForwardPort]) -> String {
 }
 
 /// eth1…: one virtio NIC per vlan, with the plan's MAC, on the vlan's switch.
-pub fn vlan_nics(m: &Machine) -> Vec<Opt> {
+pub fn vlan_nics(m: &MachinePlan) -> Vec<Opt> {
     m.interfaces
         .iter()
         .flat_map(|i| {
@@ -183,7 +183,7 @@ pub fn extra(options: &[String]) -> Vec<Opt> {
 
 /// Everything a direct-boot machine's QEMU gets but [`own_channels`].
 pub fn direct_boot_opts(
-    m: &Machine,
+    m: &MachinePlan,
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
@@ -209,7 +209,7 @@ pub fn direct_boot_opts(
 /// QEMU, and the driver waits for an exit that never comes. Its own
 /// accelerator choice (KVM when it can, else TCG) gives way to vmlab's
 /// (`VMLAB_ACCEL`, `--accel`), so both kinds of machine run alike.
-pub fn start_script_opts(m: &Machine, options: &[String]) -> Vec<Opt> {
+pub fn start_script_opts(m: &MachinePlan, options: &[String]) -> Vec<Opt> {
     [vec![opt(&["-no-reboot"]), start_script_accel()], guest_config(m), vlan_nics(m), extra(options)].concat()
 }
 
@@ -230,8 +230,8 @@ mod tests {
         opts.iter().map(|o| o.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")).collect()
     }
 
-    fn machine(vlans: &[u8]) -> Machine {
-        Machine {
+    fn machine(vlans: &[u8]) -> MachinePlan {
+        MachinePlan {
             name: "server".into(),
             number: 2,
             interfaces: vlans

@@ -18,7 +18,9 @@ use super::{log_tail, spawn_thread};
 use crate::layout::SessionDir;
 use crate::sync::lock;
 
-pub struct Machine {
+/// A machine's QEMU as the runtime runs it: its run script under a
+/// [`ChildGuard`], started again as needed, and its serial console.
+pub struct VmProcess {
     name: String,
     script: PathBuf,
     env: Vec<(String, OsString)>,
@@ -52,10 +54,10 @@ impl fmt::Display for Exit {
     }
 }
 
-impl Machine {
+impl VmProcess {
     /// `env` is the run script's environment on top of vmlab's (docs/design.md).
-    pub(crate) fn new(name: String, script: PathBuf, env: Vec<(String, OsString)>, layout: SessionDir) -> Machine {
-        Machine {
+    pub(crate) fn new(name: String, script: PathBuf, env: Vec<(String, OsString)>, layout: SessionDir) -> VmProcess {
+        VmProcess {
             name,
             script,
             env,
@@ -85,7 +87,7 @@ impl Machine {
         self.layout.qemu_log(&self.name)
     }
 
-    /// The serial console; subscribe before [`Machine::start`] to see every line.
+    /// The serial console; subscribe before [`VmProcess::start`] to see every line.
     pub fn console(&self) -> &Console {
         &self.console
     }
@@ -106,7 +108,7 @@ impl Machine {
         self.start_with(&[("QEMU_OPTS".to_owned(), opts)])
     }
 
-    /// [`Machine::start`] with more environment for the run script.
+    /// [`VmProcess::start`] with more environment for the run script.
     fn start_with(&self, extra_env: &[(String, OsString)]) -> Result<()> {
         let mut current = lock(&self.current);
         if self.retired.load(Ordering::SeqCst) {

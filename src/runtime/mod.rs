@@ -4,7 +4,7 @@
 //! The driver builds on [`Network`]: start it, start machines (all at once or
 //! lazily), stop and restart single machines, stop everything. The backdoor
 //! and QMP connections are the driver's (`driver::machine`), through the
-//! `driver::vm::Vm` that `Arc<Machine>` implements.
+//! `driver::vm::Vm` that `Arc<VmProcess>` implements.
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
@@ -44,7 +44,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 pub use console::Console;
-pub use machine::{Exit, Machine};
+pub use machine::{Exit, VmProcess};
 pub use prepare::{prepare, Prepared};
 pub use session::Session;
 
@@ -57,7 +57,7 @@ use switch::Switch;
 /// (or dropping) it stops every machine and switch; dropping it then removes
 /// the session directory unless it is kept.
 pub struct Network {
-    machines: Vec<Arc<Machine>>,
+    machines: Vec<Arc<VmProcess>>,
     switches: Vec<Switch>,
     plan: Plan,
     /// Last: the directory goes after every process using it.
@@ -76,7 +76,7 @@ impl Network {
             .iter()
             .map(|m| {
                 let script = plan_dir.join(layout::run_script(&m.name));
-                Arc::new(Machine::new(
+                Arc::new(VmProcess::new(
                     m.name.clone(),
                     script,
                     machine_env(&layout, &plan, &m.name, accel),
@@ -106,11 +106,11 @@ impl Network {
     }
 
     /// In plan (number) order.
-    pub fn machines(&self) -> &[Arc<Machine>] {
+    pub fn machines(&self) -> &[Arc<VmProcess>] {
         &self.machines
     }
 
-    pub fn machine(&self, name: &str) -> Option<&Arc<Machine>> {
+    pub fn machine(&self, name: &str) -> Option<&Arc<VmProcess>> {
         self.machines.iter().find(|m| m.name() == name)
     }
 

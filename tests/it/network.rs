@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use vmlab::accel::{self, Accel};
-use vmlab::driver::{log::Log, machine::Machine as Driven};
+use vmlab::driver::{log::Log, machine::DrivenMachine};
 use vmlab::runtime::{load_plan, Network, Session};
 
 use crate::support::{processes_mentioning, repo_root, run, vmlab, webserver_guest};
@@ -33,7 +33,7 @@ fn build_on_webserver_guest(tmp: &Path, nodes: &[(&str, &[u8])]) -> std::path::P
     out
 }
 
-fn stdout(machine: &mut Driven, command: &str) -> String {
+fn stdout(machine: &mut DrivenMachine, command: &str) -> String {
     String::from_utf8(machine.succeed(&[command.to_owned()], None).unwrap()).unwrap()
 }
 
@@ -51,13 +51,13 @@ fn machines_reach_each_other_on_a_shared_vlan_and_never_across_vlans() {
     let network = Network::start(&dir, plan.clone(), Session::create(&plan, false).unwrap(), accel).unwrap();
     let session = network.session().path().to_owned();
     let log = Arc::new(Log::new(Box::new(std::io::sink()), false, None));
-    let mut machines: Vec<Driven> = plan
+    let mut machines: Vec<DrivenMachine> = plan
         .machines
         .iter()
         .map(|m| {
             let interfaces = m.interfaces.iter().map(|i| (i.name.clone(), i.vlan)).collect();
             let vm = Box::new(network.machine(&m.name).unwrap().clone());
-            Driven::new(&m.name, interfaces, vm, tmp.path(), log.clone())
+            DrivenMachine::new(&m.name, interfaces, vm, tmp.path(), log.clone())
         })
         .collect();
     // Boot all three at once: TCG boots are CPU-bound, but most of a boot is waiting.

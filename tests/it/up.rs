@@ -397,12 +397,12 @@ fn machines_start_restart_fail_and_stay_stopped_with_their_network() {
 }
 
 /// The seam between driver and runtime (`driver::vm::Vm` for
-/// `Arc<runtime::Machine>`), on real VMs: the driver boots, runs a command,
+/// `Arc<runtime::VmProcess>`), on real VMs: the driver boots, runs a command,
 /// crashes and restarts a machine whose QEMU the runtime owns.
 #[test]
 fn the_driver_runs_real_vms_through_the_runtime() {
     use vmlab::accel::{self, Accel};
-    use vmlab::driver::{log::Log, machine::Machine as Driven};
+    use vmlab::driver::{log::Log, machine::DrivenMachine};
     use vmlab::runtime::{load_plan, Network, Session};
 
     let tmp = tempfile::tempdir().unwrap();
@@ -413,7 +413,8 @@ fn the_driver_runs_real_vms_through_the_runtime() {
     let session = network.session().path().to_owned();
     let runtime_server = network.machine("server").unwrap().clone();
     let log = std::sync::Arc::new(Log::new(Box::new(std::io::sink()), false, None));
-    let mut server = Driven::new("server", vec![("eth1".into(), 1)], Box::new(runtime_server.clone()), tmp.path(), log);
+    let mut server =
+        DrivenMachine::new("server", vec![("eth1".into(), 1)], Box::new(runtime_server.clone()), tmp.path(), log);
 
     let out = server.execute("hostname", None).unwrap();
     assert_eq!((out.status, String::from_utf8_lossy(&out.stdout).into_owned()), (0, "server\n".to_owned()));

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::log::{Log, Style};
-use super::machine::{boot_silence_limit, Interrupt, Machine};
+use super::machine::{boot_silence_limit, DrivenMachine, Interrupt};
 use super::monitor::Monitor;
 use super::protocol::Op;
 use super::DriverError;
@@ -27,7 +27,7 @@ use ops::{arg, machine_op, opt_str, qemu_op, str_arg, summary, Args};
 
 /// Every machine, each behind its own lock, and the test's log.
 pub struct Driver {
-    machines: BTreeMap<String, Mutex<Machine>>,
+    machines: BTreeMap<String, Mutex<DrivenMachine>>,
     /// Each machine's crash and QEMU-level side, which must not wait for a
     /// request holding the machine.
     interrupts: BTreeMap<String, Interrupt>,
@@ -47,7 +47,7 @@ pub struct Driver {
 pub(super) const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Driver {
-    pub fn new(machines: Vec<Machine>, log: Arc<Log>) -> Self {
+    pub fn new(machines: Vec<DrivenMachine>, log: Arc<Log>) -> Self {
         Driver {
             interrupts: machines.iter().map(|m| (m.name.clone(), m.interrupt())).collect(),
             monitors: machines.iter().map(|m| (m.name.clone(), m.monitor())).collect(),
@@ -75,7 +75,7 @@ impl Driver {
             .map(|planned| {
                 let vm = network.machine(&planned.name).expect("the network runs its plan's machines").clone();
                 let interfaces = planned.interfaces.iter().map(|i| (i.name.clone(), i.vlan)).collect();
-                let mut machine = Machine::new(&planned.name, interfaces, Box::new(vm), out_dir, log.clone());
+                let mut machine = DrivenMachine::new(&planned.name, interfaces, Box::new(vm), out_dir, log.clone());
                 machine.set_boot_silence(silence);
                 machine
             })
@@ -84,7 +84,7 @@ impl Driver {
     }
 
     /// Runs `f` on a machine, holding its lock; `None` when there is no such machine.
-    pub fn with_machine<T>(&self, name: &str, f: impl FnOnce(&mut Machine) -> T) -> Option<T> {
+    pub fn with_machine<T>(&self, name: &str, f: impl FnOnce(&mut DrivenMachine) -> T) -> Option<T> {
         let slot = self.machines.get(name)?;
         let mut machine = lock(slot);
         Some(f(&mut machine))
@@ -189,7 +189,10 @@ impl Driver {
     }
 
     /// Runs `f` on every machine at once, each in its own thread; the first error.
-    fn each_machine(&self, f: impl Fn(&mut Machine) -> Result<(), DriverError> + Sync) -> Result<(), DriverError> {
+    fn each_machine(
+        &self,
+        f: impl Fn(&mut DrivenMachine) -> Result<(), DriverError> + Sync,
+    ) -> Result<(), DriverError> {
         let results: Vec<Result<(), DriverError>> = std::thread::scope(|s| {
             let f = &f;
             let handles: Vec<_> = self
@@ -217,7 +220,7 @@ impl Driver {
                     self.machines.iter().map(|(name, m)| json!({ "name": name, "up": lock(m).is_up() })).collect();
                 Ok(json!({ "machines": list }))
             }
-            Op::StartAll => self.each_machine(Machine::start).map(|()| json!({})),
+            Op::StartAll => self.each_machine(DrivenMachine::start).map(|()| json!({})),
             Op::JoinAll => {
                 self.each_machine(|m| m.wait_for_shutdown(Duration::from_secs(u64::from(u32::MAX)))).map(|()| json!({}))
             }
@@ -271,7 +274,7 @@ mod tests {
             .iter()
             .map(|n| {
                 let vm = LocalVm::new(&dir.join(n), &bin);
-                Machine::new(n, vec![("eth1".into(), 1)], Box::new(vm), &dir.join("out"), log.clone())
+                DrivenMachine::new(n, vec![("eth1".into(), 1)], Box::new(vm), &dir.join("out"), log.clone())
             })
             .collect();
         Arc::new(Driver::new(machines, log))

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::QMP_TIMEOUT;
 use crate::driver::base64;
-use crate::driver::machine::{Machine, DEFAULT_TIMEOUT};
+use crate::driver::machine::{DrivenMachine, DEFAULT_TIMEOUT};
 use crate::driver::monitor::Monitor;
 use crate::driver::protocol::Op;
 use crate::driver::DriverError;
@@ -124,7 +124,7 @@ pub(super) fn qemu_op(monitor: &Monitor, op: Op, req: &Args) -> Option<Result<Va
     })
 }
 
-pub(super) fn machine_op(m: &mut Machine, op: Op, req: &Args) -> Result<Value, DriverError> {
+pub(super) fn machine_op(m: &mut DrivenMachine, op: Op, req: &Args) -> Result<Value, DriverError> {
     let empty = Ok(json!({}));
     match op {
         Op::Start => m.start().and(empty),

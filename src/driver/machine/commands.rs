@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Machine {
+impl DrivenMachine {
     /// Runs a command: `(status, stdout, stderr)`; boots the machine first if needed.
     pub fn execute(&mut self, command: &str, timeout: Option<Duration>) -> Result<Output, DriverError> {
         self.with_shell(|shell, alive| shell.run(command, timeout, alive))

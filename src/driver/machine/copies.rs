@@ -13,7 +13,7 @@ const COPY_OUT_CHUNK: u64 = 1024 * 1024;
 /// The most a copy out reserves on the guest's word of its size.
 const RESERVE_AT_MOST: u64 = 1 << 30;
 
-impl Machine {
+impl DrivenMachine {
     /// Copies a host file or directory into the guest so that it is `dest`
     /// there (replacing what was at `dest`). Binary-safe: a tar stream,
     /// base64 in pieces through the backdoor.
@@ -137,7 +137,7 @@ impl Machine {
         Ok(target)
     }
 
-    /// [`Machine::copy_to_vm`] over the data port: the archive is made in an
+    /// [`DrivenMachine::copy_to_vm`] over the data port: the archive is made in an
     /// unnamed host file (memory stays flat) and streamed into `tar -x` in
     /// the guest.
     fn stream_to_vm(&mut self, source: &Path, dest: &str, started: Instant) -> Result<(), DriverError> {
@@ -159,7 +159,7 @@ impl Machine {
         Ok(())
     }
 
-    /// [`Machine::copy_from_vm`] over the data port: the guest's `tar`
+    /// [`DrivenMachine::copy_from_vm`] over the data port: the guest's `tar`
     /// streams into an unnamed host file (memory stays flat), unpacked from
     /// there under the copy policy.
     fn stream_from_vm(

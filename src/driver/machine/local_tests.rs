@@ -5,7 +5,7 @@ use crate::driver::testing::{busybox_bin, LocalVm};
 
 struct Fixture {
     dir: tempfile::TempDir,
-    m: Machine,
+    m: DrivenMachine,
     qmp_log: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
@@ -16,7 +16,7 @@ fn fixture() -> Fixture {
     let qmp_log = vm.qmp_log.clone();
     let log = Arc::new(Log::new(Box::new(std::io::sink()), false, None));
     let ifs = vec![("eth1".to_string(), 1), ("eth2".to_string(), 2)];
-    let m = Machine::new("server", ifs, Box::new(vm), &dir.path().join("out"), log);
+    let m = DrivenMachine::new("server", ifs, Box::new(vm), &dir.path().join("out"), log);
     Fixture { dir, m, qmp_log }
 }
 

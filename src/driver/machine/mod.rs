@@ -104,7 +104,9 @@ fn qemu_alive(vm: &mut dyn Vm, name: &str) -> Result<(), DriverError> {
     }
 }
 
-pub struct Machine {
+/// A machine as a test drives it: its QEMU (a [`Vm`]), the backdoor shell
+/// and data port, and QMP.
+pub struct DrivenMachine {
     pub name: String,
     vm: Box<dyn Vm>,
     running: bool,
@@ -140,12 +142,12 @@ fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
 }
 
-impl Machine {
+impl DrivenMachine {
     pub fn new(name: &str, interfaces: Vec<(String, u8)>, vm: Box<dyn Vm>, out_dir: &Path, log: Arc<Log>) -> Self {
         let interrupt = Interrupt { kill: vm.killer(), requested: Default::default() };
         let monitor =
             Arc::new(Monitor::new(name, interfaces, vm.state_dir().join(layout::QMP_SOCKET), out_dir, log.clone()));
-        Machine {
+        DrivenMachine {
             name: name.to_string(),
             interrupt,
             boot_silence: boot_silence_limit(true, 1, 1),
@@ -284,7 +286,7 @@ impl Machine {
         self.wait_for_boot_within(BOOT_TIMEOUT)
     }
 
-    /// [`Machine::wait_for_boot`] with a chosen limit (`vmlab up` waits as
+    /// [`DrivenMachine::wait_for_boot`] with a chosen limit (`vmlab up` waits as
     /// long as the machine runs: a guest without the backdoor just runs).
     pub fn wait_for_boot_within(&mut self, timeout: Duration) -> Result<(), DriverError> {
         if let Some(why) = &self.died {

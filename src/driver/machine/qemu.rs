@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Machine {
+impl DrivenMachine {
     /// The QEMU-level side, which the driver reaches while a command holds
     /// the machine.
     pub fn monitor(&self) -> Arc<Monitor> {

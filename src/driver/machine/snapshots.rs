@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::copies::guest_says;
-use super::{secs, Machine, DATA_SHELL_TIMEOUT, SOCKET_TIMEOUT};
+use super::{secs, DrivenMachine, DATA_SHELL_TIMEOUT, SOCKET_TIMEOUT};
 use crate::driver::snapshot::{self, Restore};
 use crate::driver::{DriverError, Kind};
 use crate::runtime::manifest::Compression;
@@ -13,7 +13,7 @@ use crate::runtime::manifest::Compression;
 /// How long QEMU may take to answer a QMP command during a restore.
 const QMP_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
-impl Machine {
+impl DrivenMachine {
     /// The next start restores `restore` instead of booting.
     pub fn restore_from(&mut self, restore: Restore) {
         self.restore = Some(restore);
