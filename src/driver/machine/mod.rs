@@ -13,9 +13,8 @@ use super::qmp::Qmp;
 use super::snapshot::Restore;
 use super::vm::{Killer, Vm};
 use super::{DriverError, Kind};
-use crate::driver::backdoor::{data_shell_command, Alive, Output, Shell};
+use crate::driver::backdoor::{Alive, Output, Shell};
 use crate::layout;
-use crate::plan::qemu::DATA_PORT_NAME;
 use crate::runtime::process::Backoff;
 use crate::runtime::stderr_ending;
 use crate::shell::quote;
@@ -23,6 +22,7 @@ use crate::sync::lock;
 
 mod commands;
 mod copies;
+mod data_channel;
 #[cfg(test)]
 mod local_tests;
 mod qemu;
@@ -55,9 +55,6 @@ const SILENT: &str = "no sign of life";
 /// start the data port's shell and answer on it before the machine is
 /// driven over the backdoor instead.
 const DATA_SHELL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Where a Linux guest lists its virtio-serial ports with their names.
-const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
 
 /// How long QEMU may take to create its sockets after it starts.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
@@ -339,55 +336,6 @@ impl DrivenMachine {
         self.booted = true;
         self.say(&format!("backdoor shell ready ({})", secs(started.elapsed())));
         self.open_data_channel()
-    }
-
-    /// Moves commands and copies to a shell on the data port when the run
-    /// script gave the machine one (`data.sock`) and the guest has it, and
-    /// says which channel the machine uses and why. Anything that keeps the
-    /// data port from working leaves the machine on the backdoor console;
-    /// only the machine dying is an error.
-    fn open_data_channel(&mut self) -> Result<(), DriverError> {
-        if !self.use_data_port {
-            return Ok(());
-        }
-        let channel = self.choose_channel()?;
-        self.say(&format!("commands and copies go over {channel}"));
-        Ok(())
-    }
-
-    /// Starts the data port's shell and keeps it when it answers; the
-    /// channel that commands go over, and why when it is the console. A data
-    /// port that cannot be had is not an error: the console still works.
-    fn choose_channel(&mut self) -> Result<String, DriverError> {
-        let console = |why: String| Ok(format!("the backdoor console hvc0: {why}"));
-        let socket = self.vm.state_dir().join(layout::DATA_SOCKET);
-        // Connected before the guest's shell opens the port: without a host
-        // end, the shell would read end of file and exit.
-        let stream = match std::os::unix::net::UnixStream::connect(&socket) {
-            Ok(s) => s,
-            Err(e) => return console(format!("the run script gives it no data port ({}: {e})", socket.display())),
-        };
-        let mut shell = match Shell::data_port(stream, &self.name) {
-            Ok(s) => s,
-            Err(e) => return console(format!("{}: {e}", socket.display())),
-        };
-        let started = self.execute(&data_shell_command(VIRTIO_PORTS, DATA_PORT_NAME), Some(DATA_SHELL_TIMEOUT))?;
-        if started.status != 0 {
-            let why = String::from_utf8_lossy(&started.stderr).trim().to_string();
-            return console(format!("the guest cannot start a shell on it ({why}, exit code {})", started.status));
-        }
-        let device = String::from_utf8_lossy(&started.stdout).trim().to_string();
-        let (vm, name) = (&mut self.vm, &self.name);
-        let mut alive = || qemu_alive(&mut **vm, name);
-        match shell.run("true", Some(DATA_SHELL_TIMEOUT), &mut alive) {
-            Ok(out) if out.status == 0 => {
-                self.data = Some(shell);
-                Ok(format!("the data port {device} ({DATA_PORT_NAME})"))
-            }
-            Ok(out) => console(format!("the shell on {device} answers with exit code {}", out.status)),
-            Err(e) if vm.exited().is_some() => Err(self.mark_dead(e)),
-            Err(e) => console(format!("the shell on {device} does not answer ({})", e.message)),
-        }
     }
 
     /// What can be learnt of a machine that shows no sign of life: whether
