@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 mod direct;
+pub(crate) mod nix;
 mod runs;
 mod up;
 
