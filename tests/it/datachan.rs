@@ -90,6 +90,22 @@ for call, words in [
     else:
         raise AssertionError("the copy did not fail")
 assert server.succeed("echo still") == "still\n"
+
+# A full /tmp, where a copy stages its pieces: the guest's words still come back.
+server.succeed("head -c 3000000 /dev/urandom > /blob && mount -t tmpfs -o size=1m tmpfs /tmp")
+server.succeed("dd if=/dev/zero of=/tmp/fill bs=4096 2>/dev/null || true")
+for call in [lambda: server.copy_from_vm("/blob", ""), lambda: server.copy_to_vm(src, "/blob2")]:
+    with open(src, "wb") as f:
+        f.write(os.urandom(3000000))
+    try:
+        call()
+    except Exception as e:
+        assert "machine server: cannot copy" in str(e) and "No space left on device" in str(e), str(e)
+    else:
+        raise AssertionError("the copy into a full /tmp did not fail")
+server.succeed("rm /tmp/fill")
+assert server.succeed("echo room again") == "room again\n"
+server.succeed("umount -l /tmp")
 "#;
 
 #[test]

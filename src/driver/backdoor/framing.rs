@@ -128,33 +128,45 @@ pub(super) const COPY_PIECE: usize = COPY_PIECE_MIB << 20;
 ///   read ahead, and busybox's reads a byte at a time), and each piece is
 ///   staged in a file, which `md5sum` reads twice as fast as a pipe under
 ///   TCG; busybox's `wc` and `tee` are as slow, so `stat` takes the sizes.
-pub fn functions() -> String {
+pub fn functions(lossless: bool) -> String {
+    // Over the console the reply is cut at the sizes measured, so that a
+    // short one shows it lost bytes; a data port loses none, and saves a
+    // program per stream by sending the whole file, which the host cuts.
+    let cut = if lossless {
+        "base64 <\"$1\""
+    } else {
+        "dd if=\"$1\" bs=1048576 count=\"$2\" iflag=count_bytes status=none | base64"
+    };
     format!(
         "__vmlab_setup() {{ [ ! -d \"${{__vmlab_d:-}}\" ] || return 0; \
          __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || {{ __vmlab_d=/dev/null/vmlab; return 1; }}; \
          __vmlab_n=0; __vmlab_o=/dev/null; __vmlab_e=/dev/null; __vmlab_so=0; __vmlab_se=0; \
-         __vmlab_pf=; ! (set -o pipefail) 2>/dev/null || __vmlab_pf='set -o pipefail'; \
+         __vmlab_pf=; ! (set -o pipefail) 2>/dev/null || __vmlab_pf='-o pipefail'; \
          __vmlab_sh=sh; [ -z \"${{BASH_VERSION:-}}\" ] || __vmlab_sh=bash; }}\n\
-         __vmlab_r() {{ __vmlab_setup || {{ printf '%s fail %s\\n' \"$1\" 'cannot create a temporary directory in /tmp'; return; }}; \
+         __vmlab_r() {{ [ -d \"${{__vmlab_d:-}}\" ] || __vmlab_setup || {{ printf '%s fail %s\\n' \"$1\" 'cannot create a temporary directory in /tmp'; return; }}; \
          [ \"$__vmlab_so$__vmlab_se\" = 00 ] || : 2>/dev/null >\"$__vmlab_o\" >\"$__vmlab_e\"; \
-         __vmlab_n=$((__vmlab_n+1)); case $__vmlab_n in *00) rm -f \"$__vmlab_d\"/[oe]*;; esac; \
-         __vmlab_o=$__vmlab_d/o$__vmlab_n; __vmlab_e=$__vmlab_d/e$__vmlab_n; __vmlab_c=$3; \
-         if [ \"$2\" = - ]; then (set -eu --; $__vmlab_pf; eval \"$__vmlab_c\") </dev/null >\"$__vmlab_o\" 2>\"$__vmlab_e\"; \
-         else printf 'set -eu\\n%s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\"; \
-         timeout \"$2\" \"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null >\"$__vmlab_o\" 2>\"$__vmlab_e\"; fi; \
-         __vmlab_s=$?; __vmlab_measure; __vmlab_reply \"$1\"; }}\n\
+         __vmlab_n=$((__vmlab_n+1)) __vmlab_c=$3 __vmlab_s=; __vmlab_o=$__vmlab_d/o$__vmlab_n __vmlab_e=$__vmlab_d/e$__vmlab_n; \
+         case $__vmlab_n in *00) rm -f \"$__vmlab_d\"/[oe]*;; esac; \
+         {{ if [ \"$2\" = - ]; then (set -eu $__vmlab_pf --; eval \"$__vmlab_c\") </dev/null >&3 2>&4 3>&- 4>&-; \
+         else printf 'set -eu %s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\"; \
+         timeout \"$2\" \"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null >&3 2>&4 3>&- 4>&-; fi; __vmlab_s=$?; \
+         read -r __vmlab_p __vmlab_so </proc/self/fdinfo/3 && read -r __vmlab_p __vmlab_se </proc/self/fdinfo/4 \
+         || __vmlab_measure; }} 3>\"$__vmlab_o\" 4>\"$__vmlab_e\"; \
+         [ -n \"$__vmlab_s\" ] || {{ printf '%s fail %s\\n' \"$1\" \"cannot make output files in $__vmlab_d\"; return; }}; \
+         __vmlab_reply \"$1\"; }}\n\
          __vmlab_measure() {{ __vmlab_so=0; __vmlab_se=0; [ -s \"$__vmlab_o\" ] || [ -s \"$__vmlab_e\" ] || return 0; \
          set -- $(stat -c %s \"$__vmlab_o\" \"$__vmlab_e\"); __vmlab_so=$1; __vmlab_se=$2; }}\n\
          __vmlab_reply() {{ if [ \"$__vmlab_so$__vmlab_se\" = 00 ]; then \
          printf '%s out\\n%s err\\n%s end %s 0 0\\n' \"$1\" \"$1\" \"$1\" \"$__vmlab_s\"; return; fi; \
-         printf '%s out\\n' \"$1\"; [ \"$__vmlab_so\" = 0 ] || __vmlab_cut \"$__vmlab_o\" \"$__vmlab_so\" | base64; \
-         printf '%s err\\n' \"$1\"; [ \"$__vmlab_se\" = 0 ] || __vmlab_cut \"$__vmlab_e\" \"$__vmlab_se\" | base64; \
+         printf '%s out\\n' \"$1\"; [ \"$__vmlab_so\" = 0 ] || __vmlab_cut \"$__vmlab_o\" \"$__vmlab_so\"; \
+         printf '%s err\\n' \"$1\"; [ \"$__vmlab_se\" = 0 ] || __vmlab_cut \"$__vmlab_e\" \"$__vmlab_se\"; \
          printf '%s end %s %s %s\\n' \"$1\" \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\"; }}\n\
-         __vmlab_cut() {{ dd if=\"$1\" bs=1048576 count=\"$2\" iflag=count_bytes status=none; }}\n\
+         __vmlab_cut() {{ {cut}; }}\n\
          __vmlab_copy_out() {{ __vmlab_setup || {{ printf '%s fail %s\\n' \"$1\" 'cannot create a temporary directory in /tmp'; return; }}; \
          __vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; __vmlab_k=$__vmlab_d/k; : >\"$__vmlab_o\"; \
          {{ tar -C \"$2\" -cf - \"$3\" 2>\"$__vmlab_e\"; echo $? >\"$__vmlab_d/s\"; }} | while :; do \
-         dd bs=1048576 count={mib} iflag=fullblock status=none of=\"$__vmlab_k\" 2>>\"$__vmlab_e\"; \
+         __vmlab_m=$(dd bs=1048576 count={mib} iflag=fullblock status=none of=\"$__vmlab_k\" 2>&1) || {{ rm -f \"$__vmlab_k\"; \
+         printf '%s fail %s\\n' \"$1\" \"$(printf '%s' \"$__vmlab_m\" | tr '\\n' ' ')\"; break; }}; \
          set -- \"$1\" $(stat -c %s \"$__vmlab_k\"; md5sum <\"$__vmlab_k\"); \
          printf '%s piece %s %s\\n' \"$1\" \"$2\" \"$3\"; [ \"$2\" != 0 ] || break; cat \"$__vmlab_k\"; done; \
          read -r __vmlab_s <\"$__vmlab_d/s\" || __vmlab_s=1; rm -f \"$__vmlab_k\" \"$__vmlab_d/s\"; \
@@ -167,7 +179,10 @@ pub fn functions() -> String {
          md5sum <\"$__vmlab_k\" >>\"$__vmlab_o\"; cat \"$__vmlab_k\"; done; cat >/dev/null; }} | tar -x -C \"$__vmlab_x\"; \
          else cat >/dev/null; fi; }}; }} 2>&1; echo \" $?\"); __vmlab_s=${{__vmlab_m##* }}; __vmlab_m=${{__vmlab_m% *}}; \
          [ $__vmlab_s != 0 ] || {{ rm -rf \"$4\" && mkdir -p \"$(dirname \"$4\")\" && mv \"$__vmlab_x/$3\" \"$4\"; }} 2>>\"$__vmlab_e\" || __vmlab_s=$?; \
-         rm -rf \"$__vmlab_x\" \"$__vmlab_k\"; printf '%s' \"$__vmlab_m\" >>\"$__vmlab_e\"; __vmlab_measure; __vmlab_reply \"$1\"; }}\n",
+         rm -rf \"$__vmlab_x\" \"$__vmlab_k\"; \
+         {{ printf '%s' \"$__vmlab_m\" >>\"$__vmlab_e\" && printf '%s took\\n' \"$1\"; }} 2>/dev/null \
+         || printf '%s fail %s\\n' \"$1\" \"$(printf '%s' \"$__vmlab_m\" | tr '\\n' ' ')\"; \
+         __vmlab_measure; __vmlab_reply \"$1\"; }}\n",
         mib = COPY_PIECE_MIB
     )
 }
@@ -190,6 +205,10 @@ enum State {
 #[derive(Debug)]
 pub struct ReplyParser {
     token: String,
+    /// Over a data port the guest sends whole files and the sizes it
+    /// measured when the command ended: what is beyond them was written
+    /// later (a background process) and is cut here.
+    lossless: bool,
     state: State,
     line: Vec<u8>,
     stdout: Vec<u8>,
@@ -197,9 +216,10 @@ pub struct ReplyParser {
 }
 
 impl ReplyParser {
-    pub fn new(token: &str) -> Self {
+    pub fn new(token: &str, lossless: bool) -> Self {
         ReplyParser {
             token: token.to_string(),
+            lossless,
             state: State::Seeking,
             line: Vec::new(),
             stdout: Vec::new(),
@@ -272,7 +292,10 @@ impl ReplyParser {
                     fields.next().and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad exit status in {m:?}"))?;
                 let sizes: Vec<usize> = fields.filter_map(|f| f.parse().ok()).collect();
                 if let [out, err] = sizes[..] {
-                    if (out, err) != (self.stdout.len(), self.stderr.len()) {
+                    if self.lossless && self.stdout.len() >= out && self.stderr.len() >= err {
+                        self.stdout.truncate(out);
+                        self.stderr.truncate(err);
+                    } else if (out, err) != (self.stdout.len(), self.stderr.len()) {
                         return Err(format!(
                             "{} of {out} bytes of output and {} of {err} of standard error came back",
                             self.stdout.len(),
@@ -338,8 +361,10 @@ pub fn data_shell_command(ports: &str, name: &str) -> String {
 /// in `parent` as raw bytes: `tar` writes into a pipe, never a file, and
 /// the archive goes out in pieces of at most [`COPY_PIECE`], each after a
 /// line `<token> piece <size> <md5>` (only one piece is ever kept in the
-/// guest); a piece of size 0 ends it. Then the reply of a command with no
-/// output, carrying `tar`'s status and error messages.
+/// guest); a piece of size 0 ends it, or a line `<token> fail <why>` when
+/// a piece cannot be staged (its /tmp is full: `dd`'s words, kept in
+/// memory). Then the reply of a command with no output, carrying `tar`'s
+/// status and error messages.
 pub fn copy_out_line(token: &str, parent: &str, name: &str) -> String {
     format!("__vmlab_copy_out {token} {} {}\n", crate::shell::quote(parent), crate::shell::quote(name))
 }
@@ -349,8 +374,10 @@ pub fn copy_out_line(token: &str, parent: &str, name: &str) -> String {
 /// `<token> ready` it reads exactly `size` bytes, whatever happens (a
 /// shell must never read the rest as commands), in pieces of at most
 /// [`COPY_PIECE`], each checksummed and fed to `tar -x` (only one piece is
-/// ever kept in the guest); the reply's output is the pieces' `md5sum`
-/// lines, its standard error what `tar`, `dd` and the move said.
+/// ever kept in the guest). Then a line `<token> took`, or `<token> fail
+/// <why>` when what `tar` and `dd` said cannot be kept in its full /tmp,
+/// and the reply: its output the pieces' `md5sum` lines, its standard
+/// error what `tar`, `dd` and the move said.
 pub fn copy_in_line(token: &str, size: u64, name: &str, dest: &str) -> String {
     format!("__vmlab_copy_in {token} {size} {} {}\n", crate::shell::quote(name), crate::shell::quote(dest))
 }

@@ -105,7 +105,7 @@ impl Shell {
         if std::mem::replace(&mut self.defined, true) {
             return line;
         }
-        functions() + &line
+        functions(self.lossless) + &line
     }
 
     fn lost(&self, what: &str) -> DriverError {
@@ -253,11 +253,15 @@ impl Shell {
         let (deadline, what) = self.deadline(Some(timeout));
         let lines = self.with_functions(copy_out_line(&token, parent, name));
         self.write_all(lines.as_bytes(), alive, deadline, &what)?;
-        let header = format!("{token} piece ");
+        let header = format!("{token} ");
         let mut buf = vec![0u8; COPY_PIECE.min(1024 * 1024)];
         loop {
             let line = self.read_line(&header, alive, deadline, &what)?;
-            let (size, sum) = parse_piece(&line).map_err(|why| self.garbled(&why))?;
+            if let Some(why) = line.strip_prefix("fail ") {
+                return self.failed_copy(why, &token, timeout, deadline, alive);
+            }
+            let line = line.strip_prefix("piece ").ok_or_else(|| self.garbled(&format!("unexpected line {line:?}")))?;
+            let (size, sum) = parse_piece(line).map_err(|why| self.garbled(&why))?;
             if size == 0 {
                 break;
             }
@@ -320,6 +324,10 @@ impl Shell {
                 piece_left = COPY_PIECE;
             }
         }
+        let line = self.read_line(&format!("{token} "), alive, deadline, &what)?;
+        if let Some(why) = line.strip_prefix("fail ") {
+            return self.failed_copy(why, &token, timeout, deadline, alive);
+        }
         let output = self.read_reply(&token, Some(timeout), deadline, 0, alive)?;
         let stdout = String::from_utf8_lossy(&output.stdout);
         let theirs: Vec<&str> = stdout.lines().filter_map(|l| l.split_whitespace().next()).collect();
@@ -329,6 +337,29 @@ impl Shell {
             );
         }
         Ok(output)
+    }
+
+    /// The rest of a copy the guest gave up on, saying `why` on a line of
+    /// its own (`<token> fail <why>`), which needs no room in its /tmp when
+    /// that is what is full: the reply, failed, `why` last in its standard
+    /// error.
+    fn failed_copy(
+        &mut self,
+        why: &str,
+        token: &str,
+        timeout: Duration,
+        deadline: Option<Instant>,
+        alive: Alive,
+    ) -> Result<Output, DriverError> {
+        let mut out = self.read_reply(token, Some(timeout), deadline, 0, alive)?;
+        if !out.stderr.is_empty() && !out.stderr.ends_with(b"\n") {
+            out.stderr.push(b'\n');
+        }
+        out.stderr.extend_from_slice(why.trim_end().as_bytes());
+        if out.status == 0 {
+            out.status = 1;
+        }
+        Ok(out)
     }
 
     /// The host's deadline for a command of `timeout`, and what it says when passed.
@@ -410,7 +441,7 @@ impl Shell {
     ) -> Result<Output, DriverError> {
         let (mut token, mut deadline, mut reasks) = (token.to_string(), deadline, reasks);
         let what = self.deadline(timeout).1;
-        let mut parser = ReplyParser::new(&token);
+        let mut parser = ReplyParser::new(&token, self.lossless);
         let mut probe = (!self.lossless).then(|| probe_line(&token));
         let mut data = std::mem::take(&mut self.pending);
         let mut buf = vec![0u8; 64 * 1024];
@@ -428,7 +459,7 @@ impl Shell {
                     REASKED.fetch_add(1, Ordering::Relaxed);
                     deadline = self.deadline(timeout).0;
                     self.write_all(resend_script(&token).as_bytes(), alive, deadline, &what)?;
-                    parser = ReplyParser::new(&token);
+                    parser = ReplyParser::new(&token, self.lossless);
                     probe = (!self.lossless).then(|| probe_line(&token));
                     data.clear();
                     continue;

@@ -73,6 +73,6 @@ fn a_lost_end_is_found_by_the_probe_and_the_reply_asked_for_again() {
     assert_eq!((out.status, out.stdout), (0, b"hello\n".to_vec()));
     assert!(started.elapsed() < Duration::from_secs(60), "waited {:?}", started.elapsed());
     drop(fake.join().unwrap());
-    let mut p = ReplyParser::new("T1");
+    let mut p = ReplyParser::new("T1", false);
     assert_eq!(p.feed(b"T1 out\nT1 err\nT1 probe\n").unwrap_err(), "the reply's end was lost on the console");
 }

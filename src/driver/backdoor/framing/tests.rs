@@ -19,18 +19,20 @@ fn a_reply_that_lost_lines_is_an_error_and_can_be_asked_for_again() {
     let whole = String::from_utf8(reply("T1", &data, b"", 0)).unwrap();
     let lost: String =
         whole.lines().filter(|l| *l != whole.lines().nth(2).unwrap()).map(|l| format!("{l}\n")).collect();
-    let mut p = ReplyParser::new("T1");
+    let mut p = ReplyParser::new("T1", false);
     let e = p.feed(lost.as_bytes()).unwrap_err();
     assert_eq!(e, "243 of 300 bytes of output and 0 of 0 of standard error came back");
     // Without sizes (a guest-side line of vmlab's own), nothing is checked.
     assert_eq!(parse_in_pieces(b"T1 out\nT1 err\nT1 end 3\n", 4).0.status, 3);
     // Asked for again, the reply is sent from the files the command left.
     assert_eq!(resend_script("T2"), "__vmlab_reply T2\n");
-    assert!(functions().contains("printf '%s end %s %s %s\\n' \"$1\" \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\""));
+    assert!(
+        functions(false).contains("printf '%s end %s %s %s\\n' \"$1\" \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\"")
+    );
 }
 
 pub(crate) fn parse_in_pieces(data: &[u8], piece: usize) -> (Output, usize) {
-    let mut p = ReplyParser::new("T1");
+    let mut p = ReplyParser::new("T1", false);
     let mut offset = 0;
     for chunk in data.chunks(piece) {
         if let Some((out, used)) = p.feed(chunk).unwrap() {
@@ -57,8 +59,8 @@ fn script_carries_the_command_quoted_in_one_short_line() {
     }
     // A command without a timeout is a fork of the shell, no program and
     // no file; rm runs on every hundredth command.
-    let f = functions();
-    assert!(f.contains("(set -eu --; $__vmlab_pf; eval \"$__vmlab_c\") </dev/null"), "{f}");
+    let f = functions(false);
+    assert!(f.contains("(set -eu $__vmlab_pf --; eval \"$__vmlab_c\") </dev/null"), "{f}");
     assert!(f.contains("case $__vmlab_n in *00) rm -f"), "{f}");
 }
 
@@ -133,28 +135,52 @@ fn unwrapped_and_crlf_base64_is_accepted() {
 
 #[test]
 fn guest_side_failures_are_errors() {
-    let mut p = ReplyParser::new("T1");
+    let mut p = ReplyParser::new("T1", false);
     assert!(p.feed(b"T1 fail cannot create a temporary directory in /tmp\n").unwrap_err().contains("temporary"));
-    let mut p = ReplyParser::new("T1");
+    let mut p = ReplyParser::new("T1", false);
     assert!(p.feed(b"T1 out\n!!!!\n").is_err());
-    let mut p = ReplyParser::new("T1");
+    let mut p = ReplyParser::new("T1", false);
     assert!(p.feed(b"T1 out\nT1 err\nT1 end x\n").is_err());
 }
 
-/// The end line carries the sizes on one line, whatever `wc` prints.
+/// The end line carries both sizes, taken from the offsets of the
+/// command's output files; what is written after the command ended is cut,
+/// by the guest on the console and by the host on a data port.
 #[test]
-fn the_end_line_carries_both_sizes() {
-    let text =
-        functions() + &script("T1", "printf abc; printf de >&2; exit 4", None).unwrap() + "echo \"$__vmlab_d\"\n";
-    let out = std::process::Command::new("sh").arg("-c").arg(&text).output().unwrap();
-    let (reply, used) = parse_in_pieces(&out.stdout, 7);
-    assert_eq!((reply.status, reply.stdout, reply.stderr), (4, b"abc".to_vec(), b"de".to_vec()));
-    let text = String::from_utf8_lossy(&out.stdout[..used]).into_owned();
-    assert!(text.ends_with("T1 end 4 3 2\n"), "{text}");
-    // Clean up the directory a next command would have emptied.
-    let dir = String::from_utf8_lossy(&out.stdout[used..]).trim().to_string();
-    assert!(dir.starts_with("/tmp/vmlab."), "{dir}");
-    std::fs::remove_dir_all(dir).unwrap();
+fn the_end_line_carries_both_sizes_and_late_output_is_cut() {
+    for lossless in [false, true] {
+        let text = functions(lossless)
+            + &script("T1", "printf abc; printf de >&2; exit 4", None).unwrap()
+            + "printf late >>\"$__vmlab_o\"; __vmlab_reply T2; echo \"$__vmlab_d\"\n";
+        let out = std::process::Command::new("sh").arg("-c").arg(&text).output().unwrap();
+        let (reply, used) = parse_in_pieces(&out.stdout, 7);
+        assert_eq!((reply.status, reply.stdout, reply.stderr), (4, b"abc".to_vec(), b"de".to_vec()));
+        let text = String::from_utf8_lossy(&out.stdout[..used]).into_owned();
+        assert!(text.ends_with("T1 end 4 3 2\n"), "{text}");
+        let rest = &out.stdout[used..];
+        let mut p = ReplyParser::new("T2", lossless);
+        let (again, used) = p.feed(rest).unwrap().expect("the reply asked for again");
+        assert_eq!((again.status, again.stdout, again.stderr), (4, b"abc".to_vec(), b"de".to_vec()), "{lossless}");
+        // Clean up the directory a next command would have emptied.
+        let dir = String::from_utf8_lossy(&rest[used..]).trim().to_string();
+        assert!(dir.starts_with("/tmp/vmlab."), "{dir}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Only a data port's reply may be longer than its sizes (written late);
+/// a short one is corruption on either channel.
+#[test]
+fn only_a_data_port_reply_may_run_past_its_sizes() {
+    let mut long = reply("T1", b"abcdef", b"", 0);
+    let at = long.len() - b"6 0\n".len();
+    long.splice(at.., b"3 0\n".iter().copied());
+    let mut p = ReplyParser::new("T1", true);
+    assert_eq!(p.feed(&long).unwrap().unwrap().0.stdout, b"abc");
+    assert!(ReplyParser::new("T1", false).feed(&long).is_err());
+    let short = reply("T1", b"ab", b"", 0);
+    let short = String::from_utf8(short).unwrap().replace("end 0 2 0", "end 0 3 0");
+    assert!(ReplyParser::new("T1", true).feed(short.as_bytes()).is_err());
 }
 
 #[test]
