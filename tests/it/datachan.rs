@@ -50,6 +50,46 @@ fn commands_go_over_the_data_port_whole_and_again_after_a_reboot() {
     assert_eq!(channel_lines(&log, "the backdoor console"), 0, "{log}");
 }
 
+const TIMEOUTS: &str = r#"
+import time
+
+def timed(command, timeout):
+    started = time.monotonic()
+    status, out = server.execute(command, timeout=timeout)
+    took = time.monotonic() - started
+    assert took < 60, (command, took)
+    return status, out
+
+def running():
+    # The guest has no pgrep: the command lines of its processes, from /proc.
+    out = server.succeed("for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' <$f 2>/dev/null || :; echo; done")
+    return [line.strip() for line in out.splitlines()]
+
+# What another command left running is no business of this one's timeout.
+server.succeed("sleep 1001 >/dev/null 2>&1 &")
+assert timed("echo started; sleep 1000 & sleep 1000", 3) == (143, "started\n")
+assert "sleep 1000" not in running() and "sleep 1001" in running(), running()
+assert timed("trap '' TERM; sleep 1000 & sleep 1000", 3)[0] == 137
+assert "sleep 1000" not in running(), running()
+assert server.succeed("echo ok") == "ok\n"
+assert timed("sleep 1; echo in time", 30) == (0, "in time\n")
+server.succeed("rm -f /tmp/tries")
+server.wait_until_succeeds("echo x >> /tmp/tries; [ $(wc -l < /tmp/tries) -ge 3 ]", timeout=60)
+"#;
+
+/// On the data port the host stops a command at its timeout, through the
+/// backdoor shell: SIGTERM, then SIGKILL, to the command and all it
+/// started, never to anything else.
+#[test]
+fn the_host_stops_a_command_of_the_data_port_at_its_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = passing_script(tmp.path(), &one_machine(tmp.path(), 192), "timeouts.py", TIMEOUTS).log;
+    assert_eq!(channel_lines(&log, "the data port /dev/vport"), 1, "{log}");
+    let stopped: Vec<&str> = log.lines().filter(|l| l.contains(", stopped at its timeout")).collect();
+    assert_eq!(stopped.len(), 2, "{log}");
+    assert!(stopped[0].contains("exit 143") && stopped[1].contains("exit 137"), "{stopped:?}");
+}
+
 const COPIES: &str = r#"
 import hashlib, os, stat
 
@@ -125,6 +165,9 @@ server.copy_to_vm(src, "/tmp/small")
 back = server.copy_from_vm("/tmp/small", "back")
 assert open(back, "rb").read() == open(src, "rb").read(), "copied back"
 server.fail("false")
+# The guest's `timeout` stops a command here: nothing else could.
+status, _ = server.execute("sleep 1000", timeout=2)
+assert status in (124, 143), status
 "#;
 
 #[test]

@@ -44,6 +44,39 @@ pub fn probe_line(token: &str) -> String {
     format!("printf '%s probe\\n' {token}\n")
 }
 
+/// A signal the host stops a command of the data port with: TERM first,
+/// as `timeout` does, then KILL for a command that ignores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Kill,
+}
+
+/// Pure: the command, run by the backdoor shell, that sends `signal` to
+/// every descendant of the data port's shell `shell_pid` (the subshell
+/// running its command and what that started), never to the shell itself,
+/// which then replies with the status the subshell ended with. Only the
+/// shell and /proc are used (no `pkill`, no `ps`), so it works on any
+/// guest. Each process found is stopped (SIGSTOP) before its children are
+/// looked for again, until a walk finds none new, so that no process can
+/// fork one that is missed; the signal is sent, then SIGCONT so that a
+/// stopped process takes it. `PPid:` is read from `status`, whose lines
+/// cannot be fooled by a program's name (`stat`'s may hold spaces and
+/// parentheses). A process may end at any point of this: it only drops out.
+pub fn stop_command(shell_pid: u32, signal: Signal) -> String {
+    let signal = match signal {
+        Signal::Term => "TERM",
+        Signal::Kill => "KILL",
+    };
+    format!(
+        "t=' {shell_pid} ' g=1; while [ $g = 1 ]; do g=0; for f in /proc/[0-9]*/status; do \
+         p=${{f#/proc/}} q=; p=${{p%/status}}; case $t in *\" $p \"*) continue;; esac; \
+         {{ while read -r k v; do [ \"$k\" != PPid: ] || {{ q=$v; break; }}; done <\"$f\"; }} 2>/dev/null || continue; \
+         case $t in *\" $q \"*) t=\"$t$p \" g=1; kill -STOP \"$p\" 2>/dev/null || :;; esac; done; done; \
+         set -- ${{t# {shell_pid} }}; [ $# = 0 ] || {{ kill -{signal} \"$@\"; kill -CONT \"$@\"; }} 2>/dev/null || :"
+    )
+}
+
 /// Exit statuses `timeout` gives a command it stopped: coreutils 124,
 /// busybox 128+SIGTERM, and 128+SIGKILL after `-k`.
 pub(super) const TIMEOUT_STATUSES: [i32; 3] = [124, 143, 137];
@@ -54,7 +87,8 @@ pub struct Output {
     pub status: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
-    /// The guest's `timeout` stopped the command.
+    /// The command was stopped at its timeout: by the guest's `timeout`, or
+    /// by the host on a data port (see [`stop_command`]).
     pub timed_out: bool,
 }
 
@@ -227,6 +261,11 @@ impl ReplyParser {
         }
     }
 
+    /// Whether any of the reply has come (its first marker).
+    pub fn started(&self) -> bool {
+        !matches!(self.state, State::Seeking)
+    }
+
     /// Feeds bytes; returns the reply once its end marker is seen, with the
     /// number of bytes of `data` consumed (the rest belongs to what follows).
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<(Output, usize)>, String> {
@@ -339,7 +378,8 @@ impl BannerScanner {
 /// Pure: the command, run by the backdoor shell, that starts a shell on the
 /// virtio-serial port named `name` (its name is in `<ports>/vportNpM/name`,
 /// normally under /sys/class/virtio-ports; its device is /dev/vportNpM)
-/// and prints the device; status 3 and why on standard error when there is
+/// and prints the device and the shell's PID (see [`stop_command`]);
+/// status 3 and why on standard error when there is
 /// no such port. The port is opened once, read and write (`<>`): the
 /// guest's driver lets only one process hold it open. The shell is bash
 /// when the guest has it, as for the backdoor. The host must be connected
@@ -350,7 +390,7 @@ pub fn data_shell_command(ports: &str, name: &str) -> String {
          p=${{f%/name}}; d=/dev/${{p##*/}}; \
          [ -c \"$d\" ] || {{ echo \"$d is not a character device\" >&2; exit 3; }}; \
          s=sh; ! command -v bash >/dev/null || s=bash; \
-         \"$s\" <>\"$d\" >&0 2>&0 & echo \"$d\"; exit 0; done; \
+         \"$s\" <>\"$d\" >&0 2>&0 & echo \"$d $!\"; exit 0; done; \
          echo \"no virtio port is named {name} in {ports}\" >&2; exit 3",
         ports = crate::shell::quote(ports),
         name = crate::shell::quote(name)

@@ -62,7 +62,7 @@ fn ok() -> impl FnMut() -> Result<(), DriverError> {
 }
 
 fn run(l: &mut Local, cmd: &str) -> Output {
-    l.shell.run(cmd, Some(Duration::from_secs(60)), &mut ok()).unwrap()
+    l.shell.run(cmd, Some(Duration::from_secs(60)), &mut ok(), None).unwrap()
 }
 
 #[test]
@@ -206,7 +206,7 @@ fn copies_stream_out_and_in_whole_and_failures_say_why() {
 #[test]
 fn the_guest_stops_a_command_at_its_timeout() {
     for mut l in both() {
-        let o = l.shell.run("echo before; sleep 30", Some(Duration::from_secs(1)), &mut ok()).unwrap();
+        let o = l.shell.run("echo before; sleep 30", Some(Duration::from_secs(1)), &mut ok(), None).unwrap();
         assert!(o.timed_out, "{o:?}");
         assert!(TIMEOUT_STATUSES.contains(&o.status));
         assert_eq!(o.stdout, b"before\n");
@@ -219,7 +219,7 @@ fn the_host_deadline_holds_when_the_guest_never_answers() {
     // A "shell" that swallows everything and never replies.
     let mut l = spawn(false, "exec cat >/dev/null; ");
     l.shell.host_grace = Duration::from_millis(300);
-    let e = l.shell.run("true", Some(Duration::from_secs(1)), &mut ok()).unwrap_err();
+    let e = l.shell.run("true", Some(Duration::from_secs(1)), &mut ok(), None).unwrap_err();
     assert_eq!(e.kind, Kind::Timeout);
     assert!(e.message.contains("machine local"), "{e}");
 }
@@ -232,11 +232,11 @@ fn a_shell_dying_mid_command_is_an_error_naming_the_machine() {
             std::thread::sleep(Duration::from_millis(300));
             unsafe { libc::kill(-pid, libc::SIGKILL) };
         });
-        let e = l.shell.run("sleep 30", None, &mut ok()).unwrap_err();
+        let e = l.shell.run("sleep 30", None, &mut ok(), None).unwrap_err();
         killer.join().unwrap();
         assert_eq!(e.kind, Kind::Machine, "{e}");
         assert!(e.message.contains("machine local"), "{e}");
-        let e = l.shell.run("true", None, &mut ok()).unwrap_err();
+        let e = l.shell.run("true", None, &mut ok(), None).unwrap_err();
         assert_eq!(e.kind, Kind::Machine, "{e}");
     }
 }
@@ -246,7 +246,12 @@ fn liveness_is_checked_while_waiting() {
     let mut l = spawn(false, "");
     let e = l
         .shell
-        .run("sleep 30", None, &mut || Err(DriverError::new(Kind::Machine, "machine local: QEMU exited with status 1")))
+        .run(
+            "sleep 30",
+            None,
+            &mut || Err(DriverError::new(Kind::Machine, "machine local: QEMU exited with status 1")),
+            None,
+        )
         .unwrap_err();
     assert!(e.message.contains("QEMU exited"));
 }
@@ -256,4 +261,132 @@ fn the_banner_is_awaited_and_what_follows_is_kept() {
     let mut l = spawn(true, &format!("sleep 0.2; echo boot noise; printf '%s\\n' '{BANNER}'; "));
     l.shell.wait_for_banner(&mut ok(), Some(Instant::now() + Duration::from_secs(30))).unwrap();
     assert_eq!(run(&mut l, "echo up").stdout, b"up\n");
+}
+
+/// The PIDs and names of the processes under `pid`, from /proc.
+fn descendants(pid: u32) -> Vec<(u32, String)> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or("").trim().to_string();
+        parents.push((child, field("PPid:").parse::<u32>().unwrap_or(0), field("Name:")));
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, ppid, _)| *ppid == parent).map(|(p, _, _)| *p));
+        i += 1;
+    }
+    parents.into_iter().filter(|(p, _, _)| found[1..].contains(p)).map(|(p, _, name)| (p, name)).collect()
+}
+
+/// Whether a process runs (neither gone nor a zombie).
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+/// The stop command, run by either shell a guest's backdoor may be, on a
+/// real tree: a stand-in for the data port's shell running a command in a
+/// subshell, as `__vmlab_r` does. Every process under the shell gets the
+/// signal, the shell goes on with the subshell's status, and no other
+/// process is touched.
+#[test]
+fn the_stop_command_signals_what_the_data_shell_runs_and_nothing_else() {
+    use std::io::BufRead;
+    // (the command, the signals sent in turn, the status the shell sees)
+    let cases: [(&str, &[Signal], &str); 3] = [
+        ("sleep 100 & sleep 100", &[Signal::Term], "143"),
+        ("exec sleep 100", &[Signal::Term], "143"),
+        ("trap '' TERM; sleep 100 & sleep 100", &[Signal::Term, Signal::Kill], "137"),
+    ];
+    let mut bystander = Command::new("sleep").arg("100").spawn().unwrap();
+    for stopper in [["busybox", "sh"], [BASH, "--norc"]] {
+        for (command, signals, status) in cases {
+            let mut shell = Command::new("busybox")
+                .args(["sh", "-c", &format!("({command}); echo $?; exec sleep 100")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let pid = shell.id();
+            let sleeps = command.matches("sleep").count();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let tree = loop {
+                let tree = descendants(pid);
+                if tree.iter().filter(|(_, name)| name == "sleep").count() == sleeps {
+                    break tree;
+                }
+                assert!(Instant::now() < deadline, "{command}: {tree:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            for (i, &signal) in signals.iter().enumerate() {
+                if i > 0 {
+                    std::thread::sleep(Duration::from_millis(300));
+                    assert!(tree.iter().all(|(p, _)| runs(*p)), "{command}: ignored {:?}", signals[i - 1]);
+                }
+                let out = Command::new(stopper[0])
+                    .args(&stopper[1..])
+                    .arg("-euc")
+                    .arg(stop_command(pid, signal))
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{stopper:?} {command}: {out:?}");
+            }
+            let mut line = String::new();
+            std::io::BufReader::new(shell.stdout.take().unwrap()).read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), status, "{stopper:?} {command}");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while tree.iter().any(|(p, _)| runs(*p)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(tree.iter().all(|(p, _)| !runs(*p)), "{stopper:?} {command}: left {tree:?}");
+            assert!(runs(pid), "{stopper:?} {command}: the shell itself was stopped");
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            shell.wait().unwrap();
+        }
+    }
+    assert!(bystander.try_wait().unwrap().is_none(), "a process outside the tree was signalled");
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+}
+
+/// A timed command with a way to stop it is sent untimed, and stopped by
+/// the host at its timeout, through another shell (here a host shell, as
+/// the backdoor is on a machine): SIGTERM, then SIGKILL when that is not
+/// enough; a command done in time is never stopped.
+#[test]
+fn the_host_stops_a_command_at_its_timeout_through_another_shell() {
+    // (the command, the signals sent, its status)
+    let cases: [(&str, &[Signal], i32); 3] = [
+        ("echo before; sleep 1000 & sleep 1000", &[Signal::Term], 143),
+        ("echo before; trap '' TERM; sleep 1000", &[Signal::Term, Signal::Kill], 137),
+        ("echo before", &[], 0),
+    ];
+    for mut l in both() {
+        let pid = l.child.id();
+        for (command, signals, status) in cases {
+            let mut sent = Vec::new();
+            let mut stop = |signal, _: Alive| {
+                sent.push(signal);
+                let out = Command::new("busybox").args(["sh", "-euc", &stop_command(pid, signal)]).output().unwrap();
+                assert!(out.status.success(), "{out:?}");
+                Ok(())
+            };
+            let started = Instant::now();
+            let o = l.shell.run(command, Some(Duration::from_secs(1)), &mut ok(), Some(&mut stop)).unwrap();
+            assert!(started.elapsed() < Duration::from_secs(10), "{command}: {:?}", started.elapsed());
+            assert_eq!(
+                (o.status, o.timed_out, o.stdout.as_slice()),
+                (status, status != 0, &b"before\n"[..]),
+                "{command}"
+            );
+            assert_eq!(sent, signals, "{command}");
+            assert!(!descendants(pid).iter().any(|(_, name)| name == "sleep"), "{command}: {:?}", descendants(pid));
+            assert_eq!(run(&mut l, "echo alive").stdout, b"alive\n");
+        }
+    }
 }

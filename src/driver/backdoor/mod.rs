@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use super::base64;
 use super::{DriverError, Kind};
 use framing::*;
-pub use framing::{data_shell_command, Output};
+pub use framing::{data_shell_command, stop_command, Output, Signal};
 
 /// How often a blocked read or write wakes up to check the machine is alive.
 const POLL: Duration = Duration::from_millis(200);
@@ -44,6 +44,10 @@ const PROBE_AFTER: Duration = Duration::from_secs(2);
 
 const PROBE_MAX: Duration = Duration::from_secs(30);
 
+/// How long a command stopped by the host with SIGTERM has to reply before
+/// it is sent SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
 /// How many times a command's reply is asked for when it comes back short.
 const REPLY_ATTEMPTS: usize = 4;
 
@@ -61,6 +65,10 @@ pub fn recoveries() -> (u64, u64) {
 
 /// Checked while waiting: an error means the machine is gone (QEMU exited).
 pub type Alive<'a> = &'a mut dyn FnMut() -> Result<(), DriverError>;
+
+/// Stops a command of this shell that ran past its timeout, from outside
+/// the shell (see [`stop_command`]).
+pub type Stop<'a> = &'a mut dyn FnMut(Signal, Alive) -> Result<(), DriverError>;
 
 /// The I/O side: a connected backdoor stream.
 pub struct Shell {
@@ -207,21 +215,74 @@ impl Shell {
     }
 
     /// Runs a command; `timeout` is enforced in the guest, and by the host a
-    /// little later in case the guest cannot report.
-    pub fn run(&mut self, command: &str, timeout: Option<Duration>, alive: Alive) -> Result<Output, DriverError> {
+    /// little later in case the guest cannot report. With `stop`, the host
+    /// enforces it instead: the command is sent as an untimed one, which
+    /// starts no program in the guest where `timeout` starts two.
+    pub fn run(
+        &mut self,
+        command: &str,
+        timeout: Option<Duration>,
+        alive: Alive,
+        stop: Option<Stop>,
+    ) -> Result<Output, DriverError> {
         let token = new_token();
-        let secs = timeout.map(|t| t.as_secs().max(1));
-        let text = script(&token, command, secs).map_err(DriverError::request)?;
+        let timeout = timeout.map(|t| Duration::from_secs(t.as_secs().max(1)));
+        let stop = stop.filter(|_| timeout.is_some());
+        let guest_timeout = timeout.filter(|_| stop.is_none());
+        let text = script(&token, command, guest_timeout.map(|t| t.as_secs())).map_err(DriverError::request)?;
         let text = self.with_functions(text);
+        if let (Some(timeout), Some(stop)) = (timeout, stop) {
+            return self.run_stopped(&token, &text, timeout, stop, alive);
+        }
         let started = Instant::now();
         // QEMU drops what a guest writes to a virtio console while the host
         // end is full: the guest keeps the command's output until the next
         // command, so a reply that lost bytes is asked for again, not rerun.
         let reasks = if self.lossless { 0 } else { REPLY_ATTEMPTS - 1 };
         let mut output = self.exchange(&token, &[text.as_bytes()], timeout, reasks, alive)?;
-        output.timed_out = secs
-            .is_some_and(|s| TIMEOUT_STATUSES.contains(&output.status) && started.elapsed() >= Duration::from_secs(s));
+        output.timed_out = timeout.is_some_and(|t| TIMEOUT_STATUSES.contains(&output.status) && started.elapsed() >= t);
         Ok(output)
+    }
+
+    /// Sends `text`, the command marked `token`, and reads its reply; at
+    /// `timeout`, `stop` sends the command SIGTERM, then SIGKILL after
+    /// [`TERM_GRACE`], and the reply of the stopped command is read until
+    /// the host's usual grace has passed.
+    fn run_stopped(
+        &mut self,
+        token: &str,
+        text: &str,
+        timeout: Duration,
+        stop: Stop,
+        alive: Alive,
+    ) -> Result<Output, DriverError> {
+        let (deadline, what) = self.deadline(Some(timeout));
+        let started = Instant::now();
+        self.write_all(text.as_bytes(), alive, deadline, &what)?;
+        let mut parser = ReplyParser::new(token, self.lossless);
+        let mut steps = [(Signal::Term, TERM_GRACE), (Signal::Kill, self.grace(Some(timeout)))].into_iter();
+        let mut wait = started + timeout;
+        let mut stopped = false;
+        loop {
+            match self.parse(&mut parser, alive, Some(wait), &what, None) {
+                Ok(Ok(mut output)) => {
+                    output.timed_out = stopped;
+                    return Ok(output);
+                }
+                Ok(Err(why)) => return Err(self.garbled(&why)),
+                Err(e) if e.kind == Kind::Timeout => {
+                    let Some((signal, grace)) = steps.next() else { return Err(e) };
+                    // Once its reply has started the command is over, and
+                    // what runs is the shell sending the reply.
+                    if !parser.started() {
+                        stop(signal, alive)?;
+                        stopped = true;
+                    }
+                    wait = Instant::now() + grace;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Writes `data` to the guest file `path` (appending), read by `head -c`
@@ -362,9 +423,14 @@ impl Shell {
         Ok(out)
     }
 
+    /// Time allowed beyond `timeout` for the guest to reply.
+    fn grace(&self, timeout: Option<Duration>) -> Duration {
+        self.host_grace + timeout.unwrap_or_default() / 10
+    }
+
     /// The host's deadline for a command of `timeout`, and what it says when passed.
     fn deadline(&self, timeout: Option<Duration>) -> (Option<Instant>, String) {
-        let grace = self.host_grace + timeout.unwrap_or_default() / 10;
+        let grace = self.grace(timeout);
         let what = format!("no reply from the guest {:.1}s after the command's timeout", grace.as_secs_f64());
         (timeout.map(|t| Instant::now() + t + grace), what)
     }
@@ -442,15 +508,10 @@ impl Shell {
         let (mut token, mut deadline, mut reasks) = (token.to_string(), deadline, reasks);
         let what = self.deadline(timeout).1;
         let mut parser = ReplyParser::new(&token, self.lossless);
-        let mut probe = (!self.lossless).then(|| probe_line(&token));
-        let mut data = std::mem::take(&mut self.pending);
-        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            match parser.feed(&data) {
-                Ok(Some((output, used))) => {
-                    self.pending = data[used..].to_vec();
-                    return Ok(output);
-                }
+            let probe = (!self.lossless).then(|| probe_line(&token));
+            match self.parse(&mut parser, alive, deadline, &what, probe.as_deref())? {
+                Ok(output) => return Ok(output),
                 Err(why) if reasks == 0 => return Err(self.garbled(&why)),
                 // The rest of this reply is skipped by the next one's parser: it has another token.
                 Err(_) => {
@@ -460,13 +521,34 @@ impl Shell {
                     deadline = self.deadline(timeout).0;
                     self.write_all(resend_script(&token).as_bytes(), alive, deadline, &what)?;
                     parser = ReplyParser::new(&token, self.lossless);
-                    probe = (!self.lossless).then(|| probe_line(&token));
-                    data.clear();
-                    continue;
                 }
+            }
+        }
+    }
+
+    /// Feeds `parser` what was read ahead, then what comes, until it has a
+    /// reply or finds it garbled (the inner error, why). Stopped by
+    /// `deadline`, it can be called again to go on where it was.
+    fn parse(
+        &mut self,
+        parser: &mut ReplyParser,
+        alive: Alive,
+        deadline: Option<Instant>,
+        what: &str,
+        probe: Option<&str>,
+    ) -> Result<Result<Output, String>, DriverError> {
+        let mut data = std::mem::take(&mut self.pending);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match parser.feed(&data) {
+                Ok(Some((output, used))) => {
+                    self.pending = data[used..].to_vec();
+                    return Ok(Ok(output));
+                }
+                Err(why) => return Ok(Err(why)),
                 Ok(None) => {}
             }
-            let n = self.read_some(&mut buf, alive, deadline, &what, probe.as_deref())?;
+            let n = self.read_some(&mut buf, alive, deadline, what, probe)?;
             data.clear();
             data.extend_from_slice(&buf[..n]);
         }

@@ -43,7 +43,7 @@ fn a_short_reply_is_asked_for_again_without_rerunning_the_command() {
             guest
         })
     };
-    let out = shell.run("produce", Some(Duration::from_secs(60)), &mut || Ok(())).unwrap();
+    let out = shell.run("produce", Some(Duration::from_secs(60)), &mut || Ok(()), None).unwrap();
     assert_eq!((out.status, out.stdout), (0, data));
     drop(fake.join().unwrap());
 }
@@ -69,7 +69,7 @@ fn a_lost_end_is_found_by_the_probe_and_the_reply_asked_for_again() {
         guest
     });
     let started = Instant::now();
-    let out = shell.run("echo hello", Some(Duration::from_secs(3600)), &mut || Ok(())).unwrap();
+    let out = shell.run("echo hello", Some(Duration::from_secs(3600)), &mut || Ok(()), None).unwrap();
     assert_eq!((out.status, out.stdout), (0, b"hello\n".to_vec()));
     assert!(started.elapsed() < Duration::from_secs(60), "waited {:?}", started.elapsed());
     drop(fake.join().unwrap());

@@ -1,12 +1,20 @@
 //! Commands and waits: `execute`, `succeed`, `fail`, and the waits that
 //! poll a command or the serial console until it says yes.
 
+use super::data_channel::stop;
 use super::*;
 
 impl DrivenMachine {
     /// Runs a command: `(status, stdout, stderr)`; boots the machine first if needed.
     pub fn execute(&mut self, command: &str, timeout: Option<Duration>) -> Result<Output, DriverError> {
-        self.with_shell(|shell, alive| shell.run(command, timeout, alive))
+        self.with_shells(|shell, stopper, alive| match stopper {
+            // The host enforces the timeout from the idle backdoor: in the
+            // guest, `timeout` would cost two programs per command.
+            Some((pid, backdoor)) => {
+                shell.run(command, timeout, alive, Some(&mut |signal, alive| stop(backdoor, pid, signal, alive)))
+            }
+            None => shell.run(command, timeout, alive, None),
+        })
     }
 
     /// Boots the machine if needed and runs `f` on its backdoor; an error
@@ -15,14 +23,25 @@ impl DrivenMachine {
         &mut self,
         f: impl FnOnce(&mut Shell, Alive) -> Result<T, DriverError>,
     ) -> Result<T, DriverError> {
+        self.with_shells(|shell, _, alive| f(shell, alive))
+    }
+
+    /// [`DrivenMachine::with_shell`], giving `f` too, when the commands go
+    /// over the data port, what stops one of them: the PID of the data
+    /// port's shell and the backdoor shell.
+    fn with_shells<T>(
+        &mut self,
+        f: impl FnOnce(&mut Shell, Option<(u32, &mut Shell)>, Alive) -> Result<T, DriverError>,
+    ) -> Result<T, DriverError> {
         self.wait_for_boot()?;
         let (vm, name) = (&mut self.vm, &self.name);
         let mut alive = || qemu_alive(&mut **vm, name);
-        let shell = match self.data.as_mut() {
-            Some(data) => data,
-            None => self.shell.as_mut().expect("a booted machine has a shell"),
+        let backdoor = self.shell.as_mut().expect("a booted machine has a shell");
+        let result = match self.data.as_mut() {
+            Some(data) => f(&mut data.shell, Some((data.pid, backdoor)), &mut alive),
+            None => f(backdoor, None, &mut alive),
         };
-        match f(shell, &mut alive) {
+        match result {
             Ok(out) => Ok(out),
             Err(e) if e.kind == Kind::Machine => Err(self.mark_dead(e)),
             Err(e) => Err(e),

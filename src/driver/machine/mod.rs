@@ -112,7 +112,7 @@ pub struct DrivenMachine {
     shell: Option<Shell>,
     /// The shell on the data port, once started for this boot: commands and
     /// copies go there rather than to `shell`.
-    data: Option<Shell>,
+    data: Option<data_channel::DataShell>,
     monitor: Arc<Monitor>,
     booted: bool,
     /// Whether the backdoor shell is bash, once known for this boot.
