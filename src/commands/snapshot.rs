@@ -90,7 +90,7 @@ fn save(
     let plan = serde_json::to_value(&prepared.plan).expect("a plan always serialises");
     let network = prepared.start()?;
     let session = network.session().path().to_string_lossy().into_owned();
-    let driver = Arc::new(Driver::for_network(&network, &out, Arc::new(Log::stderr(None)), None));
+    let driver = Arc::new(Driver::for_network(&network, out, Arc::new(Log::stderr(None)), None));
 
     let (events, received) = mpsc::channel();
     let to_events = events.clone();

@@ -276,7 +276,9 @@ impl Said {
 pub(crate) fn capture_output(child: &ChildGuard, log: Arc<Log>) -> Result<Said> {
     let last = Arc::new(Mutex::new(None));
     let (done, finished) = mpsc::channel();
-    let streams: [(Option<Box<dyn Read + Send>>, bool, &str); 2] = [
+    /// A stream, whether it is standard error, and its reader thread's name.
+    type Stream<'a> = (Option<Box<dyn Read + Send>>, bool, &'a str);
+    let streams: [Stream; 2] = [
         (child.take_stdout().map(|s| Box::new(s) as Box<dyn Read + Send>), false, "script-stdout"),
         (child.take_stderr().map(|s| Box::new(s) as Box<dyn Read + Send>), true, "script-stderr"),
     ];
@@ -327,7 +329,9 @@ mod tests {
             steps: steps.iter().map(|s| s.to_string()).collect(),
         };
         let said = Some("error: machine server: command `false` failed (exit code 1)");
-        let cases: Vec<(Ending, Option<Kind>, &[&str], Option<&str>, Verdict)> = vec![
+        /// How the script ended, the kind of its last error, the failed subtests, what it said last.
+        type Case<'a> = (Ending, Option<Kind>, &'a [&'a str], Option<&'a str>, Verdict);
+        let cases: Vec<Case> = vec![
             (exited(0), None, &[], None, Verdict { code: 0, failure: None }),
             // A failure the script caught and handled does not fail the test.
             (exited(0), Some(Kind::Failed), &[], said, Verdict { code: 0, failure: None }),

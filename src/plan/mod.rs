@@ -142,7 +142,9 @@ mod tests {
             "client": k,
             "lonely": {"kernel": "/k", "vlans": []},
         }));
-        let summary: Vec<(&str, u8, Vec<(&str, u8, String, String, String)>)> = p
+        /// A machine's name and number, and per interface its name, vlan, MAC and addresses.
+        type Summary<'a> = (&'a str, u8, Vec<(&'a str, u8, String, String, String)>);
+        let summary: Vec<Summary> = p
             .machines
             .iter()
             .map(|m| {

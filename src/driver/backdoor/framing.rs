@@ -149,12 +149,17 @@ pub(super) const COPY_PIECE: usize = COPY_PIECE_MIB << 20;
 ///   on NixOS, so NixOS test scripts work unchanged), or under `timeout` in
 ///   a fresh one; the shell waits for the process, not for end of file, so
 ///   a background process keeping the output open cannot hold the reply.
-/// - `__vmlab_measure` takes the sizes of the streams once the command has
-///   ended; `__vmlab_reply TOKEN` sends them cut at those sizes (a
-///   background process may still be writing), base64-encoded between
-///   marker lines, and the end line with the status and sizes, by which
-///   the host sees a reply that lost bytes on the way. Run again with a new
-///   token, it sends the same reply again.
+/// - The sizes of the streams, once the command has ended, are the offsets
+///   of the output files the shell holds open on fds 3 and 4, read from
+///   /proc/self/fdinfo by a builtin: `stat`, a program, costs milliseconds
+///   under emulation and is left to `__vmlab_measure`, for copies and for
+///   a guest whose /proc cannot be read.
+/// - `__vmlab_reply TOKEN` sends the streams base64-encoded between marker
+///   lines, and the end line with the status and sizes, by which the host
+///   sees a reply that lost bytes on the way (the console cuts each stream
+///   at its size, as a background process may still be writing; a data
+///   port sends it whole and the host cuts). Run again with a new token,
+///   it sends the same reply again.
 /// - `__vmlab_copy_out TOKEN PARENT NAME` and `__vmlab_copy_in TOKEN SIZE
 ///   NAME DEST`: the copies of a data port, raw bytes in pieces of
 ///   [`COPY_PIECE`] (see [`Shell::copy_out`] and [`Shell::copy_in`]). `dd`
