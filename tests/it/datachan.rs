@@ -204,6 +204,9 @@ with open(src, "wb") as f:
 server.copy_to_vm(src, "/tmp/in")
 back = server.copy_from_vm("/tmp/in", "back")
 assert open(back, "rb").read() == data, "copied in and out"
+# Stopped at its timeout by a busybox backdoor shell, and the data port's shell goes on.
+assert server.execute("sleep 1000 & sleep 1000", timeout=2)[0] == 143
+assert server.succeed("echo after") == "after\n"
 "#;
 
 #[test]
