@@ -262,12 +262,23 @@ impl Shell {
         let mut parser = ReplyParser::new(token, self.lossless);
         let mut steps = [(Signal::Term, TERM_GRACE), (Signal::Kill, self.grace(Some(timeout)))].into_iter();
         let mut wait = started + timeout;
-        let mut stopped = false;
+        let (mut stopped, mut reasked) = (false, false);
         loop {
             match self.parse(&mut parser, alive, Some(wait), &what, None) {
                 Ok(Ok(mut output)) => {
                     output.timed_out = stopped;
                     return Ok(output);
+                }
+                // A command that ended as its timeout passed may have been
+                // replying: the signal then cut the program sending its
+                // output, whose files the guest still has.
+                Ok(Err(_)) if stopped && !reasked => {
+                    reasked = true;
+                    let token = new_token();
+                    REASKED.fetch_add(1, Ordering::Relaxed);
+                    wait = Instant::now() + self.grace(Some(timeout));
+                    self.write_all(resend_script(&token).as_bytes(), alive, Some(wait), &what)?;
+                    parser = ReplyParser::new(&token, self.lossless);
                 }
                 Ok(Err(why)) => return Err(self.garbled(&why)),
                 Err(e) if e.kind == Kind::Timeout => {

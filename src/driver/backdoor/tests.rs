@@ -76,3 +76,36 @@ fn a_lost_end_is_found_by_the_probe_and_the_reply_asked_for_again() {
     let mut p = ReplyParser::new("T1", false);
     assert_eq!(p.feed(b"T1 out\nT1 err\nT1 probe\n").unwrap_err(), "the reply's end was lost on the console");
 }
+
+/// A command that ended as its timeout passed: the stop cut the program
+/// sending its output, and the reply came back short. It is asked for
+/// again (the guest keeps the files), once, on a data port too.
+#[test]
+fn a_reply_cut_by_the_stop_is_asked_for_again() {
+    let (host, mut guest) = UnixStream::pair().unwrap();
+    let mut shell = Shell::data_port(host, "server").unwrap();
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
+    let fake = std::thread::spawn(move || {
+        let first = token_of(&mut guest);
+        // Nothing until the host has stopped the command, then a cut reply.
+        stopped_rx.recv().unwrap();
+        let cut = String::from_utf8(reply(&first, b"hel", b"", 0)).unwrap().replace("end 0 3 0", "end 0 6 0");
+        guest.write_all(cut.as_bytes()).unwrap();
+        let again = token_of(&mut guest);
+        assert_ne!(again, first);
+        guest.write_all(&reply(&again, b"hello\n", b"", 0)).unwrap();
+        guest
+    });
+    let mut signals = Vec::new();
+    let mut stop = |signal, _: Alive| {
+        signals.push(signal);
+        stopped_tx.send(()).unwrap();
+        Ok(())
+    };
+    let before = recoveries().0;
+    let out = shell.run("echo hello", Some(Duration::from_secs(1)), &mut || Ok(()), Some(&mut stop)).unwrap();
+    assert_eq!((out.status, out.stdout, out.timed_out), (0, b"hello\n".to_vec(), true));
+    assert_eq!(signals, [Signal::Term]);
+    assert!(recoveries().0 > before, "the re-ask is counted");
+    drop(fake.join().unwrap());
+}
