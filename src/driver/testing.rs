@@ -65,6 +65,8 @@ impl Vm for LocalVm {
             .arg(format!("sleep 0.2; printf '%s\\n' '{BANNER}'; exec {}", sh.display()))
             .env_clear()
             .env("PATH", &self.bin)
+            // The session's directory goes with the test's.
+            .env("TMPDIR", &self.dir)
             .current_dir(&self.dir)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs.try_clone()?)))
             .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))

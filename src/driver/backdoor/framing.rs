@@ -152,8 +152,16 @@ pub(super) const COPY_PIECE: usize = COPY_PIECE_MIB << 20;
 /// - The sizes of the streams, once the command has ended, are the offsets
 ///   of the output files the shell holds open on fds 3 and 4, read from
 ///   /proc/self/fdinfo by a builtin: `stat`, a program, costs milliseconds
-///   under emulation and is left to `__vmlab_measure`, for copies and for
-///   a guest whose /proc cannot be read.
+///   under emulation. It is left to `__vmlab_measure`, for copies, for a
+///   guest whose /proc cannot be read, and for files with bytes past those
+///   offsets: written through a reopened /dev/stdout or /dev/stderr, which
+///   moves no offset of the shell's, or by a process still writing.
+/// - `__vmlab_nodir TOKEN`: what every function says when it cannot make
+///   its temporary directory: a `fail` line, then a failed empty reply, so
+///   that a host waiting for either is answered.
+/// - The functions end by forgetting the session's directory, so that a
+///   shell given them again (restored from a snapshot made by an older
+///   vmlab) settles everything anew.
 /// - `__vmlab_reply TOKEN` sends the streams base64-encoded between marker
 ///   lines, and the end line with the status and sizes, by which the host
 ///   sees a reply that lost bytes on the way (the console cuts each stream
@@ -169,28 +177,33 @@ pub(super) const COPY_PIECE: usize = COPY_PIECE_MIB << 20;
 ///   TCG; busybox's `wc` and `tee` are as slow, so `stat` takes the sizes.
 pub fn functions(lossless: bool) -> String {
     // Over the console the reply is cut at the sizes measured, so that a
-    // short one shows it lost bytes; a data port loses none, and saves a
-    // program per stream by sending the whole file, which the host cuts.
-    let cut = if lossless {
-        "base64 <\"$1\""
-    } else {
-        "dd if=\"$1\" bs=1048576 count=\"$2\" iflag=count_bytes status=none | base64"
-    };
+    // short one shows it lost bytes. A data port loses none, and saves a
+    // program per stream by sending the whole file, which the host cuts;
+    // but not when a process was still writing to it as the command ended
+    // (`__vmlab_w` empty): it could keep `base64` from ever reaching its end.
+    let cut = "dd if=\"$1\" bs=1048576 count=\"$2\" iflag=count_bytes status=none | base64";
+    let cut =
+        if lossless { format!("if [ -n \"$__vmlab_w\" ]; then base64 <\"$1\"; else {cut}; fi") } else { cut.into() };
     format!(
         "__vmlab_setup() {{ [ ! -d \"${{__vmlab_d:-}}\" ] || return 0; \
-         __vmlab_d=$(mktemp -d /tmp/vmlab.XXXXXX) || {{ __vmlab_d=/dev/null/vmlab; return 1; }}; \
+         __vmlab_d=$(mktemp -d \"${{TMPDIR:-/tmp}}/vmlab.XXXXXX\") || {{ __vmlab_d=/dev/null/vmlab; return 1; }}; \
          __vmlab_n=0; __vmlab_o=/dev/null; __vmlab_e=/dev/null; __vmlab_so=0; __vmlab_se=0; \
          __vmlab_pf=; ! (set -o pipefail) 2>/dev/null || __vmlab_pf='-o pipefail'; \
          __vmlab_sh=sh; [ -z \"${{BASH_VERSION:-}}\" ] || __vmlab_sh=bash; }}\n\
-         __vmlab_r() {{ [ -d \"${{__vmlab_d:-}}\" ] || __vmlab_setup || {{ printf '%s fail %s\\n' \"$1\" 'cannot create a temporary directory in /tmp'; return; }}; \
-         [ \"$__vmlab_so$__vmlab_se\" = 00 ] || : 2>/dev/null >\"$__vmlab_o\" >\"$__vmlab_e\"; \
-         __vmlab_n=$((__vmlab_n+1)) __vmlab_c=$3 __vmlab_s=; __vmlab_o=$__vmlab_d/o$__vmlab_n __vmlab_e=$__vmlab_d/e$__vmlab_n; \
+         __vmlab_nodir() {{ printf '%s fail %s\\n%s out\\n%s err\\n%s end 1 0 0\\n' \"$1\" \
+         'cannot create a temporary directory in /tmp' \"$1\" \"$1\" \"$1\"; }}\n\
+         __vmlab_r() {{ [ -d \"${{__vmlab_d:-}}\" ] || __vmlab_setup || {{ __vmlab_nodir \"$1\"; return; }}; \
+         [ \"$__vmlab_so$__vmlab_se\" = 00 ] || {{ :; }} 2>/dev/null >\"$__vmlab_o\" >\"$__vmlab_e\"; \
+         __vmlab_n=$((__vmlab_n+1)) __vmlab_c=$3 __vmlab_s= __vmlab_so=0 __vmlab_se=0 __vmlab_w=; \
+         __vmlab_o=$__vmlab_d/o$__vmlab_n __vmlab_e=$__vmlab_d/e$__vmlab_n; \
          case $__vmlab_n in *00) rm -f \"$__vmlab_d\"/[oe]*;; esac; \
          {{ if [ \"$2\" = - ]; then (set -eu $__vmlab_pf --; eval \"$__vmlab_c\") </dev/null >&3 2>&4 3>&- 4>&-; \
-         else printf 'set -eu %s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\"; \
+         else printf 'set -eu %s\\n%s\\n' \"$__vmlab_pf\" \"$__vmlab_c\" >\"$__vmlab_d/c\" && \
          timeout \"$2\" \"$__vmlab_sh\" \"$__vmlab_d/c\" </dev/null >&3 2>&4 3>&- 4>&-; fi; __vmlab_s=$?; \
+         if [ -s \"$__vmlab_o\" ] || [ -s \"$__vmlab_e\" ]; then \
          read -r __vmlab_p __vmlab_so </proc/self/fdinfo/3 && read -r __vmlab_p __vmlab_se </proc/self/fdinfo/4 \
-         || __vmlab_measure; }} 3>\"$__vmlab_o\" 4>\"$__vmlab_e\"; \
+         && ! IFS= read -r __vmlab_x <&3 && [ -z \"$__vmlab_x\" ] \
+         && ! IFS= read -r __vmlab_x <&4 && [ -z \"$__vmlab_x\" ] && __vmlab_w=1 || __vmlab_measure; fi; }} 3<>\"$__vmlab_o\" 4<>\"$__vmlab_e\"; \
          [ -n \"$__vmlab_s\" ] || {{ printf '%s fail %s\\n' \"$1\" \"cannot make output files in $__vmlab_d\"; return; }}; \
          __vmlab_reply \"$1\"; }}\n\
          __vmlab_measure() {{ __vmlab_so=0; __vmlab_se=0; [ -s \"$__vmlab_o\" ] || [ -s \"$__vmlab_e\" ] || return 0; \
@@ -201,7 +214,7 @@ pub fn functions(lossless: bool) -> String {
          printf '%s err\\n' \"$1\"; [ \"$__vmlab_se\" = 0 ] || __vmlab_cut \"$__vmlab_e\" \"$__vmlab_se\"; \
          printf '%s end %s %s %s\\n' \"$1\" \"$__vmlab_s\" \"$__vmlab_so\" \"$__vmlab_se\"; }}\n\
          __vmlab_cut() {{ {cut}; }}\n\
-         __vmlab_copy_out() {{ __vmlab_setup || {{ printf '%s fail %s\\n' \"$1\" 'cannot create a temporary directory in /tmp'; return; }}; \
+         __vmlab_copy_out() {{ __vmlab_setup || {{ __vmlab_nodir \"$1\"; return; }}; \
          __vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; __vmlab_k=$__vmlab_d/k; : >\"$__vmlab_o\"; \
          {{ tar -C \"$2\" -cf - \"$3\" 2>\"$__vmlab_e\"; echo $? >\"$__vmlab_d/s\"; }} | while :; do \
          __vmlab_m=$(dd bs=1048576 count={mib} iflag=fullblock status=none of=\"$__vmlab_k\" 2>&1) || {{ rm -f \"$__vmlab_k\"; \
@@ -210,7 +223,7 @@ pub fn functions(lossless: bool) -> String {
          printf '%s piece %s %s\\n' \"$1\" \"$2\" \"$3\"; [ \"$2\" != 0 ] || break; cat \"$__vmlab_k\"; done; \
          read -r __vmlab_s <\"$__vmlab_d/s\" || __vmlab_s=1; rm -f \"$__vmlab_k\" \"$__vmlab_d/s\"; \
          __vmlab_measure; __vmlab_reply \"$1\"; }}\n\
-         __vmlab_copy_in() {{ __vmlab_setup; __vmlab_x=$__vmlab_d/x; __vmlab_k=$__vmlab_d/k; __vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; \
+         __vmlab_copy_in() {{ __vmlab_setup || {{ __vmlab_nodir \"$1\"; return; }}; __vmlab_x=$__vmlab_d/x; __vmlab_k=$__vmlab_d/k; __vmlab_o=$__vmlab_d/o; __vmlab_e=$__vmlab_d/e; \
          rm -rf \"$__vmlab_x\" \"$__vmlab_k\"; : >\"$__vmlab_o\"; mkdir \"$__vmlab_x\" 2>\"$__vmlab_e\"; __vmlab_s=$?; \
          printf '%s ready\\n' \"$1\"; \
          __vmlab_m=$({{ dd bs=1048576 count=\"$2\" iflag=fullblock,count_bytes status=none | {{ if [ $__vmlab_s = 0 ]; then \
@@ -221,7 +234,8 @@ pub fn functions(lossless: bool) -> String {
          rm -rf \"$__vmlab_x\" \"$__vmlab_k\"; \
          {{ printf '%s' \"$__vmlab_m\" >>\"$__vmlab_e\" && printf '%s took\\n' \"$1\"; }} 2>/dev/null \
          || printf '%s fail %s\\n' \"$1\" \"$(printf '%s' \"$__vmlab_m\" | tr '\\n' ' ')\"; \
-         __vmlab_measure; __vmlab_reply \"$1\"; }}\n",
+         __vmlab_measure; __vmlab_reply \"$1\"; }}\n\
+         __vmlab_d=\n",
         mib = COPY_PIECE_MIB
     )
 }

@@ -43,6 +43,8 @@ fn spawn(bash: bool, prelude: &str) -> Local {
         .arg(format!("{prelude}exec {shell_path}"))
         .env_clear()
         .env("PATH", bin.path())
+        // The session's directory goes with the test's.
+        .env("TMPDIR", bin.path())
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs.try_clone().unwrap())))
         .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stderr(Stdio::null())

@@ -266,7 +266,8 @@ impl Shell {
         loop {
             match self.parse(&mut parser, alive, Some(wait), &what, None) {
                 Ok(Ok(mut output)) => {
-                    output.timed_out = stopped;
+                    // A command that ended as the signal was sent was not stopped by it.
+                    output.timed_out = stopped && TIMEOUT_STATUSES.contains(&output.status);
                     return Ok(output);
                 }
                 // A command that ended as its timeout passed may have been
@@ -282,7 +283,8 @@ impl Shell {
                 }
                 Ok(Err(why)) => return Err(self.garbled(&why)),
                 Err(e) if e.kind == Kind::Timeout => {
-                    let Some((signal, grace)) = steps.next() else { return Err(e) };
+                    // Once the reply is asked for again, the command is long over.
+                    let Some((signal, grace)) = steps.next().filter(|_| !reasked) else { return Err(e) };
                     // Once its reply has started the command is over, and
                     // what runs is the shell sending the reply.
                     if !parser.started() {
@@ -372,8 +374,13 @@ impl Shell {
         let (deadline, what) = self.deadline(Some(timeout));
         let lines = self.with_functions(copy_in_line(&token, size, name, dest));
         self.write_all(lines.as_bytes(), alive, deadline, &what)?;
-        let ready = format!("{token} ready");
-        self.read_line(&ready, alive, deadline, &what)?;
+        let line = self.read_line(&format!("{token} "), alive, deadline, &what)?;
+        if let Some(why) = line.strip_prefix("fail ") {
+            return self.failed_copy(why, &token, timeout, deadline, alive);
+        }
+        if line.trim_end() != "ready" {
+            return Err(self.garbled(&format!("unexpected line {line:?}")));
+        }
         // The checksum of each piece the guest cuts, as it cuts them.
         let mut sums = Vec::new();
         let mut md5 = super::md5::Md5::default();

@@ -89,11 +89,11 @@ fn a_reply_cut_by_the_stop_is_asked_for_again() {
         let first = token_of(&mut guest);
         // Nothing until the host has stopped the command, then a cut reply.
         stopped_rx.recv().unwrap();
-        let cut = String::from_utf8(reply(&first, b"hel", b"", 0)).unwrap().replace("end 0 3 0", "end 0 6 0");
+        let cut = String::from_utf8(reply(&first, b"hel", b"", 143)).unwrap().replace("end 143 3 0", "end 143 6 0");
         guest.write_all(cut.as_bytes()).unwrap();
         let again = token_of(&mut guest);
         assert_ne!(again, first);
-        guest.write_all(&reply(&again, b"hello\n", b"", 0)).unwrap();
+        guest.write_all(&reply(&again, b"hello\n", b"", 143)).unwrap();
         guest
     });
     let mut signals = Vec::new();
@@ -104,7 +104,7 @@ fn a_reply_cut_by_the_stop_is_asked_for_again() {
     };
     let before = recoveries().0;
     let out = shell.run("echo hello", Some(Duration::from_secs(1)), &mut || Ok(()), Some(&mut stop)).unwrap();
-    assert_eq!((out.status, out.stdout, out.timed_out), (0, b"hello\n".to_vec(), true));
+    assert_eq!((out.status, out.stdout, out.timed_out), (143, b"hello\n".to_vec(), true));
     assert_eq!(signals, [Signal::Term]);
     assert!(recoveries().0 > before, "the re-ask is counted");
     drop(fake.join().unwrap());

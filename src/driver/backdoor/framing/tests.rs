@@ -166,7 +166,7 @@ fn the_end_line_carries_both_sizes_and_late_output_is_cut() {
         assert_eq!((again.status, again.stdout, again.stderr), (4, b"abc".to_vec(), b"de".to_vec()), "{lossless}");
         // Clean up the directory a next command would have emptied.
         let dir = String::from_utf8_lossy(&rest[used..]).trim().to_string();
-        assert!(dir.starts_with("/tmp/vmlab."), "{dir}");
+        assert!(dir.contains("/vmlab."), "{dir}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
@@ -200,4 +200,92 @@ fn banner_is_found_across_pieces() {
 #[test]
 fn tokens_differ() {
     assert_ne!(new_token(), new_token());
+}
+
+/// Runs `functions(lossless)` and then `lines` under each shell a guest's
+/// shell may be (dash stands for POSIX sh); what it printed.
+fn under_each_shell(lossless: bool, lines: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let text = functions(lossless) + lines + "rm -rf \"$__vmlab_d\"\n";
+    [["sh", "-c"], ["busybox", "sh"], ["/usr/bin/bash-static", "--norc"]]
+        .into_iter()
+        .map(|shell| {
+            let mut command = std::process::Command::new(shell[0]);
+            if shell[0] == "busybox" {
+                command.args([shell[1], "-c"]);
+            } else {
+                command.arg(shell[1]);
+                if shell[1] == "--norc" {
+                    command.arg("-c");
+                }
+            }
+            let out = command.arg(&text).output().unwrap();
+            (shell[0], out.stdout)
+        })
+        .collect()
+}
+
+/// Output written by reopening /dev/stdout or /dev/stderr moves no offset
+/// of the shell's descriptors: the files' sizes are then taken with `stat`.
+#[test]
+fn output_through_dev_stdout_and_dev_stderr_comes_back_whole() {
+    let cases: [(&str, &[u8], &[u8]); 3] = [
+        ("echo err >/dev/stderr; echo out", b"out\n", b"err\n"),
+        ("echo hi | tee /dev/stderr >/dev/null", b"", b"hi\n"),
+        ("echo a; echo bbbbbb >/dev/stdout", b"bbbbbb\n", b""),
+    ];
+    for lossless in [false, true] {
+        for (command, stdout, stderr) in cases {
+            let lines = script("T1", command, None).unwrap();
+            for (shell, printed) in under_each_shell(lossless, &lines) {
+                let mut p = ReplyParser::new("T1", lossless);
+                let (reply, _) = p.feed(&printed).unwrap().unwrap_or_else(|| panic!("{shell} {command}: no reply"));
+                assert_eq!(
+                    (reply.stdout.as_slice(), reply.stderr.as_slice()),
+                    (stdout, stderr),
+                    "{shell}, lossless {lossless}: {command}"
+                );
+            }
+        }
+    }
+}
+
+/// Output files that cannot be made fail that command, and the shell lives
+/// on (busybox sh exits on a failed redirection of a special builtin).
+#[test]
+fn output_files_that_cannot_be_made_fail_the_command_not_the_shell() {
+    let lines = script("T1", "echo out", None).unwrap()
+        + "__vmlab_keep=$__vmlab_d; __vmlab_d=/proc/sys\n"
+        + &script("T2", "true", None).unwrap()
+        + &script("T3", "true", None).unwrap()
+        + "__vmlab_d=$__vmlab_keep\n"
+        + &script("T4", "echo alive", None).unwrap();
+    for (shell, printed) in under_each_shell(true, &lines) {
+        let text = String::from_utf8_lossy(&printed);
+        for token in ["T2", "T3"] {
+            assert!(text.contains(&format!("{token} fail cannot make output files")), "{shell}: {text}");
+        }
+        let at = text.find("T4 out").unwrap_or_else(|| panic!("{shell}: the shell died: {text}"));
+        let (reply, _) = ReplyParser::new("T4", true).feed(&printed[at..]).unwrap().unwrap();
+        assert_eq!(reply.stdout, b"alive\n", "{shell}");
+    }
+}
+
+/// Without its temporary directory, a copy says so and replies at once (a
+/// host waiting for a piece, `ready` or a reply is answered), and the shell
+/// lives on.
+#[test]
+fn a_copy_without_its_directory_fails_at_once_and_the_shell_lives_on() {
+    for copy in [copy_in_line("T1", 10, "x", "/nonexistent/x"), copy_out_line("T1", "/", "etc")] {
+        let lines = format!("TMPDIR=/proc/sys\n{copy}TMPDIR=/tmp\n{}", script("T2", "echo alive", None).unwrap());
+        for (shell, printed) in under_each_shell(true, &lines) {
+            let text = String::from_utf8_lossy(&printed);
+            let fail = "T1 fail cannot create a temporary directory in /tmp\n";
+            assert!(text.starts_with(fail), "{shell}: {text}");
+            let (reply, used) = ReplyParser::new("T1", true).feed(&printed[fail.len()..]).unwrap().unwrap();
+            assert_eq!(reply.status, 1, "{shell}");
+            let rest = &printed[fail.len() + used..];
+            let (reply, _) = ReplyParser::new("T2", true).feed(rest).unwrap().unwrap();
+            assert_eq!(reply.stdout, b"alive\n", "{shell}: {text}");
+        }
+    }
 }
