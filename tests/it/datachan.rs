@@ -38,6 +38,10 @@ want = server.succeed("sha256sum /tmp/blob").split()[0]
 out = server.succeed("cat /tmp/blob")
 assert len(out) > 32 * 1024 * 1024, len(out)
 assert hashlib.sha256(out.encode()).hexdigest() == want, "the output changed on the way"
+# Output through a reopened /dev/stderr moves no offset of the shell's: it still comes back.
+out = server.execute("echo hi | tee /dev/stderr >/dev/null; echo done")
+assert out == (0, "done\n"), out
+assert server.succeed("echo err >/dev/stderr; echo ok") == "ok\n"
 server.reboot()
 assert server.succeed("echo again") == "again\n"
 "#;
