@@ -280,6 +280,11 @@ impl ReplyParser {
         }
     }
 
+    /// The token of the reply this parser looks for.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// Whether any of the reply has come (its first marker).
     pub fn started(&self) -> bool {
         !matches!(self.state, State::Seeking)

@@ -275,11 +275,8 @@ impl Shell {
                 // output, whose files the guest still has.
                 Ok(Err(_)) if stopped && !reasked => {
                     reasked = true;
-                    let token = new_token();
-                    REASKED.fetch_add(1, Ordering::Relaxed);
                     wait = Instant::now() + self.grace(Some(timeout));
-                    self.write_all(resend_script(&token).as_bytes(), alive, Some(wait), &what)?;
-                    parser = ReplyParser::new(&token, self.lossless);
+                    parser = self.reask(alive, Some(wait), &what)?;
                 }
                 Ok(Err(why)) => return Err(self.garbled(&why)),
                 Err(e) if e.kind == Kind::Timeout => {
@@ -511,6 +508,15 @@ impl Shell {
         self.read_reply(token, timeout, deadline, reasks, alive)
     }
 
+    /// Asks for the previous command's reply again under a new token (its
+    /// files stay in the guest until the next command): the parser for it.
+    fn reask(&mut self, alive: Alive, deadline: Option<Instant>, what: &str) -> Result<ReplyParser, DriverError> {
+        let token = new_token();
+        REASKED.fetch_add(1, Ordering::Relaxed);
+        self.write_all(resend_script(&token).as_bytes(), alive, deadline, what)?;
+        Ok(ReplyParser::new(&token, self.lossless))
+    }
+
     /// Reads the reply marked with `token` by `deadline`, the host's for a
     /// command of `timeout`. A reply that comes back garbled or short is
     /// asked for again, up to `reasks` times, each with a new token and a
@@ -523,22 +529,19 @@ impl Shell {
         reasks: usize,
         alive: Alive,
     ) -> Result<Output, DriverError> {
-        let (mut token, mut deadline, mut reasks) = (token.to_string(), deadline, reasks);
+        let (mut deadline, mut reasks) = (deadline, reasks);
         let what = self.deadline(timeout).1;
-        let mut parser = ReplyParser::new(&token, self.lossless);
+        let mut parser = ReplyParser::new(token, self.lossless);
         loop {
-            let probe = (!self.lossless).then(|| probe_line(&token));
+            let probe = (!self.lossless).then(|| probe_line(parser.token()));
             match self.parse(&mut parser, alive, deadline, &what, probe.as_deref())? {
                 Ok(output) => return Ok(output),
                 Err(why) if reasks == 0 => return Err(self.garbled(&why)),
                 // The rest of this reply is skipped by the next one's parser: it has another token.
                 Err(_) => {
                     reasks -= 1;
-                    token = new_token();
-                    REASKED.fetch_add(1, Ordering::Relaxed);
                     deadline = self.deadline(timeout).0;
-                    self.write_all(resend_script(&token).as_bytes(), alive, deadline, &what)?;
-                    parser = ReplyParser::new(&token, self.lossless);
+                    parser = self.reask(alive, deadline, &what)?;
                 }
             }
         }
